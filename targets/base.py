@@ -1,0 +1,86 @@
+"""The backend interface: a :class:`Target` is a small object plus a frozen :class:`Caps` record.
+
+Backends are collected in an explicit :class:`TargetRegistry` value (no global registry): it rejects
+conflicting duplicates and picks the first available target that supports an op on a device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from opgen.ir import Binding, Op
+
+
+@dataclass(frozen=True)
+class Caps:
+    """What a target's hardware offers; schedules read it, never the device directly."""
+
+    device_kind: str                 # "cpu" | "cuda"
+    name: str = ""
+    cores: int = 1                   # CPU cores or GPU SMs
+    shared_memory: int = 0           # bytes per block (GPU)
+    registers: int = 0               # per SM (GPU)
+    vector_bits: int = 0             # SIMD width (CPU)
+    peak_flops: float = 0.0          # fp32 FLOP/s, 0 when unknown
+    bandwidth: float = 0.0           # bytes/s, 0 when unknown
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Target(Protocol):
+    """A backend: reports availability, decides support, runs an op on bound inputs."""
+
+    name: str
+
+    def caps(self) -> Caps:
+        """The capability record of the device this target runs on."""
+        ...
+
+    def available(self) -> tuple[bool, str]:
+        """(True, "") when usable here; otherwise (False, a sentence saying why)."""
+        ...
+
+    def supports(self, op: "Op", device_kind: str) -> bool:
+        """Whether this target can run ``op`` on a device of ``device_kind``."""
+        ...
+
+    def run(self, op: "Op", inputs: Mapping[str, "torch.Tensor"], binding: "Binding") -> dict[str, "torch.Tensor"]:
+        """Compute the op's outputs."""
+        ...
+
+
+class TargetRegistry:
+    """An ordered set of targets (first match wins); duplicates by name are rejected."""
+
+    def __init__(self, targets: tuple[Target, ...] = ()) -> None:
+        self._targets: list[Target] = []
+        for t in targets:
+            self.add(t)
+
+    def add(self, target: Target) -> None:
+        """Append ``target``; a second target with the same name is an error."""
+        if any(t.name == target.name for t in self._targets):
+            raise ValueError(f"a target named {target.name!r} is already registered")
+        self._targets.append(target)
+
+    def names(self) -> list[str]:
+        return [t.name for t in self._targets]
+
+    def get(self, name: str) -> Target:
+        for t in self._targets:
+            if t.name == name:
+                return t
+        raise KeyError(f"no target {name!r}; registered: {self.names()}")
+
+    def select(self, op: "Op", device_kind: str) -> Target:
+        """The first available target that supports ``op`` on ``device_kind``."""
+        reasons = []
+        for t in self._targets:
+            ok, why = t.available()
+            if ok and t.supports(op, device_kind):
+                return t
+            reasons.append(f"{t.name}: {why or 'does not support this op'}")
+        raise LookupError(f"no target can run {op.name} on {device_kind}: " + "; ".join(reasons))

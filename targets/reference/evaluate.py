@@ -1,0 +1,307 @@
+"""The reference interpreter: evaluates any verified op with torch, vectorized over every non-scan axis.
+
+It is the oracle for compiled kernels and the fallback backend. Values are computed in the accumulation dtype
+(f32 for f16/bf16 inputs, f64 stays f64) and outputs are cast to their declared dtypes at the end. Scans run
+step by step (exact; never the cumprod/cumsum closed form). Sum-of-products reductions go through
+``torch.einsum`` so attention scores or convolution windows never materialize the full iteration space; other
+reductions are chunked along a reduction axis to stay within a memory budget. Autograd flows through it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from opgen.ir import (SUM, Access, Affine, Binding, DType, Expr, ExprOp, Map, Monoid, Op, Reduce, Scan,
+                      accum_dtype, access_report)
+from opgen.ir.dtypes import to_torch
+from opgen.ir.traversal import CHAIN, STEP
+
+from .index_eval import eval_index
+
+DEFAULT_MAX_ELEMENTS = 1 << 26
+
+
+@dataclass
+class _Frame:
+    axes: tuple
+    shape: tuple[int, ...]
+    env: dict
+    device: torch.device
+
+
+def _frame(axes, binding: Binding, device, ranges: Mapping | None = None) -> _Frame:
+    env: dict = {d: v for d, v in binding.dims.items()}
+    shape = []
+    for k, a in enumerate(axes):
+        start, n = (ranges or {}).get(a, (0, binding.extents[a]))
+        view = [1] * len(axes)
+        view[k] = n
+        env[a] = torch.arange(start, start + n, device=device).view(view)
+        shape.append(n)
+    return _Frame(tuple(axes), tuple(shape), env, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _masked_accesses(op: Op) -> frozenset[tuple[str, Access]]:
+    return frozenset((out, acc) for out, acc, st in access_report(op) if st.padded or st.guarded)
+
+
+def _compute_dtype(d: DType) -> torch.dtype:
+    return to_torch(accum_dtype(d)) if d.is_float else to_torch(d)
+
+
+class _Evaluator:
+    def __init__(self, op: Op, tensors: dict[str, torch.Tensor], binding: Binding, device, max_elements: int):
+        self.op, self.tensors, self.binding, self.device = op, tensors, binding, device
+        self.masked = _masked_accesses(op)
+        self.max_elements = max_elements
+
+    # expressions ----------------------------------------------------------------------------------------
+    def expr(self, e: Expr, fr: _Frame, node_out: str, args: tuple = ()) -> torch.Tensor:
+        memo: dict[Expr, torch.Tensor] = {}
+        for n in e.walk():
+            memo[n] = self._node(n, memo, fr, node_out, args)
+        return memo[e]
+
+    def _node(self, n: Expr, memo, fr: _Frame, node_out: str, args) -> torch.Tensor:
+        op = n.op
+        dt = _compute_dtype(n.dtype)
+        if op is ExprOp.CONST:
+            return torch.tensor(n.arg, dtype=dt, device=self.device)
+        if op is ExprOp.INDEX:
+            return torch.as_tensor(eval_index(n.arg, fr.env), device=self.device).to(dt)
+        if op is ExprOp.ARG:
+            return args[n.arg]
+        if op is ExprOp.LOAD:
+            return self._load(n.arg, fr, node_out).to(dt)
+        s = [memo[x] for x in n.src]
+        if op is ExprOp.CAST:
+            return s[0].to(to_torch(n.dtype)).to(dt)
+        return _APPLY[op](*s)
+
+    def _load(self, acc: Access, fr: _Frame, node_out: str) -> torch.Tensor:
+        src = self.tensors[acc.tensor]
+        rank = len(fr.shape)
+        idx, valid = [], None
+        masked = (node_out, acc) in self.masked
+        for k, ie in enumerate(acc.index):
+            i = eval_index(ie, fr.env)
+            i = torch.as_tensor(i, device=self.device, dtype=torch.int64)
+            if i.dim() < rank:
+                i = i.reshape([1] * (rank - i.dim()) + list(i.shape))
+            if masked:
+                ok = (i >= 0) & (i < src.shape[k])
+                valid = ok if valid is None else valid & ok
+                i = i.clamp(0, src.shape[k] - 1)
+            idx.append(i)
+        out = src[tuple(idx)] if idx else src.reshape([1] * rank)
+        if valid is not None:
+            out = torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=self.device))
+        return out
+
+    # nodes ----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, torch.Tensor]:
+        for node in self.op.nodes:
+            if isinstance(node, Map):
+                fr = _frame(node.axes, self.binding, self.device)
+                val = self.expr(node.value, fr, node.out).expand(fr.shape)
+            elif isinstance(node, Reduce):
+                val = self._reduce(node)
+            else:
+                val = self._scan(node)
+            self.tensors[node.out] = val
+        return {t.name: self.tensors[t.name].to(to_torch(t.dtype)).contiguous() for t in self.op.outputs}
+
+    def _reduce(self, node: Reduce) -> torch.Tensor:
+        if node.monoid == SUM and node.value.op is ExprOp.MUL:
+            return self._contract(node)
+        ax = node.axes + node.raxes
+        numel = math.prod(self.binding.extents[a] for a in ax)
+        out_shape = tuple(self.binding.extents[a] for a in node.axes)
+        if numel <= self.max_elements or not node.raxes:
+            return self._reduce_range(node, {})
+        first = node.raxes[0]
+        ext = self.binding.extents[first]
+        chunk = max(1, ext * self.max_elements // numel)
+        acc = None
+        for start in range(0, ext, chunk):
+            part = self._reduce_range(node, {first: (start, min(chunk, ext - start))})
+            acc = part if acc is None else _combine(node.monoid, acc, part, self)
+        return acc.reshape(out_shape)
+
+    def _reduce_range(self, node: Reduce, ranges) -> torch.Tensor:
+        fr = _frame(node.axes + node.raxes, self.binding, self.device, ranges)
+        val = self.expr(node.value, fr, node.out).expand(fr.shape)
+        if node.predicate is not None:
+            pred = self.expr(node.predicate, fr, node.out).expand(fr.shape)
+            ident = torch.tensor(node.monoid.identity, dtype=val.dtype, device=self.device)
+            val = torch.where(pred, val, ident)
+        dims = tuple(range(len(node.axes), len(fr.shape)))
+        if not dims:
+            return val
+        return _reduce_dims(node.monoid, val, dims, self)
+
+    def _contract(self, node: Reduce) -> torch.Tensor:
+        fr = _frame(node.axes + node.raxes, self.binding, self.device)
+        factors = _mul_factors(node.value)
+        tensors = [self.expr(f, fr, node.out) for f in factors]
+        if node.predicate is not None:
+            tensors.append(self.expr(node.predicate, fr, node.out))
+        dt = _compute_dtype(node.value.dtype)
+        letters = [chr(ord("a") + i) if i < 26 else chr(ord("A") + i - 26) for i in range(len(fr.shape))]
+        ops, subs, present = [], [], set()
+        for t in tensors:
+            t = t.to(dt)
+            t = t.reshape([1] * (len(fr.shape) - t.dim()) + list(t.shape))
+            keep = [k for k in range(len(fr.shape)) if t.shape[k] != 1]
+            ops.append(t.reshape([t.shape[k] for k in keep]))
+            subs.append("".join(letters[k] for k in keep))
+            present |= set(keep)
+        n_out = len(node.axes)
+        out_letters = "".join(letters[k] for k in range(n_out) if k in present)
+        res = torch.einsum(",".join(subs) + "->" + out_letters, *ops)
+        for k in range(n_out, len(fr.shape)):
+            if k not in present and fr.shape[k] != 1:
+                res = res * fr.shape[k]
+        full = [fr.shape[k] if k in present else 1 for k in range(n_out)]
+        return res.reshape(full).expand(fr.shape[:n_out])
+
+    def _scan(self, node: Scan) -> torch.Tensor:
+        fr = _frame(node.axes, self.binding, self.device)
+        comb = node.combine
+        if isinstance(comb, Affine):
+            parts = [self.expr(comb.a, fr, node.out).expand(fr.shape), self.expr(comb.b, fr, node.out).expand(fr.shape)]
+            idents = (1.0, 0.0)
+        else:
+            parts = [self.expr(comb.value, fr, node.out).expand(fr.shape)]
+            idents = (comb.monoid.identity,)
+        dt = torch.promote_types(*(p.dtype for p in parts)) if len(parts) > 1 else parts[0].dtype
+        lane_pos = [k for k, a in enumerate(node.axes) if a not in node.scan_axes]
+        grid_pos = [node.axes.index(a) for a in node.scan_axes]
+        lanes = [fr.shape[k] for k in lane_pos]
+        grid = [fr.shape[k] for k in grid_pos]
+        perm = lane_pos + grid_pos
+        flat = [p.to(dt).permute(perm).reshape(lanes + [math.prod(grid)]) for p in parts]
+        pos, valid = self._positions(node, grid)
+        gathered = []
+        for p, ident in zip(flat, idents):
+            g = p[..., pos.clamp(0, max(0, p.shape[-1] - 1))]
+            gathered.append(torch.where(valid, g, torch.tensor(ident, dtype=dt, device=self.device)))
+        h0 = None
+        if node.init is not None:
+            lane_axes = tuple(node.axes[k] for k in lane_pos)
+            lf = _frame(lane_axes, self.binding, self.device)
+            h0 = self.expr(node.init, lf, node.out).to(dt).expand(lanes).unsqueeze(-1)
+        states = _sequential(comb, gathered, h0, idents, self)
+        out = torch.zeros(lanes + [math.prod(grid)], dtype=dt, device=self.device)
+        vpos = pos[valid]
+        out[..., vpos] = states[..., valid]
+        out = out.reshape(lanes + grid)
+        inv = [0] * len(perm)
+        for i, p in enumerate(perm):
+            inv[p] = i
+        return out.permute(inv)
+
+    def _positions(self, node: Scan, grid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        tr = node.traversal
+        env = dict(self.binding.dims)
+        chains, steps = self.binding.value(tr.chains), self.binding.value(tr.steps)
+        env[CHAIN] = torch.arange(chains, device=self.device).view(chains, 1)
+        env[STEP] = torch.arange(steps, device=self.device).view(1, steps)
+        flat = torch.zeros((chains, steps), dtype=torch.int64, device=self.device)
+        stride = 1
+        for k in reversed(range(len(grid))):
+            c = torch.as_tensor(eval_index(tr.coords[k], env), device=self.device).expand(chains, steps)
+            flat = flat + c * stride
+            stride *= grid[k]
+        valid = torch.as_tensor(eval_index(tr.valid, env), device=self.device).expand(chains, steps)
+        return flat, valid
+
+
+def _sequential(comb, gathered: list[torch.Tensor], h0, idents, ev: _Evaluator) -> torch.Tensor:
+    """Step-by-step recurrence along the last dim of ``gathered`` (shape [..., chains, steps])."""
+    cols = [g.movedim(-1, 0) for g in gathered]
+    steps = cols[0].shape[0]
+    h = h0
+    outs = []
+    for s in range(steps):
+        if isinstance(comb, Affine):
+            a, b = cols[0][s], cols[1][s]
+            h = b if h is None else a * h + b
+        else:
+            x = cols[0][s]
+            h = x if h is None else _combine(comb.monoid, h, x, ev)
+        outs.append(h)
+    return torch.stack(outs, dim=-1)
+
+
+def _combine(m: Monoid, acc: torch.Tensor, x: torch.Tensor, ev: _Evaluator) -> torch.Tensor:
+    fast = {"sum": torch.add, "prod": torch.mul, "max": torch.maximum, "min": torch.minimum}
+    if m.name in fast and m.combine == _builtin_combine(m.name):
+        return fast[m.name](acc, x)
+    fr = _Frame((), (), {}, ev.device)
+    return ev.expr(m.combine, fr, "", (acc, x))
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_combine(name: str) -> Expr:
+    from opgen.ir.nodes import BUILTIN_MONOIDS
+
+    return BUILTIN_MONOIDS[name].combine
+
+
+def _reduce_dims(m: Monoid, val: torch.Tensor, dims: tuple[int, ...], ev: _Evaluator) -> torch.Tensor:
+    if m.name == "sum" and m.combine == _builtin_combine("sum"):
+        return val.sum(dim=dims)
+    if m.name == "max" and m.combine == _builtin_combine("max"):
+        return val.amax(dim=dims)
+    if m.name == "min" and m.combine == _builtin_combine("min"):
+        return val.amin(dim=dims)
+    keep = val.shape[: dims[0]]
+    x = val.reshape(list(keep) + [-1])
+    while x.shape[-1] > 1:
+        if x.shape[-1] % 2:
+            pad = torch.full(list(keep) + [1], m.identity, dtype=x.dtype, device=x.device)
+            x = torch.cat([x, pad], dim=-1)
+        x = _combine(m, x[..., 0::2], x[..., 1::2], ev)
+    return x[..., 0]
+
+
+def _mul_factors(e: Expr) -> list[Expr]:
+    if e.op is ExprOp.MUL:
+        return _mul_factors(e.lhs) + _mul_factors(e.rhs)
+    return [e]
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    return F.softplus(x)
+
+
+_APPLY = {
+    ExprOp.NEG: torch.neg, ExprOp.EXP: torch.exp, ExprOp.LOG: torch.log, ExprOp.SQRT: torch.sqrt,
+    ExprOp.ABS: torch.abs, ExprOp.SIGMOID: torch.sigmoid, ExprOp.SOFTPLUS: _softplus, ExprOp.SILU: F.silu,
+    ExprOp.TANH: torch.tanh, ExprOp.NOT: torch.logical_not,
+    ExprOp.ADD: torch.add, ExprOp.SUB: torch.sub, ExprOp.MUL: torch.mul, ExprOp.DIV: torch.div,
+    ExprOp.MAX: torch.maximum, ExprOp.MIN: torch.minimum, ExprOp.POW: torch.pow,
+    ExprOp.LT: torch.lt, ExprOp.LE: torch.le, ExprOp.GT: torch.gt, ExprOp.GE: torch.ge, ExprOp.EQ: torch.eq,
+    ExprOp.NE: torch.ne, ExprOp.AND: torch.logical_and, ExprOp.OR: torch.logical_or,
+    ExprOp.WHERE: torch.where,
+}
+
+
+def evaluate(op: Op, inputs: Mapping[str, torch.Tensor], binding: Binding,
+             max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, torch.Tensor]:
+    """Run ``op`` on ``inputs`` (by name) with sizes ``binding``; returns the outputs by name."""
+    tensors = {}
+    device = None
+    for t in op.inputs:
+        x = inputs[t.name]
+        device = x.device if device is None else device
+        tensors[t.name] = x
+    return _Evaluator(op, tensors, binding, device or torch.device("cpu"), max_elements).run()
