@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import sympy
 
-from .dtypes import DType, accum_dtype, as_dtype
+from .dtypes import DType, accum_dtype, as_dtype, promote
 from .errors import IRError
 from .expr import Access, Expr, ExprLike, ExprOp, as_expr, load
 from .nodes import MAX, MIN, PROD, SUM, Affine, Associative, Map, Monoid, Reduce, Scan, TensorParam
@@ -170,11 +170,14 @@ class OpBuilder:
 
     # compute nodes --------------------------------------------------------------------------------------
     def _add(self, node, value_dtype: DType, dtype: DType | str | None) -> TensorRef:
+        """Record ``node``. Reads of its result see the accumulation dtype (intermediates stay f32 for bf16
+        inputs); as an output it is stored as ``dtype`` or, by default, the value's dtype."""
         self._nodes.append(node)
         self._dtypes[node.out] = as_dtype(dtype) if dtype is not None else value_dtype
         if dtype is not None:
             self._out_dtypes[node.out] = as_dtype(dtype)
-        return TensorRef(node.out, len(node.axes), self._dtypes[node.out])
+        read = as_dtype(dtype) if dtype is not None else accum_dtype(value_dtype)
+        return TensorRef(node.out, len(node.axes), read)
 
     def map(self, value: ExprLike, axes: Sequence[Axis] | None = None, *, name: str | None = None,
             dtype: DType | str | None = None) -> TensorRef:
@@ -211,7 +214,7 @@ class OpBuilder:
             ea = as_expr(a if a is not None else 1.0, eb.dtype)
             comb = Affine(ea, eb)
             exprs = [eb, ea]
-            vdt = eb.dtype
+            vdt = promote(ea.dtype, eb.dtype)
         else:
             if value is None or a is not None or b is not None:
                 raise IRError(f"op {self.name}: a general scan takes combine= and value= (not a=/b=)")

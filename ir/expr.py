@@ -248,10 +248,15 @@ def const(value: int | float | bool, dtype: DType | None = None) -> Expr:
     return Expr(ExprOp.CONST, dtype, (), value)
 
 
+def _is_bool(e: sympy.Basic) -> bool:
+    """A sympy predicate (relation, And/Or/Not, true/false); symbols are integers here, not booleans."""
+    return isinstance(e, sympy.logic.boolalg.Boolean) and not isinstance(e, sympy.Expr)
+
+
 def index(e: sympy.Basic | int) -> Expr:
     """An integer index expression or index predicate (sympy) used as a value."""
     e = sympy.sympify(e)
-    if isinstance(e, sympy.logic.boolalg.Boolean):
+    if _is_bool(e):
         return Expr(ExprOp.INDEX, DType.bool, (), e)
     if not e.is_integer and not e.is_Integer:
         raise IRError(f"index expression {e} is not integer-valued (use // for floor division)")
@@ -309,8 +314,8 @@ def _fold_index(op: ExprOp, a: Expr, b: Expr) -> Expr | None:
     sa, sb = _index_leaf(a), _index_leaf(b)
     if sa is None or sb is None or (a.op is ExprOp.CONST and b.op is ExprOp.CONST):
         return None
-    is_bool_a = isinstance(sa, sympy.logic.boolalg.Boolean)
-    is_bool_b = isinstance(sb, sympy.logic.boolalg.Boolean)
+    is_bool_a = _is_bool(sa)
+    is_bool_b = _is_bool(sb)
     if op in _SYMPY_LOGIC and is_bool_a and is_bool_b:
         return index(_SYMPY_LOGIC[op](sa, sb))
     if is_bool_a or is_bool_b:
@@ -388,7 +393,7 @@ def where(cond: ExprLike, a: ExprLike, b: ExprLike) -> Expr:
     eb = as_expr(b, ea.dtype)
     sc, sa, sb = _index_leaf(c), _index_leaf(ea), _index_leaf(eb)
     if (c.op is ExprOp.INDEX and sa is not None and sb is not None
-            and not isinstance(sa, sympy.logic.boolalg.Boolean) and not isinstance(sb, sympy.logic.boolalg.Boolean)):
+            and not _is_bool(sa) and not _is_bool(sb)):
         return index(sympy.Piecewise((sa, sc), (sb, True)))
     dt = promote(ea.dtype, eb.dtype)
     return Expr(ExprOp.WHERE, dt, (c, _cast_to(ea, dt), _cast_to(eb, dt)))

@@ -20,13 +20,12 @@ class _IndexPrinter(StrPrinter):
     def _print_floor(self, e):  # noqa: N802 (sympy printer protocol)
         num, den = sympy.fraction(sympy.together(e.args[0]))
         if den != 1:
-            return f"({self._print(num)}) // {self.parenthesize(den, 60)}" if num.is_Add else \
-                f"{self.parenthesize(num, 50)} // {self.parenthesize(den, 60)}"
+            return f"({self.parenthesize(num, 50)} // {self.parenthesize(den, 60)})"
         return f"floor({self._print(e.args[0])})"
 
     def _print_Mod(self, e):  # noqa: N802
         a, m = e.args
-        return f"{self.parenthesize(a, 50)} % {self.parenthesize(m, 60)}"
+        return f"({self.parenthesize(a, 50)} % {self.parenthesize(m, 60)})"
 
     def _print_Piecewise(self, e):  # noqa: N802
         parts = [f"{self._print(v)} if {self._print(c)}" for v, c in e.args[:-1]]

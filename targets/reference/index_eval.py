@@ -83,6 +83,12 @@ def eval_index(e: sympy.Basic, env: Mapping[sympy.Symbol, object]) -> torch.Tens
         for a in e.args:
             out = _or(out, eval_index(a, env))
         return out
+    if isinstance(e, sympy.ITE):
+        c, a, b = (eval_index(x, env) for x in e.args)
+        return torch.where(torch.as_tensor(c), torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(e, (sympy.Xor,)):
+        a, b = (eval_index(x, env) for x in e.args)
+        return torch.logical_xor(torch.as_tensor(a), torch.as_tensor(b))
     if isinstance(e, sympy.Not):
         a = eval_index(e.args[0], env)
         return ~a if isinstance(a, torch.Tensor) else not a

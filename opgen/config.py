@@ -1,0 +1,42 @@
+"""One typed configuration object; environment variables only provide defaults.
+
+Pass a :class:`Config` explicitly where behaviour must differ (tests do); :func:`from_env` reads the
+``OPGEN_*`` variables once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "opgen"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of one opgen session.
+
+    cache_dir: where generated sources, compiled kernels and the tuning store live.
+    backend: "auto" picks the best available target; "reference" forces the torch interpreter.
+    reference_max_elements: memory budget (elements) of one reference reduction before it is chunked.
+    """
+
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    backend: str = "auto"
+    reference_max_elements: int = 1 << 26
+
+
+def from_env(env: dict[str, str] | None = None) -> Config:
+    """A :class:`Config` from ``OPGEN_CACHE_DIR``, ``OPGEN_BACKEND``, ``OPGEN_REFERENCE_MAX_ELEMENTS``."""
+    env = dict(os.environ if env is None else env)
+    kw: dict = {}
+    if env.get("OPGEN_CACHE_DIR"):
+        kw["cache_dir"] = Path(env["OPGEN_CACHE_DIR"]).expanduser()
+    if env.get("OPGEN_BACKEND"):
+        kw["backend"] = env["OPGEN_BACKEND"]
+    if env.get("OPGEN_REFERENCE_MAX_ELEMENTS"):
+        kw["reference_max_elements"] = int(env["OPGEN_REFERENCE_MAX_ELEMENTS"])
+    return Config(**kw)

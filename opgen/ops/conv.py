@@ -1,0 +1,173 @@
+"""Convolution ops declared in the IR as window reductions over affine indices with zero padding:
+``conv2d`` (F.conv2d semantics), ``causal_conv1d`` (causal-conv1d semantics) and ``long_conv`` (H3/Hyena)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from opgen.ir import DType, OpBuilder, dims, silu
+from opgen.ir.symbols import make_axes
+from opgen.runtime import default_session
+
+from . import _args
+
+# ------------------------------------------------------------------------------------------- causal_conv1d
+
+
+@functools.lru_cache(maxsize=None)
+def declare_causal_conv1d(x: DType = DType.f32, weight: DType = DType.f32, bias: DType | None = None,
+                          activation: str | None = None):
+    """``y[b, d, t] = act(bias[d] + sum_j weight[d, j] * x[b, d, t + j - (W-1)])`` with x zero for t < 0."""
+    Bt, Dd, L, W = dims("B D L W")
+    with OpBuilder("causal_conv1d", attrs={"activation": activation}) as bld:
+        tx = bld.input("x", (Bt, Dd, L), x)
+        tw = bld.input("weight", (Dd, W), weight)
+        tb = bld.input("bias", (Dd,), bias) if bias is not None else None
+        b, d, t, j = make_axes("b d t j")
+        y = bld.reduce(j, tx.pad(0, 0, (W - 1, 0))[b, d, t + j - (W - 1)] * tw[d, j], axes=(b, d, t), name="acc")
+        out = y[b, d, t]
+        if tb is not None:
+            out = out + tb[d]
+        if activation is not None:
+            out = silu(out)
+        return bld.build({"out": bld.map(out, (b, d, t), name="out", dtype=x)})
+
+
+def causal_conv1d(x, weight, bias=None, activation=None):
+    """Causal depthwise conv1d like ``causal_conv1d_fn``: x ``[batch, dim, L]``, weight ``[dim, W]``,
+    bias ``[dim]``, activation None, "silu" or "swish". Returns ``[batch, dim, L]`` in x's dtype."""
+    who = "opgen.ops.causal_conv1d"
+    _args.tensor(who, "x", x, rank=3, layout="[batch, dim, L]")
+    _args.tensor(who, "weight", weight, rank=2, layout="[dim, W]")
+    _args.tensor(who, "bias", bias, rank=1, layout="[dim]", optional=True)
+    _args.same_device(who, x=x, weight=weight, bias=bias)
+    if activation not in (None, "silu", "swish"):
+        raise _args.ArgumentError(f"{who}: argument 'activation' expected None, 'silu' or 'swish', "
+                                  f"got {_args.describe(activation)}")
+    op = declare_causal_conv1d(_args.ir_dtype(x), _args.ir_dtype(weight), _args.ir_dtype(bias),
+                               "silu" if activation else None)
+    inputs = {"x": x, "weight": weight}
+    if bias is not None:
+        inputs["bias"] = bias
+    return default_session().run(op, inputs, who=who)["out"]
+
+
+# -------------------------------------------------------------------------------------------------- conv2d
+
+
+@functools.lru_cache(maxsize=None)
+def declare_conv2d(x: DType = DType.f32, weight: DType = DType.f32, bias: DType | None = None,
+                   stride: tuple[int, int] = (1, 1), padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+                   dilation: tuple[int, int] = (1, 1), groups: int = 1):
+    """``y[n, co, oh, ow] = sum_{ci, kh, kw} x.pad[n, g(co)*C + ci, oh*sh + kh*dh - pt, ow*sw + kw*dw - pl]
+    * w[co, ci, kh, kw]`` (+ bias[co]); ``padding`` is (top, bottom, left, right)."""
+    N, C, H, W, F, KH, KW = dims("N C H W F KH KW")
+    sh, sw = stride
+    pt, pb, pl, pr = padding
+    dh, dw = dilation
+    G = groups
+    attrs = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    with OpBuilder("conv2d", attrs=attrs) as bld:
+        tx = bld.input("x", (N, G * C, H, W), x)
+        tw = bld.input("weight", (G * F, C, KH, KW), weight)
+        tb = bld.input("bias", (G * F,), bias) if bias is not None else None
+        n, co, oh, ow, ci, kh, kw = make_axes("n co oh ow ci kh kw")
+        chan = ci if G == 1 else (co // F) * C + ci
+        xv = tx.pad(0, 0, (pt, pb), (pl, pr))[n, chan, oh * sh + kh * dh - pt, ow * sw + kw * dw - pl]
+        y = bld.reduce((ci, kh, kw), xv * tw[co, ci, kh, kw], axes=(n, co, oh, ow), name="acc" if tb else "out",
+                       dtype=None if tb is not None else x)
+        if tb is None:
+            return bld.build({"out": y})
+        return bld.build({"out": bld.map(y[n, co, oh, ow] + tb[co], (n, co, oh, ow), name="out", dtype=x)})
+
+
+def _pair(who: str, name: str, v, minimum: int) -> tuple[int, int]:
+    vals = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    if len(vals) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < minimum for s in vals):
+        raise _args.ArgumentError(f"{who}: argument '{name}' expected an int >= {minimum} or a pair of them, "
+                                  f"got {_args.describe(v)}")
+    return vals  # type: ignore[return-value]
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution with ``torch.nn.functional.conv2d`` semantics (NCHW; depthwise when groups = C).
+
+    ``padding`` may be an int, a pair, ``"valid"`` or ``"same"`` (stride 1).
+    """
+    who = "opgen.ops.conv2d"
+    _args.tensor(who, "x", x, rank=4, layout="[N, C, H, W]")
+    _args.tensor(who, "weight", weight, rank=4, layout="[C_out, C/groups, KH, KW]")
+    _args.tensor(who, "bias", bias, rank=1, layout="[C_out]", optional=True)
+    _args.same_device(who, x=x, weight=weight, bias=bias)
+    sh, sw = _pair(who, "stride", stride, 1)
+    dh, dw = _pair(who, "dilation", dilation, 1)
+    groups = _args.positive_int(who, "groups", groups)
+    kh, kw = weight.shape[2], weight.shape[3]
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if (sh, sw) != (1, 1):
+                raise _args.ArgumentError(f"{who}: argument 'padding' 'same' needs stride 1, got stride {(sh, sw)}")
+            th, tw_ = dh * (kh - 1), dw * (kw - 1)
+            pads = (th // 2, th - th // 2, tw_ // 2, tw_ - tw_ // 2)
+        else:
+            raise _args.ArgumentError(f"{who}: argument 'padding' expected an int, a pair, 'valid' or 'same', "
+                                      f"got {_args.describe(padding)}")
+    else:
+        ph, pw = _pair(who, "padding", padding, 0)
+        pads = (ph, ph, pw, pw)
+    c_in, c_out = x.shape[1], weight.shape[0]
+    if c_in % groups:
+        raise _args.ArgumentError(f"{who}: argument 'groups' = {groups} must divide the input channels "
+                                  f"x.shape[1] = {c_in}")
+    if c_out % groups:
+        raise _args.ArgumentError(f"{who}: argument 'groups' = {groups} must divide the output channels "
+                                  f"weight.shape[0] = {c_out}")
+    if weight.shape[1] != c_in // groups:
+        raise _args.ArgumentError(f"{who}: argument 'weight' has shape {tuple(weight.shape)}: dim 1 is "
+                                  f"{weight.shape[1]} but must equal x.shape[1] / groups = {c_in} / {groups} = "
+                                  f"{c_in // groups}")
+    for axis, size, k, d, lo, hi in (("height", x.shape[2], kh, dh, pads[0], pads[1]),
+                                     ("width", x.shape[3], kw, dw, pads[2], pads[3])):
+        if d * (k - 1) + 1 > size + lo + hi:
+            raise _args.ArgumentError(f"{who}: argument 'weight' has a kernel {axis} of {k} (dilation {d}, spanning "
+                                      f"{d * (k - 1) + 1}) larger than the padded input {axis} {size} + {lo + hi} "
+                                      f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")
+    op = declare_conv2d(_args.ir_dtype(x), _args.ir_dtype(weight), _args.ir_dtype(bias), (sh, sw), pads,
+                        (dh, dw), groups)
+    inputs = {"x": x, "weight": weight}
+    if bias is not None:
+        inputs["bias"] = bias
+    return default_session().run(op, inputs, who=who)["out"]
+
+
+# ----------------------------------------------------------------------------------------------- long_conv
+
+
+@functools.lru_cache(maxsize=None)
+def declare_long_conv(u: DType = DType.f32, k: DType = DType.f32):
+    """``y[b, h, t] = sum_{j < Lk} k[h, j] * u[b, h, t - j]`` with u zero for negative time (causal)."""
+    Bt, H, L, Lk = dims("B H L Lk")
+    with OpBuilder("long_conv") as bld:
+        tu = bld.input("u", (Bt, H, L), u)
+        tk = bld.input("k", (H, Lk), k)
+        bld.require(Lk <= L, "the filter length k.shape[1] must not exceed the sequence length u.shape[2]")
+        b, h, t, j = make_axes("b h t j")
+        y = bld.reduce(j, tk[h, j] * tu.pad(0, 0, (Lk - 1, 0))[b, h, t - j], axes=(b, h, t), name="y", dtype=u)
+        return bld.build({"y": y})
+
+
+def long_conv(u, k):
+    """Causal long convolution (H3 / Hyena / FlashFFTConv): u ``[B, H, L]``, k ``[H, Lk]`` with Lk <= L,
+    ``y[b, h, t] = sum_{0 <= s <= t, t - s < Lk} k[h, t - s] * u[b, h, s]``; returns ``[B, H, L]``."""
+    who = "opgen.ops.long_conv"
+    _args.tensor(who, "u", u, rank=3, layout="[B, H, L]")
+    _args.tensor(who, "k", k, rank=2, layout="[H, Lk]")
+    _args.same_device(who, u=u, k=k)
+    if k.shape[1] > u.shape[2]:
+        raise _args.ArgumentError(f"{who}: argument 'k' has shape {tuple(k.shape)}: its length {k.shape[1]} "
+                                  f"exceeds the sequence length L = {u.shape[2]} of u {tuple(u.shape)}")
+    op = declare_long_conv(_args.ir_dtype(u), _args.ir_dtype(k))
+    return default_session().run(op, {"u": u, "k": k}, who=who)["y"]

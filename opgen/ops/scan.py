@@ -1,0 +1,210 @@
+"""Scan ops declared in the IR: ``linear_scan``, ``selective_scan`` (Mamba) and ``chunk_gla`` (GLA)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from opgen.ir import DType, OpBuilder, accum_dtype, dims, exp, promote, silu, softplus
+from opgen.ir.symbols import Dim, make_axes
+from opgen.runtime import default_session
+
+from . import _args
+
+# --------------------------------------------------------------------------------------------- linear_scan
+
+
+@functools.lru_cache(maxsize=None)
+def declare_linear_scan(a: DType = DType.f32, b: DType = DType.f32, reverse: bool = False,
+                        initial: DType | None = None):
+    """``h[p, t, q] = a[p, t, q] * h[p, t-1, q] + b[p, t, q]`` over t (reversed if asked), h[-1] = initial[p, q]."""
+    P, L, Q = dims("P L Q")
+    with OpBuilder("linear_scan", attrs={"reverse": reverse}) as bld:
+        ta = bld.input("a", (P, L, Q), a)
+        tb = bld.input("b", (P, L, Q), b)
+        ti = bld.input("initial", (P, Q), initial) if initial is not None else None
+        p, t, q = make_axes("p t q")
+        h = bld.scan(t, a=ta[p, t, q], b=tb[p, t, q], init=ti[p, q] if ti is not None else None, reverse=reverse,
+                     axes=(p, t, q))
+        return bld.build({"h": h})
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int = -1, reverse: bool = False,
+                initial: torch.Tensor | None = None) -> torch.Tensor:
+    """The first-order linear recurrence ``h[t] = a[t] * h[t-1] + b[t]`` along ``dim``.
+
+    ``a`` and ``b`` have the same shape; ``initial`` (shape of ``a`` without ``dim``) is ``h[-1]`` (zeros by
+    default). ``reverse=True`` runs from the end: ``h[t] = a[t] * h[t+1] + b[t]``. Computed exactly (no
+    cumprod/cumsum closed form), so decays close to 1 over long sequences stay finite.
+    """
+    who = "opgen.ops.linear_scan"
+    _args.tensor(who, "a", a, rank=range(1, 17))
+    _args.tensor(who, "b", b, rank=range(1, 17))
+    if a.shape != b.shape:
+        raise _args.ArgumentError(f"{who}: argument 'b' has shape {tuple(b.shape)} but must match a's shape "
+                                  f"{tuple(a.shape)}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -a.dim() <= dim < a.dim():
+        raise _args.ArgumentError(f"{who}: argument 'dim' expected an int in [{-a.dim()}, {a.dim()}), "
+                                  f"got {_args.describe(dim)}")
+    dim = dim % a.dim()
+    rest = tuple(a.shape[:dim]) + tuple(a.shape[dim + 1:])
+    _args.tensor(who, "initial", initial, optional=True)
+    if initial is not None and tuple(initial.shape) != rest:
+        raise _args.ArgumentError(f"{who}: argument 'initial' has shape {tuple(initial.shape)} but must be a's "
+                                  f"shape without dim {dim}: {rest}")
+    _args.same_device(who, a=a, b=b, initial=initial)
+    if a.numel() == 0:
+        return torch.empty(a.shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    p = 1
+    for s in a.shape[:dim]:
+        p *= s
+    shape3 = (p, a.shape[dim], a.numel() // (p * a.shape[dim]))
+    op = declare_linear_scan(_args.ir_dtype(a), _args.ir_dtype(b), bool(reverse), _args.ir_dtype(initial))
+    inputs = {"a": a.reshape(shape3), "b": b.reshape(shape3)}
+    if initial is not None:
+        inputs["initial"] = initial.reshape(shape3[0], shape3[2])
+    out = default_session().run(op, inputs, who=who)["h"]
+    return out.reshape(a.shape)
+
+
+# ------------------------------------------------------------------------------------------ selective_scan
+
+_BC_LAYOUT = {2: "shared", 3: "variable", 4: "grouped"}
+
+
+@functools.lru_cache(maxsize=None)
+def declare_selective_scan(u: DType = DType.f32, delta: DType = DType.f32, A: DType = DType.f32,
+                           B: DType = DType.f32, C: DType = DType.f32, B_layout: str = "variable",
+                           C_layout: str = "variable", D: DType | None = None, z: DType | None = None,
+                           delta_bias: DType | None = None, delta_softplus: bool = False,
+                           last_state: bool = False):
+    """Mamba's selective scan as one affine matrix of scans over the state axis n, projected by C.
+
+    ``h[b, d, n, t] = exp(dt * A[d, n]) * h[b, d, n, t-1] + dt * B[.., n, t] * u[b, d, t]`` with
+    ``dt = softplus?(delta[b, d, t] + delta_bias[d])``; ``y = sum_n h * C[.., n, t]`` (+ ``D[d] * u``)
+    (* ``silu(z)``). B/C layouts: shared ``[D, N]``, variable ``[B, N, L]``, grouped ``[B, G, N, L]``.
+    """
+    Bt, Dd, L, N = dims("B D L N")
+    attrs = {"B": B_layout, "C": C_layout, "delta_softplus": delta_softplus}
+    with OpBuilder("selective_scan", attrs=attrs) as bld:
+        tu = bld.input("u", (Bt, Dd, L), u)
+        tdelta = bld.input("delta", (Bt, Dd, L), delta)
+        tA = bld.input("A", (Dd, N), A)
+        b, d, n, t = make_axes("b d n t")
+
+        def proj(name: str, dt: DType, layout: str):
+            if layout == "shared":
+                return bld.input(name, (Dd, N), dt)[d, n]
+            if layout == "variable":
+                return bld.input(name, (Bt, N, L), dt)[b, n, t]
+            G, Dg = Dim(f"G{name}"), Dim(f"Dg{name}")
+            bld.derive(Dg, Dd / G)
+            return bld.input(name, (Bt, G, N, L), dt)[b, d // Dg, n, t]
+
+        Bv = proj("B", B, B_layout)
+        Cv = proj("C", C, C_layout)
+        tD = bld.input("D", (Dd,), D) if D is not None else None
+        tz = bld.input("z", (Bt, Dd, L), z) if z is not None else None
+        tbias = bld.input("delta_bias", (Dd,), delta_bias) if delta_bias is not None else None
+        dt = tdelta[b, d, t]
+        if tbias is not None:
+            dt = dt + tbias[d]
+        if delta_softplus:
+            dt = softplus(dt)
+        h = bld.scan(t, a=exp(dt * tA[d, n]), b=dt * Bv * tu[b, d, t], state=(n,), axes=(b, d, n, t), name="h")
+        y = bld.reduce(n, h[b, d, n, t] * Cv, axes=(b, d, t), name="y")
+        out = y[b, d, t]
+        if tD is not None:
+            out = out + tD[d] * tu[b, d, t]
+        if tz is not None:
+            out = out * silu(tz[b, d, t])
+        outputs = {"out": bld.map(out, (b, d, t), name="out", dtype=u)}
+        if last_state:
+            outputs["last_state"] = bld.map(h[b, d, n, L - 1], (b, d, n), name="last_state")
+        return bld.build(outputs)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """Mamba's selective scan with the semantics of ``mamba_ssm``'s ``selective_scan_fn``.
+
+    u, delta ``[batch, dim, L]``; A ``[dim, N]`` (real); B, C ``[dim, N]``, ``[batch, N, L]`` or grouped
+    ``[batch, G, N, L]``; D, delta_bias ``[dim]``; z ``[batch, dim, L]``. Returns ``out`` (u's dtype) or
+    ``(out, last_state)`` with ``last_state`` ``[batch, dim, N]`` in float32 (float64 for float64 inputs).
+    """
+    who = "opgen.ops.selective_scan"
+    _args.tensor(who, "u", u, rank=3, layout="[batch, dim, L]")
+    _args.tensor(who, "delta", delta, rank=3, layout="[batch, dim, L]")
+    _args.tensor(who, "A", A, rank=2, layout="[dim, N]")
+    _args.tensor(who, "B", B, rank=(2, 3, 4), layout="[dim, N], [batch, N, L] or [batch, G, N, L]")
+    _args.tensor(who, "C", C, rank=(2, 3, 4), layout="[dim, N], [batch, N, L] or [batch, G, N, L]")
+    _args.tensor(who, "D", D, rank=1, layout="[dim]", optional=True)
+    _args.tensor(who, "z", z, rank=3, layout="[batch, dim, L]", optional=True)
+    _args.tensor(who, "delta_bias", delta_bias, rank=1, layout="[dim]", optional=True)
+    _args.same_device(who, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    channels = u.shape[1]
+    for name, x in (("B", B), ("C", C)):
+        if x.dim() == 4 and (x.shape[1] == 0 or channels % x.shape[1]):
+            raise _args.ArgumentError(f"{who}: argument '{name}' has {x.shape[1]} groups (shape {tuple(x.shape)}), "
+                                      f"which must divide dim = {channels} (u.shape[1])")
+    op = declare_selective_scan(
+        _args.ir_dtype(u), _args.ir_dtype(delta), _args.ir_dtype(A), _args.ir_dtype(B), _args.ir_dtype(C),
+        _BC_LAYOUT[B.dim()], _BC_LAYOUT[C.dim()], _args.ir_dtype(D), _args.ir_dtype(z), _args.ir_dtype(delta_bias),
+        bool(delta_softplus), bool(return_last_state))
+    inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C}
+    inputs.update({k: v for k, v in (("D", D), ("z", z), ("delta_bias", delta_bias)) if v is not None})
+    res = default_session().run(op, inputs, who=who)
+    return (res["out"], res["last_state"]) if return_last_state else res["out"]
+
+
+# ---------------------------------------------------------------------------------------------- chunk_gla
+
+
+@functools.lru_cache(maxsize=None)
+def declare_chunk_gla(q: DType = DType.f32, k: DType = DType.f32, v: DType = DType.f32, g: DType = DType.f32,
+                      scale: float = 1.0, initial_state: DType | None = None, final_state: bool = False):
+    """Gated linear attention as a matrix-state scan: ``S[b,h,:,:,t] = diag(exp(g_t)) S[t-1] + k_t^T v_t``,
+    ``o[b,t,h,:] = scale * q_t S_t``."""
+    Bt, T, H, K, V = dims("B T H K V")
+    with OpBuilder("chunk_gla", attrs={"scale": scale}) as bld:
+        tq = bld.input("q", (Bt, T, H, K), q)
+        tk = bld.input("k", (Bt, T, H, K), k)
+        tv = bld.input("v", (Bt, T, H, V), v)
+        tg = bld.input("g", (Bt, T, H, K), g)
+        t0 = bld.input("initial_state", (Bt, H, K, V), initial_state) if initial_state is not None else None
+        b, t, h, kk, vv = make_axes("b t h kk vv")
+        S = bld.scan(t, a=exp(tg[b, t, h, kk]), b=tk[b, t, h, kk] * tv[b, t, h, vv],
+                     init=t0[b, h, kk, vv] if t0 is not None else None, state=(kk, vv), axes=(b, h, kk, vv, t),
+                     name="S")
+        o = bld.reduce(kk, tq[b, t, h, kk] * scale * S[b, h, kk, vv, t], axes=(b, t, h, vv), name="o", dtype=q)
+        outputs = {"o": o}
+        if final_state:
+            outputs["final_state"] = bld.map(S[b, h, kk, vv, T - 1], (b, h, kk, vv), name="final_state",
+                                             dtype=accum_dtype(promote(q, k, v, g)))
+        return bld.build(outputs)
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
+    """Gated linear attention with flash-linear-attention's ``chunk_gla`` layout and semantics.
+
+    q, k, g ``[B, T, H, K]`` (g: log-space forget gates), v ``[B, T, H, V]``, initial_state ``[B, H, K, V]``.
+    Returns ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state ``[B, H, K, V]`` in float32
+    (float64 for float64 inputs) when ``output_final_state``, else None. ``scale`` defaults to ``K ** -0.5``.
+    """
+    who = "opgen.ops.chunk_gla"
+    for name, x in (("q", q), ("k", k), ("g", g)):
+        _args.tensor(who, name, x, rank=4, layout="[B, T, H, K]")
+    _args.tensor(who, "v", v, rank=4, layout="[B, T, H, V]")
+    _args.tensor(who, "initial_state", initial_state, rank=4, layout="[B, H, K, V]", optional=True)
+    _args.same_device(who, q=q, k=k, v=v, g=g, initial_state=initial_state)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise _args.ArgumentError(f"{who}: argument 'scale' expected a float or None, got {_args.describe(scale)}")
+    op = declare_chunk_gla(_args.ir_dtype(q), _args.ir_dtype(k), _args.ir_dtype(v), _args.ir_dtype(g),
+                           float(scale), _args.ir_dtype(initial_state), bool(output_final_state))
+    inputs = {"q": q, "k": k, "v": v, "g": g}
+    if initial_state is not None:
+        inputs["initial_state"] = initial_state
+    res = default_session().run(op, inputs, who=who)
+    return res["o"], res.get("final_state")
