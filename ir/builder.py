@@ -140,15 +140,19 @@ class OpBuilder:
         self._names.add(name)
         return name
 
-    def input(self, name: str, shape: Sequence[Any], dtype: DType | str) -> TensorRef:
-        """Declare an input tensor of symbolic ``shape`` (dims, ints or expressions of dims)."""
+    def input(self, name: str, shape: Sequence[Any], dtype: DType | str, lookup: bool = False) -> TensorRef:
+        """Declare an input tensor of symbolic ``shape`` (dims, ints or expressions of dims).
+
+        ``lookup=True`` marks a table read at computed positions (a bias table, ALiBi slopes): its sizes do not
+        define axis extents, and its accesses are checked against its bounds when sizes are bound.
+        """
         name = self._fresh(name, "in")
         shp = tuple(sympy.sympify(s) for s in shape)
         for s in shp:
             if any(isinstance(x, Axis) for x in s.free_symbols):
                 raise IRError(f"op {self.name}: shape of {name} uses an axis ({s}); shapes use dims")
         dt = as_dtype(dtype)
-        self._inputs.append(TensorParam(name, shp, dt, "input"))
+        self._inputs.append(TensorParam(name, shp, dt, "input", lookup))
         self._dtypes[name] = dt
         return TensorRef(name, len(shp), dt)
 
@@ -257,7 +261,8 @@ class OpBuilder:
         shapes: dict[str, tuple | None] = {t.name: t.shape for t in self._inputs}
         shapes.update({n.out: None for n in nodes})
         verify_structure({t.name: t for t in self._inputs}, nodes, self.name)
-        ext = infer_extents(shapes, nodes, self._declared, self.name)
+        lookups = {t.name for t in self._inputs if t.lookup}
+        ext = infer_extents({k: v for k, v in shapes.items() if k not in lookups}, nodes, self._declared, self.name)
         nodes = tuple(_resolve_traversal(n, ext) for n in nodes)
         tensors = list(self._inputs)
         for n in nodes:

@@ -25,6 +25,7 @@ class TensorParam:
     shape: tuple[sympy.Expr, ...]
     dtype: DType
     kind: str = "input"   # "input" | "output" | "temp"
+    lookup: bool = False  # a table read at computed positions: its sizes never define axis extents
 
     @property
     def rank(self) -> int:

@@ -140,7 +140,7 @@ def op_str(op: "Op", *, verified: bool = False, canonical: bool = False) -> str:
         return expr_str(e)
 
     def sig(t) -> str:
-        return f"{t.name}: {t.dtype}[{', '.join(ix(s) for s in t.shape)}]"
+        return f"{t.name}: {'lookup ' if t.lookup else ''}{t.dtype}[{', '.join(ix(s) for s in t.shape)}]"
 
     lines = [f"op {'_' if canonical else op.name}({', '.join(sig(t) for t in op.inputs)})"
              f" -> ({', '.join(sig(t) for t in op.outputs)})"]

@@ -43,7 +43,7 @@ def declare_attention(q: DType = DType.f32, k: DType = DType.f32, v: DType = DTy
         tk = bld.input("k", (Bt, HKV if gqa else HQ, S, E), k)
         tv = bld.input("v", (Bt, HKV if gqa else HQ, S, EV), v)
         for n, (dt, shape) in enumerate(captures):
-            bld.input(f"capture{n}", shape, dt)
+            bld.input(f"capture{n}", shape, dt, lookup=True)
         kvh = h
         if gqa:
             G = bld.derive(Dim("G"), HQ / HKV)

@@ -88,6 +88,9 @@ class _Evaluator:
     def _load(self, acc: Access, fr: _Frame, node_out: str) -> torch.Tensor:
         src = self.tensors[acc.tensor]
         rank = len(fr.shape)
+        view = _direct_view(src, acc, fr)
+        if view is not None:
+            return view
         idx, valid = [], None
         masked = (node_out, acc) in self.masked
         for k, ie in enumerate(acc.index):
@@ -119,7 +122,7 @@ class _Evaluator:
         return {t.name: self.tensors[t.name].to(to_torch(t.dtype)).contiguous() for t in self.op.outputs}
 
     def _reduce(self, node: Reduce) -> torch.Tensor:
-        if node.monoid == SUM and node.value.op is ExprOp.MUL:
+        if node.monoid == SUM and node.value.op is ExprOp.MUL and self._factors_fit(node):
             return self._contract(node)
         ax = node.axes + node.raxes
         numel = math.prod(self.binding.extents[a] for a in ax)
@@ -146,6 +149,15 @@ class _Evaluator:
         if not dims:
             return val
         return _reduce_dims(node.monoid, val, dims, self)
+
+    def _factors_fit(self, node: Reduce) -> bool:
+        """Whether every factor of a sum of products fits the memory budget on its own axes."""
+        from opgen.ir.verify import axes_in_expr
+
+        for f in _mul_factors(node.value) + ([node.predicate] if node.predicate is not None else []):
+            if math.prod(self.binding.extents[a] for a in axes_in_expr(f)) > self.max_elements:
+                return False
+        return True
 
     def _contract(self, node: Reduce) -> torch.Tensor:
         fr = _frame(node.axes + node.raxes, self.binding, self.device)
@@ -189,24 +201,35 @@ class _Evaluator:
         perm = lane_pos + grid_pos
         flat = [p.to(dt).permute(perm).reshape(lanes + [math.prod(grid)]) for p in parts]
         pos, valid = self._positions(node, grid)
+        if len(grid) == 1 and pos.shape[0] == 1 and bool(valid.all()):
+            ar = torch.arange(grid[0], device=self.device)
+            if torch.equal(pos[0], ar) or torch.equal(pos[0], ar.flip(0)):
+                return self._scan_1d(node, comb, flat, idents, perm, lanes, grid, dt, reverse=bool(pos[0, 0] != 0))
         gathered = []
         for p, ident in zip(flat, idents):
             g = p[..., pos.clamp(0, max(0, p.shape[-1] - 1))]
             gathered.append(torch.where(valid, g, torch.tensor(ident, dtype=dt, device=self.device)))
-        h0 = None
-        if node.init is not None:
-            lane_axes = tuple(node.axes[k] for k in lane_pos)
-            lf = _frame(lane_axes, self.binding, self.device)
-            h0 = self.expr(node.init, lf, node.out).to(dt).expand(lanes).unsqueeze(-1)
-        states = _sequential(comb, gathered, h0, idents, self)
+        h0 = self._init(node, lanes, dt)
+        states = _sequential(comb, gathered, None if h0 is None else h0.unsqueeze(-1), idents, self)
         out = torch.zeros(lanes + [math.prod(grid)], dtype=dt, device=self.device)
         vpos = pos[valid]
         out[..., vpos] = states[..., valid]
-        out = out.reshape(lanes + grid)
-        inv = [0] * len(perm)
-        for i, p in enumerate(perm):
-            inv[p] = i
-        return out.permute(inv)
+        return out.reshape(lanes + grid).permute(_inverse(perm))
+
+    def _scan_1d(self, node: Scan, comb, flat, idents, perm, lanes, grid, dt, reverse: bool) -> torch.Tensor:
+        """Forward or reversed scan over one axis: no gather, no scatter."""
+        parts = [p.flip(-1) if reverse else p for p in flat]
+        h0 = self._init(node, lanes, dt)
+        states = _sequential(comb, parts, h0, idents, self)
+        out = (states.flip(-1) if reverse else states).reshape(lanes + grid)
+        return out.permute(_inverse(perm))
+
+    def _init(self, node: Scan, lanes, dt):
+        if node.init is None:
+            return None
+        lane_axes = tuple(a for a in node.axes if a not in node.scan_axes)
+        lf = _frame(lane_axes, self.binding, self.device)
+        return self.expr(node.init, lf, node.out).to(dt).expand(lanes)
 
     def _positions(self, node: Scan, grid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         tr = node.traversal
@@ -222,6 +245,31 @@ class _Evaluator:
             stride *= grid[k]
         valid = torch.as_tensor(eval_index(tr.valid, env), device=self.device).expand(chains, steps)
         return flat, valid
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def _direct_view(src: torch.Tensor, acc: Access, fr: _Frame) -> torch.Tensor | None:
+    """``src`` as a broadcast view when every index is a distinct frame axis spanning its whole dim."""
+    pos = []
+    for k, ie in enumerate(acc.index):
+        if ie not in fr.axes or ie in acc.index[:k]:
+            return None
+        p = fr.axes.index(ie)
+        if fr.shape[p] != src.shape[k] or fr.env[ie].flatten()[0] != 0:
+            return None
+        pos.append(p)
+    order = sorted(range(len(pos)), key=lambda k: pos[k])
+    v = src.permute(order) if order != list(range(len(pos))) else src
+    shape = [1] * len(fr.shape)
+    for k in range(len(pos)):
+        shape[pos[k]] = src.shape[k]
+    return v.reshape(shape) if v.is_contiguous() else v.contiguous().reshape(shape)
 
 
 def _sequential(comb, gathered: list[torch.Tensor], h0, idents, ev: _Evaluator) -> torch.Tensor:

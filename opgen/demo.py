@@ -1,0 +1,76 @@
+"""``opgen demo``: run every library op on the best available backend beside the torch code a user would
+otherwise write, check they agree, and print a table of times and errors."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """One line of the demo table."""
+
+    op: str
+    shape: str
+    backend: str
+    ms: float
+    baseline: str
+    baseline_ms: float
+    max_err: float
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_ms / self.ms if self.ms > 0 else float("nan")
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def run_demo(size: str = "quick", repeats: int = 3, only: list[str] | None = None, progress: bool = True) -> list[DemoRow]:
+    """Run the demo; returns the rows (the CLI prints them)."""
+    import torch
+    from tqdm import tqdm
+
+    from opgen.library import LIBRARY
+    from opgen.runtime import default_session
+
+    session = default_session()
+    entries = [e for e in LIBRARY if only is None or e.name in only]
+    rows = []
+    bar = tqdm(entries, desc="opgen demo", unit="op", disable=not progress, leave=False)
+    for e in bar:
+        bar.set_postfix_str(e.name)
+        args, kwargs, shape = e.example(size)
+        fn = e.op_function()
+        with torch.no_grad():
+            out = _first(fn(*args, **kwargs))
+            ref = _first(e.baseline(*args, **kwargs))
+            err = (out.double() - ref.double()).abs().max().item()
+            ms = _median_ms(lambda: fn(*args, **kwargs), repeats)
+            bms = _median_ms(lambda: e.baseline(*args, **kwargs), repeats)
+        backend = session.targets.select(e.declare(), "cpu").name if session.config.backend == "auto" \
+            else session.config.backend
+        rows.append(DemoRow(e.name, shape, backend, ms, e.baseline_name, bms, err))
+    return rows
+
+
+def format_table(rows: list[DemoRow]) -> str:
+    """A plain-text table of demo rows."""
+    head = ("op", "shape", "backend", "ms", "baseline", "baseline ms", "speedup", "max |err|")
+    body = [(r.op, r.shape, r.backend, f"{r.ms:.2f}", r.baseline, f"{r.baseline_ms:.2f}", f"{r.speedup:.2f}x",
+             f"{r.max_err:.1e}") for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
