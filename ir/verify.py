@@ -120,9 +120,9 @@ def infer_extents(shapes: dict[str, tuple[sympy.Expr, ...] | None], nodes: tuple
 
 
 def _check_exact(a: Axis, cand: _Candidate, seen: dict, ext: Mapping, declared: Mapping, op_name: str) -> None:
+    if a in declared:  # a declared extent wins; access_report proves (or bind checks) the accesses fit
+        return
     prev = seen.get(a)
-    if prev is None and a in declared:
-        prev = _Candidate(declared[a], "the declared extent", True)
     if prev is not None and sympy.simplify(prev.extent - cand.extent) != 0:
         raise IRError(f"op {op_name}: axis {a} indexes dims that disagree: {index_str(prev.extent)} from "
                       f"{prev.source} but {index_str(cand.extent)} from {cand.source}")

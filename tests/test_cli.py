@@ -1,0 +1,31 @@
+"""The command line: show every op at each stage, and a one-op demo whose table reports a small error."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from opgen.cli import main
+from opgen.library import LIBRARY
+
+
+@pytest.mark.parametrize("stage", ["ir", "verified"])
+@pytest.mark.parametrize("name", [e.name for e in LIBRARY])
+def test_show(name, stage, capsys):
+    assert main(["show", name, "--stage", stage]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"op {name}(")
+    assert ("fingerprint" in out) == (stage == "verified")
+
+
+def test_show_unknown_op(capsys):
+    assert main(["show", "nope"]) == 2
+    assert "no library op 'nope'" in capsys.readouterr().err
+
+
+def test_demo_one_op(capsys):
+    assert main(["demo", "--op", "causal_conv1d", "--repeats", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("causal_conv1d"))
+    err = float(re.findall(r"\d\.\de[+-]\d\d", row)[-1])
+    assert err < 1e-4
