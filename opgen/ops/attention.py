@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from opgen.ir import DType, Expr, OpBuilder, dims, exp, load, where
+from opgen.ir import DType, Expr, OpBuilder, accum_dtype, dims, exp, load, promote, where
 from opgen.ir.symbols import Dim, make_axes
 from opgen.runtime import default_session
 from opgen.trace import trace_mods
@@ -23,9 +23,10 @@ _EXTENTS = dims("B HQ L S")
 SCORE = "score"
 
 
-def trace(who: str, score_mod, mask_mod):
-    """Trace the mods over the canonical axes ``(b, h, i, j)`` of the declared attention op."""
-    raw = load(SCORE, _AXES, DType.f32)
+def trace(who: str, score_mod, mask_mod, score_dtype: DType = DType.f32):
+    """Trace the mods over the canonical axes ``(b, h, i, j)`` of the declared attention op; the raw score is
+    read in ``score_dtype`` (the accumulation dtype of q and k)."""
+    raw = load(SCORE, _AXES, score_dtype)
     return trace_mods(who, score_mod, mask_mod, raw, _AXES, _EXTENTS)
 
 
@@ -50,7 +51,7 @@ def declare_attention(q: DType = DType.f32, k: DType = DType.f32, v: DType = DTy
             kvh = h // G
         raw = bld.reduce(e, tq[b, h, i, e] * tk[b, kvh, j, e] * scale, axes=(b, h, i, j), name=SCORE)
         s = raw[b, h, i, j]
-        if score is not None and score != load(SCORE, _AXES, DType.f32):
+        if score is not None and score != load(SCORE, _AXES, raw.dtype):
             s = bld.map(score, (b, h, i, j), name="modified")[b, h, i, j]
         m = bld.reduce(j, s, monoid=_max(), where=mask, axes=(b, h, i), name="row_max")[b, h, i]
         m_safe = where(m.eq(-math.inf), 0.0, m)
@@ -110,7 +111,7 @@ def attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enable_gqa=Fal
                 check(q.shape[2], k.shape[2])
             except _args.ArgumentError as exc:
                 raise _args.ArgumentError(f"{who}: argument '{name}': {exc}") from None
-    traced = trace(who, score_mod, mask_mod)
+    traced = trace(who, score_mod, mask_mod, accum_dtype(promote(_args.ir_dtype(q), _args.ir_dtype(k))))
     caps = tuple((_args.ir_dtype(t) if t.is_floating_point() or t.dtype == torch.bool else _int_dtype(t), d)
                  for t, d in zip(traced.captures, traced.capture_dims))
     op = declare_attention(_args.ir_dtype(q), _args.ir_dtype(k), _args.ir_dtype(v), float(scale),
