@@ -252,9 +252,13 @@ class OpBuilder:
             if not isinstance(ref, TensorRef) or ref.name not in produced:
                 raise IRError(f"op {self.name}: output {key!r} must be a result of a compute node, got {ref!r}")
             if key != ref.name:
-                if key in self._names and key not in named.values():
-                    raise IRError(f"op {self.name}: output name {key!r} is already a tensor of the op")
                 rename[ref.name] = key
+        returned = [r.name for r in named.values()]
+        if len(returned) != len(set(returned)):
+            raise IRError(f"op {self.name}: one result is returned under two names {sorted(named)}")
+        for key in rename.values():  # a key may reuse the name of a tensor that is itself renamed away
+            if key in self._names and key not in rename:
+                raise IRError(f"op {self.name}: output name {key!r} is already a tensor of the op")
         nodes = tuple(_rename(n, rename) for n in self._nodes)
         dtypes = {rename.get(k, k): v for k, v in self._dtypes.items()}
         out_names = set(named)
@@ -263,7 +267,7 @@ class OpBuilder:
         verify_structure({t.name: t for t in self._inputs}, nodes, self.name)
         lookups = {t.name for t in self._inputs if t.lookup}
         ext = infer_extents({k: v for k, v in shapes.items() if k not in lookups}, nodes, self._declared, self.name)
-        nodes = tuple(_resolve_traversal(n, ext) for n in nodes)
+        nodes = tuple(_resolve_traversal(n, ext, self.name) for n in nodes)
         tensors = list(self._inputs)
         for n in nodes:
             shape = tuple(ext[a] for a in n.axes)
@@ -292,11 +296,19 @@ def _pending_traversal(reverse: bool):
     return _PendingTraversal(bool(reverse))
 
 
-def _resolve_traversal(n, ext):
-    if isinstance(n, Scan) and isinstance(n.traversal, _PendingTraversal):
-        grid = tuple(ext[a] for a in n.scan_axes)
+def _resolve_traversal(n, ext, op_name: str):
+    """Give default-order scans their traversal; check an explicit traversal's grid against the scan axes."""
+    if not isinstance(n, Scan):
+        return n
+    grid = tuple(ext[a] for a in n.scan_axes)
+    if isinstance(n.traversal, _PendingTraversal):
         return Scan(n.out, n.axes, n.scan_axes, row_major(grid, reverse=n.traversal.reverse), n.combine, n.init,
                     n.state_axes)
+    tg = n.traversal.grid
+    if len(tg) != len(grid) or any(sympy.simplify(x - y) != 0 for x, y in zip(tg, grid)):
+        axes_s = ", ".join(f"{a} < {e}" for a, e in zip(n.scan_axes, grid))
+        raise IRError(f"op {op_name}, node {n.out}: traversal {n.traversal.name} covers a grid "
+                      f"{tuple(tg)} but the scan axes are ({axes_s})")
     return n
 
 

@@ -98,8 +98,9 @@ def attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enable_gqa=Fal
             raise _args.ArgumentError(f"{who}: argument 'k' has {hkv} heads, which must divide q's {hq} heads for "
                                       f"enable_gqa (q {tuple(q.shape)}, k {tuple(k.shape)})")
     elif hq != hkv:
-        raise _args.ArgumentError(f"{who}: argument 'k' has {hkv} heads but q has {hq}; they must match (or pass "
-                                  f"enable_gqa=True when {hkv} divides {hq})")
+        raise _args.ArgumentError(f"{who}: argument 'k' has {hkv} heads (shape {tuple(k.shape)}) but q has {hq} "
+                                  f"(shape {tuple(q.shape)}); they must match (or pass enable_gqa=True when {hkv} "
+                                  f"divides {hq})")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
