@@ -34,7 +34,11 @@ class TensorParam:
 
 @dataclass(frozen=True)
 class Monoid:
-    """An associative combine with identity: ``combine`` is an Expr over ``ARG(0)`` (accumulator) and ``ARG(1)``."""
+    """An associative combine with identity: ``combine`` is an Expr over ``ARG(0)`` (accumulator) and ``ARG(1)``.
+
+    Backends pad ragged chains and tree reductions with ``identity``, so ``combine(identity, x) == x`` must hold
+    for every x, the identity included (a log-add-exp must guard ``-inf + -inf`` with ``where``).
+    """
 
     name: str
     identity: float
