@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGES = ("ir", "verified")
+STAGES = ("ir", "verified", "fused")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -25,10 +25,26 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(f"opgen show: {exc.args[0]}", file=sys.stderr)
         return 2
     op = entry.declare()
+    if args.stage == "fused":
+        print(_fused(op))
+        return 0
     print(op.pretty(verified=args.stage == "verified"))
     if args.stage == "verified":
         print(f"  fingerprint {op.fingerprint}")
     return 0
+
+
+def _fused(op) -> str:
+    from opgen.ir.passes import classify, derive_scan_variants, fuse_scan
+
+    lines = [f"op {op.name}: " + ", ".join(f"{k} {v.value}" for k, v in classify(op).items())]
+    group = fuse_scan(op)
+    if group is None:
+        lines.append("no fused kernel group yet for this op: it runs node by node on the reference backend")
+    else:
+        lines.append(group.describe())
+        lines.append("variants: " + ", ".join(v.value for v in derive_scan_variants(group)))
+    return "\n".join(lines)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -50,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print an op at a pipeline stage")
     s.add_argument("op")
     s.add_argument("--stage", choices=STAGES, default="ir",
-                   help="ir: as declared; verified: with inferred extents and per-access bound proofs")
+                   help="ir: as declared; verified: with inferred extents and per-access bound proofs; "
+                   "fused: node classes, the fused kernel group and its algorithm variants")
     s.set_defaults(func=_cmd_show)
     d = sub.add_parser("demo", help="run the library ops beside their torch baselines and print a table")
     d.add_argument("--size", choices=("quick", "full"), default="quick")
