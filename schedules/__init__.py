@@ -1,4 +1,4 @@
-"""opgen.schedules: schedule spaces (knobs and constraints as data), kernel plans and per-family strategies.
+"""opgen.schedules: schedule spaces (knobs and constraints as data) and kernel plans."""
+from .space import Config, Knob, Space
 
-The spaces arrive with the compiled backends; the IR they plan over is :mod:`opgen.ir`.
-"""
+__all__ = ["Config", "Knob", "Space"]

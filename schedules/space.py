@@ -1,0 +1,92 @@
+"""Schedule spaces as data: named knobs with finite choices, constraints checked before compiling, a default.
+
+A :class:`Space` is what a target offers for one kernel group at one problem size; a config is a plain
+``dict[str, int | str | bool]`` (JSON-serializable), frozen into a :class:`Config` for hashing and storage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One schedule decision and its allowed values (ints, strings or bools), in preference order."""
+
+    name: str
+    choices: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        if not self.choices:
+            raise ValueError(f"knob {self.name!r} has no choices")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A frozen, hashable schedule config."""
+
+    items: tuple[tuple[str, Any], ...]
+
+    @staticmethod
+    def of(values: Mapping[str, Any]) -> "Config":
+        return Config(tuple(sorted(values.items())))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.items)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+    def __getitem__(self, k: str) -> Any:
+        return self.as_dict()[k]
+
+
+@dataclass(frozen=True)
+class Space:
+    """Knobs, a feasibility check (returns a reason when a config is invalid, else None) and the default."""
+
+    name: str
+    knobs: tuple[Knob, ...]
+    default: Mapping[str, Any]
+    check: Callable[[Mapping[str, Any]], str | None] = field(default=lambda cfg: None, compare=False)
+
+    def __post_init__(self) -> None:
+        names = [k.name for k in self.knobs]
+        if sorted(names) != sorted(self.default):
+            raise ValueError(f"space {self.name}: default {sorted(self.default)} must set exactly the knobs {names}")
+        for k in self.knobs:
+            if self.default[k.name] not in k.choices:
+                raise ValueError(f"space {self.name}: default {k.name}={self.default[k.name]!r} not in {k.choices}")
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the knobs and their choices (part of a tuning study's key)."""
+        text = json.dumps([[k.name, [repr(c) for c in k.choices]] for k in self.knobs])
+        return hashlib.sha256(f"{self.name}:{text}".encode()).hexdigest()[:16]
+
+    def infeasible(self, cfg: Mapping[str, Any]) -> str | None:
+        """Why ``cfg`` cannot run (unknown knob, value outside its choices, failed constraint), or None."""
+        for k in self.knobs:
+            if k.name not in cfg:
+                return f"missing knob {k.name}"
+            if cfg[k.name] not in k.choices:
+                return f"{k.name}={cfg[k.name]!r} not in {k.choices}"
+        extra = set(cfg) - {k.name for k in self.knobs}
+        if extra:
+            return f"unknown knobs {sorted(extra)}"
+        return self.check(cfg)
+
+    def enumerate(self) -> Iterator[dict[str, Any]]:
+        """Every feasible config (for small spaces and exhaustive baselines)."""
+        def rec(i: int, cur: dict[str, Any]) -> Iterator[dict[str, Any]]:
+            if i == len(self.knobs):
+                if self.infeasible(cur) is None:
+                    yield dict(cur)
+                return
+            for c in self.knobs[i].choices:
+                cur[self.knobs[i].name] = c
+                yield from rec(i + 1, cur)
+            cur.pop(self.knobs[i].name, None)
+        yield from rec(0, {})
