@@ -7,7 +7,6 @@ import torch
 
 from opgen.ir import DType, OpBuilder, accum_dtype, dims, exp, promote, silu, softplus
 from opgen.ir.symbols import Dim, make_axes
-from opgen.runtime import default_session
 
 from . import _args
 
@@ -59,11 +58,8 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int = -1, reverse: bool =
     for s in a.shape[:dim]:
         p *= s
     shape3 = (p, a.shape[dim], a.numel() // (p * a.shape[dim]))
-    op = declare_linear_scan(_args.ir_dtype(a), _args.ir_dtype(b), bool(reverse), _args.ir_dtype(initial))
-    inputs = {"a": a.reshape(shape3), "b": b.reshape(shape3)}
-    if initial is not None:
-        inputs["initial"] = initial.reshape(shape3[0], shape3[2])
-    out = default_session().run(op, inputs, who=who)["h"]
+    init = initial.reshape(shape3[0], shape3[2]) if initial is not None else None
+    out = torch.ops.opgen.linear_scan(a.reshape(shape3), b.reshape(shape3), init, bool(reverse))
     return out.reshape(a.shape)
 
 
@@ -147,14 +143,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if x.dim() == 4 and (x.shape[1] == 0 or channels % x.shape[1]):
             raise _args.ArgumentError(f"{who}: argument '{name}' has {x.shape[1]} groups (shape {tuple(x.shape)}), "
                                       f"which must divide dim = {channels} (u.shape[1])")
-    op = declare_selective_scan(
-        _args.ir_dtype(u), _args.ir_dtype(delta), _args.ir_dtype(A), _args.ir_dtype(B), _args.ir_dtype(C),
-        _BC_LAYOUT[B.dim()], _BC_LAYOUT[C.dim()], _args.ir_dtype(D), _args.ir_dtype(z), _args.ir_dtype(delta_bias),
-        bool(delta_softplus), bool(return_last_state))
-    inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C}
-    inputs.update({k: v for k, v in (("D", D), ("z", z), ("delta_bias", delta_bias)) if v is not None})
-    res = default_session().run(op, inputs, who=who)
-    return (res["out"], res["last_state"]) if return_last_state else res["out"]
+    out, last_state = torch.ops.opgen.selective_scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return (out, last_state) if return_last_state else out
 
 
 # ---------------------------------------------------------------------------------------------- chunk_gla
@@ -201,10 +191,5 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
         scale = q.shape[-1] ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise _args.ArgumentError(f"{who}: argument 'scale' expected a float or None, got {_args.describe(scale)}")
-    op = declare_chunk_gla(_args.ir_dtype(q), _args.ir_dtype(k), _args.ir_dtype(v), _args.ir_dtype(g),
-                           float(scale), _args.ir_dtype(initial_state), bool(output_final_state))
-    inputs = {"q": q, "k": k, "v": v, "g": g}
-    if initial_state is not None:
-        inputs["initial_state"] = initial_state
-    res = default_session().run(op, inputs, who=who)
-    return res["o"], res.get("final_state")
+    o, final_state = torch.ops.opgen.chunk_gla(q, k, v, g, initial_state, float(scale))
+    return o, (final_state if output_final_state else None)

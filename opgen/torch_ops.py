@@ -1,0 +1,221 @@
+"""The torch bridge: library ops as ``torch.ops.opgen.*`` custom ops with fake kernels and autograd.
+
+Each op runs its IR on the session's best target; its fake kernel computes the output shapes with symbolic
+sizes only (no ``int()``), so ``torch.compile(fullgraph=True)`` with dynamic lengths sees one opaque node. The
+backward of each op is another custom op that runs the backward IR produced by the grad transform
+(:func:`opgen.ir.passes.grad.grad_op`): no hand-written backward kernels.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from opgen.ir import DType, Op, accum_dtype, as_dtype, promote
+from opgen.ir.passes.grad import grad_op
+from opgen.runtime import default_session
+
+from .ops.scan import declare_chunk_gla, declare_linear_scan, declare_selective_scan
+
+_LAYOUT = {2: "shared", 3: "variable", 4: "grouped"}
+
+
+def _dt(x: Optional[Tensor]) -> Optional[DType]:
+    return None if x is None else as_dtype(x.dtype)
+
+
+def _acc_torch(*xs: Tensor) -> torch.dtype:
+    from opgen.ir.dtypes import to_torch
+
+    return to_torch(accum_dtype(promote(*(as_dtype(x.dtype) for x in xs))))
+
+
+@functools.lru_cache(maxsize=256)
+def _backward(op: Op, wrt: tuple[str, ...]) -> Op:
+    return grad_op(op, wrt)
+
+
+def _run(op: Op, inputs: dict, who: str) -> dict:
+    return default_session().run(op, {k: v for k, v in inputs.items() if v is not None}, who=who)
+
+
+def _run_backward(op: Op, inputs: dict, grads: dict, who: str) -> list[Tensor]:
+    """Gradients for every floating input given (an empty tensor for absent ones), in ``inputs`` order."""
+    present = {k: v for k, v in inputs.items() if v is not None}
+    wrt = tuple(present)
+    back = _backward(op, wrt)
+    full_grads = {}
+    for t in op.outputs:
+        g = grads.get(t.name)
+        if g is None:
+            from opgen.ir.dtypes import to_torch
+
+            ref = next(iter(present.values()))
+            shape = default_session().binding(op, {k: tuple(v.shape) for k, v in present.items()}, {}, who).shapes
+            g = torch.zeros(shape[t.name], dtype=to_torch(t.dtype), device=ref.device)
+        full_grads[f"grad_{t.name}"] = g.contiguous()
+    res = default_session().run(back, {**present, **full_grads}, who=who + " (backward)")
+    empty = next(iter(present.values())).new_empty(0)
+    return [res[f"grad_{k}"] if v is not None else empty for k, v in inputs.items()]
+
+
+def _none_if_empty(gs: Sequence[Tensor], given: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+    return [g if x is not None else None for g, x in zip(gs, given)]
+
+
+# ------------------------------------------------------------------------------------------- linear_scan
+
+@torch.library.custom_op("opgen::linear_scan", mutates_args=())
+def linear_scan_op(a: Tensor, b: Tensor, initial: Optional[Tensor], reverse: bool) -> Tensor:
+    """``h[p, t, q] = a * h[p, t-1, q] + b`` on the canonical [P, L, Q] layout."""
+    op = declare_linear_scan(_dt(a), _dt(b), reverse, _dt(initial))
+    return _run(op, {"a": a, "b": b, "initial": initial}, "opgen.ops.linear_scan")["h"]
+
+
+@linear_scan_op.register_fake
+def _(a, b, initial, reverse):
+    return a.new_empty(a.shape, dtype=torch.promote_types(a.dtype, b.dtype))
+
+
+@torch.library.custom_op("opgen::linear_scan_backward", mutates_args=())
+def linear_scan_backward_op(a: Tensor, b: Tensor, initial: Optional[Tensor], grad_h: Tensor,
+                            reverse: bool) -> list[Tensor]:
+    """Gradients of :func:`linear_scan_op` (initial's is empty when it is None)."""
+    op = declare_linear_scan(_dt(a), _dt(b), reverse, _dt(initial))
+    return _run_backward(op, {"a": a, "b": b, "initial": initial}, {"h": grad_h}, "opgen.ops.linear_scan")
+
+
+@linear_scan_backward_op.register_fake
+def _(a, b, initial, grad_h, reverse):
+    return [torch.empty_like(a), torch.empty_like(b),
+            torch.empty_like(initial) if initial is not None else a.new_empty(0)]
+
+
+def _ls_setup(ctx, inputs, output):
+    a, b, initial, reverse = inputs
+    ctx.save_for_backward(a, b, initial)
+    ctx.reverse = reverse
+
+
+def _ls_backward(ctx, grad):
+    a, b, initial = ctx.saved_tensors
+    gs = linear_scan_backward_op(a, b, initial, grad.contiguous(), ctx.reverse)
+    return (*_none_if_empty(gs, (a, b, initial)), None)
+
+
+linear_scan_op.register_autograd(_ls_backward, setup_context=_ls_setup)
+
+
+# ---------------------------------------------------------------------------------------- selective_scan
+
+def _ss_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> Op:
+    return declare_selective_scan(_dt(u), _dt(delta), _dt(A), _dt(B), _dt(C), _LAYOUT[B.dim()], _LAYOUT[C.dim()],
+                                  _dt(D), _dt(z), _dt(delta_bias), bool(delta_softplus), True)
+
+
+@torch.library.custom_op("opgen::selective_scan", mutates_args=())
+def selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                      z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    """Mamba's selective scan; returns (out, last_state)."""
+    op = _ss_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    res = _run(op, dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias),
+               "opgen.ops.selective_scan")
+    return res["out"], res["last_state"]
+
+
+@selective_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    state = u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=_acc_torch(u, delta, A, B, C))
+    return u.new_empty(u.shape), state
+
+
+@torch.library.custom_op("opgen::selective_scan_backward", mutates_args=())
+def selective_scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                               z: Optional[Tensor], delta_bias: Optional[Tensor], grad_out: Tensor,
+                               grad_last_state: Tensor, delta_softplus: bool) -> list[Tensor]:
+    """Gradients of :func:`selective_scan_op` for every input (empty for absent optional inputs)."""
+    op = _ss_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _run_backward(op, dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias),
+                         {"out": grad_out, "last_state": grad_last_state}, "opgen.ops.selective_scan")
+
+
+@selective_scan_backward_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, grad_out, grad_last_state, delta_softplus):
+    return [torch.empty_like(x) if x is not None else u.new_empty(0) for x in (u, delta, A, B, C, D, z, delta_bias)]
+
+
+def _ss_setup(ctx, inputs, output):
+    *tensors, delta_softplus = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.delta_softplus = delta_softplus
+
+
+def _ss_backward(ctx, grad_out, grad_last):
+    tensors = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(tensors[0])
+    if grad_last is None:
+        u, A = tensors[0], tensors[2]
+        grad_last = u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=_acc_torch(*tensors[:5]))
+    gs = selective_scan_backward_op(*tensors, grad_out.contiguous(), grad_last.contiguous(), ctx.delta_softplus)
+    return (*_none_if_empty(gs, tensors), None)
+
+
+selective_scan_op.register_autograd(_ss_backward, setup_context=_ss_setup)
+
+
+# --------------------------------------------------------------------------------------------- chunk_gla
+
+def _gla_op(q, k, v, g, initial_state, scale) -> Op:
+    return declare_chunk_gla(_dt(q), _dt(k), _dt(v), _dt(g), float(scale), _dt(initial_state), True)
+
+
+@torch.library.custom_op("opgen::chunk_gla", mutates_args=())
+def chunk_gla_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Optional[Tensor],
+                 scale: float) -> tuple[Tensor, Tensor]:
+    """Gated linear attention; returns (o, final_state)."""
+    res = _run(_gla_op(q, k, v, g, initial_state, scale),
+               dict(q=q, k=k, v=v, g=g, initial_state=initial_state), "opgen.ops.chunk_gla")
+    return res["o"], res["final_state"]
+
+
+@chunk_gla_op.register_fake
+def _(q, k, v, g, initial_state, scale):
+    b, t, h, kd = q.shape
+    o = q.new_empty((b, t, h, v.shape[3]))
+    return o, q.new_empty((b, h, kd, v.shape[3]), dtype=_acc_torch(q, k, v, g))
+
+
+@torch.library.custom_op("opgen::chunk_gla_backward", mutates_args=())
+def chunk_gla_backward_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Optional[Tensor],
+                          grad_o: Tensor, grad_final_state: Tensor, scale: float) -> list[Tensor]:
+    """Gradients of :func:`chunk_gla_op`."""
+    return _run_backward(_gla_op(q, k, v, g, initial_state, scale),
+                         dict(q=q, k=k, v=v, g=g, initial_state=initial_state),
+                         {"o": grad_o, "final_state": grad_final_state}, "opgen.ops.chunk_gla")
+
+
+@chunk_gla_backward_op.register_fake
+def _(q, k, v, g, initial_state, grad_o, grad_final_state, scale):
+    return [torch.empty_like(x) if x is not None else q.new_empty(0) for x in (q, k, v, g, initial_state)]
+
+
+def _gla_setup(ctx, inputs, output):
+    *tensors, scale = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.scale = scale
+
+
+def _gla_backward(ctx, grad_o, grad_final):
+    q, k, v, g, s0 = ctx.saved_tensors
+    if grad_o is None:
+        grad_o = q.new_zeros((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+    if grad_final is None:
+        grad_final = q.new_zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), dtype=_acc_torch(q, k, v, g))
+    gs = chunk_gla_backward_op(q, k, v, g, s0, grad_o.contiguous(), grad_final.contiguous(), ctx.scale)
+    return (*_none_if_empty(gs, (q, k, v, g, s0)), None)
+
+
+chunk_gla_op.register_autograd(_gla_backward, setup_context=_gla_setup)
