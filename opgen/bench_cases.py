@@ -1,0 +1,129 @@
+"""The benchmark cases of ``opgen bench``: opgen against what a user would otherwise run (same process)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from .bench import CaseResult, Impl, measure
+
+
+def _compiled(fn: Callable, *args) -> Impl:
+    """torch.compile(fn) with its (one-off) compile time recorded."""
+    import torch
+
+    c = torch.compile(fn, fullgraph=True)
+    t0 = time.perf_counter()
+    c(*args)
+    return Impl("", lambda: c(*args), time.perf_counter() - t0)
+
+
+def linear_scan_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    import torch
+    from torch._higher_order_ops import associative_scan
+
+    import opgen
+
+    c, length = (256, 512) if quick else (1024, 2048)
+    a = torch.rand(c, length) * 0.1 + 0.9
+    b = torch.randn(c, length)
+
+    def cumprod_form():
+        p = torch.cumprod(a, dim=1)
+        return p * torch.cumsum(b / p, dim=1)
+
+    def combine(x, y):
+        return x[0] * y[0], y[0] * x[1] + y[1]
+
+    def assoc(a_, b_):
+        return associative_scan(combine, (a_, b_), dim=1, combine_mode="generic")[1]
+
+    comp = _compiled(assoc, a, b)
+    comp.name = "compiled associative_scan (generic)"
+    impls = [Impl("opgen", lambda: opgen.ops.linear_scan(a, b)), Impl("cumprod/cumsum form", cumprod_form), comp]
+    res = measure("linear_scan", f"C={c} L={length} a~U(0.9,1) fp32", impls, repeats, floor_bytes=3 * a.numel() * 4)
+    res.notes["cumprod/cumsum form"] = f"{int((~torch.isfinite(cumprod_form())).sum())} non-finite outputs"
+    return [res]
+
+
+def _ss_inputs(b, d, n, length):
+    import torch
+
+    u, delta = torch.randn(b, d, length), torch.rand(b, d, length) * 0.1
+    A, B, C = -torch.rand(d, n), torch.randn(b, n, length), torch.randn(b, n, length)
+    return u, delta, A, B, C, torch.randn(d), torch.randn(b, d, length)
+
+
+def _ss_loop(u, delta, A, B, C, D, z):
+    import torch
+    import torch.nn.functional as F
+
+    delta = F.softplus(delta)
+    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    x, ys = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]), []
+    for i in range(u.shape[2]):
+        x = dA[:, :, i] * x + dBu[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
+    return (torch.stack(ys, 2) + u * D[:, None]) * F.silu(z)
+
+
+def _ss_scan_hop(u, delta, A, B, C, D, z):
+    import torch
+    import torch.nn.functional as F
+    from torch._higher_order_ops import scan
+
+    delta = F.softplus(delta)
+    dA = torch.exp(torch.einsum("bdl,dn->lbdn", delta, A))
+    dBu = torch.einsum("bdl,bnl,bdl->lbdn", delta, B, u)
+    Cl = C.permute(2, 0, 1)
+
+    def step(x, xs):
+        da, dbu, c = xs
+        x = da * x + dbu
+        return x, torch.einsum("bdn,bn->bd", x, c)
+
+    _, ys = scan(step, u.new_zeros(u.shape[0], u.shape[1], A.shape[1]), (dA, dBu, Cl), dim=0)
+    return (ys.permute(1, 2, 0) + u * D[:, None]) * F.silu(z)
+
+
+def selective_scan_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    import opgen
+
+    sizes = [(2, 256, 16, 512)] if quick else [(2, 256, 16, 512), (2, 1536, 16, 2048)]
+    out = []
+    for b, d, n, length in sizes:
+        u, delta, A, B, C, D, z = _ss_inputs(b, d, n, length)
+        args = (u, delta, A, B, C, D, z)
+        comp = _compiled(_ss_scan_hop, *args)
+        comp.name = "torch.compile(scan HOP reference)"
+        impls = [Impl("opgen", lambda: opgen.ops.selective_scan(u, delta, A, B, C, D=D, z=z, delta_softplus=True)),
+                 Impl("torch reference loop", lambda: _ss_loop(*args)), comp]
+        out.append(measure("selective_scan", f"B={b} D={d} N={n} L={length} fwd fp32", impls, repeats))
+    return out
+
+
+def chunk_gla_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    import torch
+
+    import opgen
+
+    b, t, h, k = (1, 256, 2, 64) if quick else (2, 1024, 4, 64)
+    q, kk, v = torch.randn(b, t, h, k), torch.randn(b, t, h, k), torch.randn(b, t, h, k)
+    g = torch.nn.functional.logsigmoid(torch.randn(b, t, h, k)) / 16
+
+    def loop():
+        s, outs = q.new_zeros(b, h, k, k), []
+        for i in range(t):
+            s = s * g[:, i].exp()[..., None] + kk[:, i, :, :, None] * v[:, i, :, None, :]
+            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, i] * k ** -0.5, s))
+        return torch.stack(outs, 1)
+
+    impls = [Impl("opgen", lambda: opgen.ops.chunk_gla(q, kk, v, g)[0]), Impl("recurrent torch reference", loop)]
+    return [measure("chunk_gla", f"B={b} T={t} H={h} K=V={k} fp32", impls, repeats)]
+
+
+SUITES: dict[str, Callable[[int, bool], list[CaseResult]]] = {
+    "linear_scan": linear_scan_cases,
+    "selective_scan": selective_scan_cases,
+    "chunk_gla": chunk_gla_cases,
+}
