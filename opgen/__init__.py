@@ -15,7 +15,7 @@ from .ir import (BF16, F16, F32, F64, ArgumentError, BackendUnavailable, DType, 
 
 __version__ = "0.1.0"
 
-_LAZY = {"ops", "masks", "scores", "library", "config", "runtime", "cli"}
+_LAZY = {"ops", "masks", "scores", "library", "config", "runtime", "cli", "tune", "bench"}
 
 
 def __getattr__(name: str) -> Any:

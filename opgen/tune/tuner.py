@@ -1,0 +1,442 @@
+"""The tuning loop: one Optuna study per :class:`~opgen.tune.key.StudyKey`, TPE over the knobs of a space.
+
+:func:`tune` does, in order:
+
+1. opens the store (:mod:`opgen.tune.store`) and creates or resumes the study named by the key;
+2. marks FAIL the trials left RUNNING by a tuning process of this host that no longer exists (the journal
+   has no heartbeat; notes/optuna.md section 6), so a killed run leaves nothing RUNNING once resumed;
+3. enqueues, skipping configs the study already has (in any state): the space's default (so in a fresh study
+   the default is trial 0), ``warm_start`` configs (these two even when infeasible: the reason is recorded),
+   the problem's ``known_good()`` configs, the best configs of the nearest studies of the same op (other
+   shape buckets first, then other generator, space or device versions; they are measured again, never
+   copied); and when every feasible config fits in the budget, all of them (the space is then searched
+   exhaustively and the run stops when it is done);
+4. runs ``study.optimize`` with ``TPESampler(group=True)``; each trial asks one param per knob
+   (:mod:`opgen.tune.encode`), answers a config already measured in this study from the stored result
+   (user attr ``dup_of``; no measurement), rejects infeasible configs before compiling, and otherwise
+   measures in the worker process (:mod:`opgen.tune.measure`);
+5. returns a :class:`TuneResult`.
+
+Every trial is COMPLETE unless the tuner itself was interrupted: its value is the time in ms, or ``inf``
+with ``set_constraint("invalid", 1.0)`` for any failure, so TPE learns from failures (FAIL trials would be
+invisible to it) and ``best`` never picks one. User attrs per trial: ``config``, ``status`` (a
+:class:`~opgen.tune.measure.Status` value), ``reason`` (when not ok), ``time_ms`` (when ok), ``dims``,
+``measure_s``, ``owner`` (host, pid), ``dup_of`` for repeats and ``source`` for enqueued configs.
+
+Budgets: ``trials`` counts the trials this call runs, including enqueued ones and repeats (Optuna's
+``n_trials``); ``seconds`` is checked between trials, so a call can overrun it by one trial (at most
+the measurement ``timeout``, plus a worker start). Whichever is reached first ends the call. Trials enqueued
+but not reached stay WAITING in the study and run first in the next call.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from opgen.schedules.space import Space
+
+from . import lookup
+from .encode import canonical, suggest, to_params
+from .key import StudyKey, bucket_distance, study_key
+from .measure import MeasureOptions, Measurer, ProblemSetupError, Result, Status
+from .problem import Problem, ProblemSpec, as_problem
+from .store import describe, open_storage
+
+EXHAUSTIVE_LIMIT = 4096     # enumerate spaces with at most this many configs (product of the choice counts)
+EXHAUSTIVE_UNBOUNDED = 256  # with a budget in seconds only, enqueue every feasible config if there are no more
+NEARBY_STUDIES = 3          # warm start: how many other studies to borrow from
+NEARBY_TOP = 3              # ... and how many of each one's best configs
+
+
+class TuneError(RuntimeError):
+    """Tuning could not run (the problem cannot be created in the measuring process, bad arguments)."""
+
+
+@dataclass
+class TuneResult:
+    """The outcome of one :func:`tune` call. Best and default refer to the whole study (earlier runs and
+    other workers included); the counts to this call."""
+
+    study_name: str
+    storage: str
+    key: StudyKey
+    best_config: dict[str, Any] | None
+    best_time_ms: float | None
+    default_config: dict[str, Any]
+    default_time_ms: float | None
+    trials: int                                   # trials run by this call
+    by_status: dict[str, int] = field(default_factory=dict)   # this call's trials, repeats included
+    repeats: int = 0                              # trials answered from an earlier measurement
+    measured: int = 0                             # configs sent to the worker by this call
+    study_trials: int = 0                         # finished trials in the study after this call
+    seconds: float = 0.0
+    exhausted: bool = False                       # every feasible config has been measured
+
+    @property
+    def speedup(self) -> float | None:
+        """Default time / best time, when both are known."""
+        if self.best_time_ms and self.default_time_ms:
+            return self.default_time_ms / self.best_time_ms
+        return None
+
+    def summary(self) -> str:
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4g} ms"
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.by_status.items()))
+        sp = f" ({self.speedup:.2f}x)" if self.speedup else ""
+        return (f"{self.study_name}: best {ms(self.best_time_ms)}{sp} with {self.best_config}; default "
+                f"{ms(self.default_time_ms)}; {self.trials} trials in {self.seconds:.1f} s ({counts}; "
+                f"{self.repeats} repeats); store: {self.storage}")
+
+
+# -- process identity (to fail the RUNNING trials of dead tuner processes) ---------------------------
+
+HOST = socket.gethostname()
+
+
+def _start_token(pid: int) -> str | None:
+    """The process's start time in clock ticks (tells a reused pid apart), where /proc exists."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner() -> dict[str, Any]:
+    return {"host": HOST, "pid": os.getpid(), "start": _start_token(os.getpid())}
+
+
+def _alive(owner: Mapping[str, Any]) -> bool:
+    pid = int(owner.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    start = owner.get("start")
+    return start is None or _start_token(pid) in (None, start)
+
+
+def fail_stale_trials(storage: Any, study_id: int) -> int:
+    """Mark FAIL the RUNNING trials whose tuner process (on this host) is gone; returns how many."""
+    from optuna.trial import TrialState
+
+    n = 0
+    for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner")
+        if not owner or owner.get("host") != HOST or _alive(owner) or owner.get("pid") == os.getpid():
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "status", "abandoned")
+            storage.set_trial_user_attr(t._trial_id, "reason", f"tuner process {owner.get('pid')} ended during "
+                                        "this trial")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            n += 1
+        except Exception:          # finished meanwhile by someone else
+            continue
+    return n
+
+
+# -- the measured-config cache -----------------------------------------------------------------------
+
+@dataclass
+class _Measured:
+    number: int
+    status: str
+    value: float
+    reason: str
+
+
+class _Cache:
+    """Canonical config -> first finished measurement in the study (incremental over the study's trials)."""
+
+    def __init__(self) -> None:
+        self.by_config: dict[str, _Measured] = {}
+        self._seen: set[int] = set()
+
+    def refresh(self, study: Any) -> None:
+        from optuna.trial import TrialState
+
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.number in self._seen:
+                continue
+            self._seen.add(t.number)
+            cfg, status = t.user_attrs.get("config"), t.user_attrs.get("status")
+            if cfg is None or status is None or t.user_attrs.get("dup_of") is not None:
+                continue
+            self.by_config.setdefault(canonical(cfg), _Measured(t.number, status, float(t.value),
+                                                                t.user_attrs.get("reason", "")))
+
+    def best(self) -> tuple[str, _Measured] | None:
+        ok = [(k, m) for k, m in self.by_config.items() if m.status == Status.OK.value]
+        return min(ok, key=lambda km: (km[1].value, km[1].number)) if ok else None
+
+
+# -- warm start --------------------------------------------------------------------------------------
+
+def _top_configs(storage: Any, study_id: int, k: int) -> list[dict[str, Any]]:
+    from optuna.trial import TrialState
+
+    ok = [t for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.COMPLETE,))
+          if t.user_attrs.get("status") == Status.OK.value and "config" in t.user_attrs]
+    ok.sort(key=lambda t: t.value)
+    out: list[dict[str, Any]] = []
+    for t in ok:
+        if t.user_attrs["config"] not in out:
+            out.append(t.user_attrs["config"])
+        if len(out) == k:
+            break
+    return out
+
+
+def nearby_configs(storage: Any, key: StudyKey, space: Space) -> list[dict[str, Any]]:
+    """Best configs of the nearest other studies of the same op, dtypes and target kind, valid in ``space``:
+    same family (other shape buckets) by bucket distance first, then other versions or devices."""
+    ranked = []
+    for s in storage.get_all_studies():
+        d = s.user_attrs.get("opgen.key")
+        if not d or s.study_name == key.name:
+            continue
+        try:
+            other = StudyKey.from_dict(d)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if (other.op_fingerprint, other.dtypes, other.target) != (key.op_fingerprint, key.dtypes, key.target):
+            continue
+        ranked.append(((other.family != key.family, bucket_distance(other.bucket, key.bucket), s.study_name),
+                       s._study_id))
+    out: list[dict[str, Any]] = []
+    for _, sid in sorted(ranked)[:NEARBY_STUDIES]:
+        for cfg in _top_configs(storage, sid, NEARBY_TOP):
+            if space.infeasible(cfg) is None and cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def _space_size(space: Space) -> int:
+    return math.prod(len(k.choices) for k in space.knobs)
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+def _progress_bar(enabled: bool, total: int | None, label: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"tune {label}", unit="trial", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+def problem_key(problem: Problem | ProblemSpec, space: Space | None = None) -> StudyKey:
+    """The study key :func:`tune` uses for ``problem`` (and :func:`opgen.tune.lookup.best_config` reads)."""
+    problem = as_problem(problem)
+    return study_key(problem.key_parts(), (space or problem.space()).fingerprint)
+
+
+def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: int | None = 50,
+         seconds: float | None = None, storage: Any = None, cache_dir: str | os.PathLike | None = None,
+         progress: bool = True, seed: int | None = None, timeout: float = 60.0,
+         warm_start: Iterable[Mapping[str, Any]] = (), measurer: Measurer | None = None,
+         options: MeasureOptions | None = None) -> TuneResult:
+    """Tune ``problem`` over ``space`` (default: ``problem.space()``); see the module doc.
+
+    ``trials`` / ``seconds``: the budget of this call (whichever comes first; either may be None, not both).
+    ``storage``: None (the embedded journal under ``cache_dir``/tune, ``cache_dir`` defaulting to
+    :func:`opgen.config.from_env`'s), a URL, ``journal:PATH``, or an Optuna storage object.
+    ``timeout``: seconds for build + check + time of one config (ignored when ``options`` is given).
+    ``warm_start``: configs to measure early (after the default). ``measurer``: a running
+    :class:`Measurer` to reuse (not closed here); by default one is started and stopped.
+    ``seed``: makes the sampler reproducible (mixed with the study's trial count, so a resumed study does
+    not replay the first run's random startup configs).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    if trials is None and seconds is None:
+        raise TuneError("give a budget: trials, seconds or both")
+    if trials is not None and trials < 1:
+        raise TuneError(f"trials must be at least 1, got {trials}")
+    t_begin = time.perf_counter()
+    problem = as_problem(problem)
+    space = space or problem.space()
+    parts = problem.key_parts()
+    key = study_key(parts, space.fingerprint)
+    if cache_dir is None and storage is None:
+        from opgen.config import from_env
+
+        cache_dir = from_env().cache_dir
+    store = open_storage(storage, cache_dir=cache_dir, key=key)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    own_measurer = measurer is None
+    bar = None
+    try:
+        study = optuna.create_study(study_name=key.name, storage=store, direction="minimize", load_if_exists=True)
+        start_count = len(study.get_trials(deepcopy=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if "opgen.key" not in study.user_attrs:
+                study.set_user_attr("opgen.key", key.as_dict())
+                study.set_user_attr("opgen.family", key.family)
+                study.set_user_attr("opgen.problem", problem.spec.as_dict())
+                study.set_user_attr("opgen.space", [[k.name, list(k.choices)] for k in space.knobs])
+                study.set_metric_names(["time_ms"])
+            sampler_seed = None if seed is None else (int(seed) * 1_000_003 + start_count) % (2**32)
+            study.sampler = optuna.samplers.TPESampler(seed=sampler_seed, group=True)
+        fail_stale_trials(store, study._study_id)
+
+        cache = _Cache()
+        cache.refresh(study)
+        default = dict(space.default)
+        feasible: set[str] | None = None
+        if _space_size(space) <= EXHAUSTIVE_LIMIT:
+            feasible = {canonical(c) for c in space.enumerate()}
+        _enqueue_candidates(study, space, problem, key, store, default, warm_start, cache, feasible, trials)
+
+        if own_measurer:
+            measurer = Measurer(options or MeasureOptions(timeout=timeout))
+        counts: dict[str, int] = {}
+        tally = {"repeats": 0, "measured": 0, "trials": 0}
+        dims = dict(parts.dims)
+        spec = problem.spec
+        bar = _progress_bar(progress, trials, parts.op_name)
+
+        def objective(trial: Any) -> float:
+            trial.set_user_attr("owner", _owner())
+            cfg = suggest(trial, space)
+            trial.set_user_attr("config", cfg)
+            ck = canonical(cfg)
+            cache.refresh(study)
+            hit = cache.by_config.get(ck)
+            if hit is not None:
+                tally["repeats"] += 1
+                trial.set_user_attr("dup_of", hit.number)
+                _record(trial, hit.status, hit.reason, hit.value if hit.status == Status.OK.value else None)
+                return hit.value
+            why = space.infeasible(cfg)
+            if why is not None:
+                res = Result(Status.INFEASIBLE, reason=why)
+            else:
+                best = cache.best()
+                tally["measured"] += 1
+                try:
+                    res = measurer.measure(spec, cfg, best_ms=best[1].value if best else None)
+                except ProblemSetupError as exc:
+                    raise TuneError(str(exc)) from None
+            trial.set_user_attr("dims", dims)
+            trial.set_user_attr("measure_s", round(res.seconds, 4))
+            _record(trial, res.status.value, res.reason, res.time_ms)
+            return res.time_ms if res.ok else math.inf
+
+        def after_trial(study: Any, ft: Any) -> None:
+            tally["trials"] += 1
+            status = ft.user_attrs.get("status") if ft.state == TrialState.COMPLETE else ft.state.name.lower()
+            counts[status] = counts.get(status, 0) + 1
+            cache.refresh(study)
+            if bar is not None:
+                best = cache.best()
+                d = cache.by_config.get(canonical(default))
+                text = f"best {best[1].value:.4g} ms" if best else "best -"
+                if d is not None and d.status == Status.OK.value:
+                    text += f", default {d.value:.4g} ms"
+                bad = sum(v for k, v in counts.items() if k != Status.OK.value)
+                bar.set_postfix_str(text + f", rejected {bad}", refresh=False)
+                bar.update(1)
+            if feasible is not None and feasible <= set(cache.by_config):
+                if bar is not None:
+                    bar.total = bar.n
+                    bar.refresh()
+                study.stop()
+
+        try:
+            if not (feasible is not None and feasible <= set(cache.by_config)):    # else: nothing left to measure
+                left_s = None if seconds is None else max(seconds - (time.perf_counter() - t_begin), 1e-3)
+                study.optimize(objective, n_trials=trials, timeout=left_s, callbacks=[after_trial], catch=())
+        finally:
+            if own_measurer and measurer is not None:
+                measurer.close()
+    finally:
+        if bar is not None:
+            bar.close()
+        optuna.logging.set_verbosity(verbosity)
+        lookup.clear_cache()
+
+    best = cache.best()
+    d = cache.by_config.get(canonical(default))
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
+    return TuneResult(
+        study_name=key.name, storage=describe(store), key=key,
+        best_config=dict(sorted(_config_of(study, best[1].number).items())) if best else None,
+        best_time_ms=best[1].value if best else None,
+        default_config=default,
+        default_time_ms=d.value if d is not None and d.status == Status.OK.value else None,
+        trials=tally["trials"], by_status=counts, repeats=tally["repeats"], measured=tally["measured"],
+        study_trials=len(finished), seconds=time.perf_counter() - t_begin,
+        exhausted=feasible is not None and feasible <= set(cache.by_config))
+
+
+def _record(trial: Any, status: str, reason: str, time_ms: float | None) -> None:
+    trial.set_user_attr("status", status)
+    if reason:
+        trial.set_user_attr("reason", reason)
+    if time_ms is not None:
+        trial.set_user_attr("time_ms", time_ms)
+    trial.set_constraint("invalid", 0.0 if status == Status.OK.value else 1.0)
+
+
+def _config_of(study: Any, number: int) -> dict[str, Any]:
+    return dict(study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
+        study._study_id, number)).user_attrs["config"])
+
+
+def _enqueue_candidates(study: Any, space: Space, problem: Problem, key: StudyKey, store: Any,
+                        default: dict[str, Any], warm_start: Iterable[Mapping[str, Any]], cache: _Cache,
+                        feasible: set[str] | None, trials: int | None) -> None:
+    """Enqueue default, warm start, known-good, nearby and (when it fits the budget) every feasible config."""
+    from optuna.trial import TrialState
+
+    have: set[str] = set(cache.by_config)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
+        if "config" in t.user_attrs:
+            have.add(canonical(t.user_attrs["config"]))
+        elif t.params:
+            have.add(canonical(_config_from_params(space, t.params)))
+    known = getattr(problem, "known_good", None)
+    sources: list[tuple[str, Sequence[Mapping[str, Any]]]] = [
+        ("default", [default]), ("warm_start", list(warm_start)), ("known_good", list(known() if known else [])),
+        ("nearby", nearby_configs(store, key, space))]
+    left = len(feasible - have) if feasible is not None else None
+    if left is not None and (left <= trials if trials is not None else left <= EXHAUSTIVE_UNBOUNDED):
+        sources.append(("exhaustive", list(space.enumerate())))
+    for source, configs in sources:
+        for cfg in configs:
+            cfg = dict(cfg)
+            if space.infeasible(cfg) is not None and source not in ("default", "warm_start"):   # asked for: recorded
+                continue
+            ck = canonical(cfg)
+            if ck in have:
+                continue
+            have.add(ck)
+            study.enqueue_trial(to_params(space, cfg), user_attrs={"source": source, "config": cfg})
+
+
+def _config_from_params(space: Space, params: Mapping[str, Any]) -> dict[str, Any]:
+    from .encode import params_of_space
+
+    out = {}
+    for p in params_of_space(space):
+        if p.name in params:
+            v = params[p.name]
+            out[p.knob] = 1 << int(v) if p.kind == "log2" else v
+    return out
