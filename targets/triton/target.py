@@ -1,0 +1,147 @@
+"""The Triton target object (see :mod:`opgen.targets.base`).
+
+It runs ops that fuse into one affine scan group (:func:`opgen.ir.passes.fuse_scan`): linear recurrences,
+Mamba's selective scan, gated linear attention and their variants. On a CUDA device the kernels are compiled
+by Triton; with ``TRITON_INTERPRET=1`` in the environment (set before triton is first imported) they run in
+Triton's interpreter on CPU tensors, which is how CI checks them without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from opgen.ir.dtypes import to_torch
+from opgen.ir.passes import ScanGroup, ScanVariant, fuse_scan
+from opgen.targets.base import Caps
+
+from .compile import interpreter_enabled, load_module
+from .scan import check, default_config, launch_kwargs, render, variants
+
+
+def _default_cache_dir() -> Path:
+    if os.environ.get("OPGEN_CACHE_DIR"):
+        return Path(os.environ["OPGEN_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "opgen"
+
+
+@functools.lru_cache(maxsize=512)
+def scan_group(op) -> ScanGroup | None:
+    """The fused scan group of ``op`` that this backend can render, or None."""
+    group = fuse_scan(op)
+    if group is None:
+        return None
+    try:
+        render(group, ScanVariant.SEQUENTIAL)
+    except (ValueError, NotImplementedError, KeyError):
+        return None
+    return group
+
+
+@dataclass
+class TritonTarget:
+    """Generated Triton kernels for fused scan groups.
+
+    ``cache_dir`` receives the generated sources (``<cache_dir>/triton/<sha256>.py``); it defaults to
+    ``$OPGEN_CACHE_DIR`` or ``~/.cache/opgen``. ``configs`` optionally maps an op fingerprint to a tuned
+    config used instead of the default.
+    """
+
+    cache_dir: Path | str | None = None
+    configs: dict = field(default_factory=dict)
+    name: str = "triton"
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else _default_cache_dir()
+
+    # capability and availability ------------------------------------------------------------------------
+    def caps(self) -> Caps:
+        import torch
+
+        if not interpreter_enabled() and torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(torch.cuda.current_device())
+            return Caps(device_kind="cuda", name=p.name, cores=p.multi_processor_count,
+                        shared_memory=int(getattr(p, "shared_memory_per_block_optin", 0) or 0),
+                        registers=int(getattr(p, "regs_per_multiprocessor", 0) or 0),
+                        extra={"capability": (p.major, p.minor)})
+        return Caps(device_kind="cpu", name="triton interpreter", cores=os.cpu_count() or 1,
+                    extra={"interpreter": True})
+
+    def available(self) -> tuple[bool, str]:
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install triton)"
+        if importlib.util.find_spec("torch") is None:
+            return False, "torch is not installed"
+        if interpreter_enabled():
+            return True, ""
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, ("no CUDA device is visible (set TRITON_INTERPRET=1 before importing triton to run the "
+                           "kernels in Triton's CPU interpreter)")
+        return True, ""
+
+    def supports(self, op, device_kind: str) -> bool:
+        if interpreter_enabled():
+            if device_kind not in ("cpu", "cuda"):
+                return False
+        elif device_kind != "cuda":
+            return False
+        return scan_group(op) is not None
+
+    # running --------------------------------------------------------------------------------------------
+    def config(self, op, binding, variant: ScanVariant | str | None = None) -> dict:
+        """The config used for ``op`` at ``binding``: a registered tuned one, else the default."""
+        tuned = self.configs.get(op.fingerprint)
+        if tuned is not None and variant is None:
+            return dict(tuned)
+        group = self._group(op)
+        caps = None
+        if not interpreter_enabled():
+            try:
+                caps = self.caps()
+            except Exception:  # noqa: BLE001 (no torch / no device: heuristics use the H100 defaults)
+                caps = None
+        return default_config(group, binding, caps, variant)
+
+    def _group(self, op) -> ScanGroup:
+        group = scan_group(op)
+        if group is None:
+            raise NotImplementedError(f"the triton target cannot run op {op.name}: it does not fuse into one "
+                                      f"affine scan kernel")
+        return group
+
+    def source(self, op, config: Mapping[str, Any]) -> str:
+        """The generated module text for ``op`` under ``config``."""
+        return render(self._group(op), config["variant"]).source
+
+    def run(self, op, inputs: Mapping, binding, config: Mapping[str, Any] | None = None) -> dict:
+        """Compute the op's outputs with the generated kernel (``config``: a dict from :meth:`config`, a
+        :func:`~opgen.targets.triton.scan.space` or a tuner; the default config when None)."""
+        import torch
+
+        group = self._group(op)
+        cfg = dict(config) if config is not None else self.config(op, binding)
+        why = check(group, cfg)
+        if why is not None:
+            raise ValueError(f"triton target, op {op.name}: invalid config {cfg}: {why}")
+        spec = render(group, cfg["variant"])
+        mod = load_module(spec.source, self.cache_dir)
+        missing = [t.name for t in op.inputs if t.name not in inputs]
+        if missing:
+            raise ValueError(f"triton target, op {op.name}: missing inputs {missing}")
+        device = inputs[op.inputs[0].name].device if op.inputs else torch.device("cuda")
+        outputs = {name: torch.empty(binding.shapes[name], dtype=to_torch(op.tensor(name).dtype), device=device)
+                   for name in spec.outputs}
+        args = [inputs[t.name] for t in op.inputs] + [outputs[n] for n in spec.outputs]
+        dims = {f"dim_{d.name}": int(binding.dims[d]) for d in op.dims}
+        mod.launch(*args, **dims, **launch_kwargs(cfg))
+        return {t.name: outputs[t.name] for t in op.outputs}
+
+    def variants(self, op) -> tuple[ScanVariant, ...]:
+        """The variants available for ``op`` on this target."""
+        return variants(self._group(op))
