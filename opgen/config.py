@@ -22,21 +22,26 @@ class Config:
     cache_dir: where generated sources, compiled kernels and the tuning store live.
     backend: "auto" picks the best available target; "reference" forces the torch interpreter.
     reference_max_elements: memory budget (elements) of one reference reduction before it is chunked.
+    tune_storage: tuning store URL (None: the embedded journal under ``cache_dir``/tune).
     """
 
     cache_dir: Path = field(default_factory=_default_cache_dir)
     backend: str = "auto"
     reference_max_elements: int = 1 << 26
+    tune_storage: str | None = None
 
 
 def from_env(env: dict[str, str] | None = None) -> Config:
-    """A :class:`Config` from ``OPGEN_CACHE_DIR``, ``OPGEN_BACKEND``, ``OPGEN_REFERENCE_MAX_ELEMENTS``."""
+    """A :class:`Config` from ``OPGEN_CACHE_DIR``, ``OPGEN_BACKEND``, ``OPGEN_TUNE_STORAGE``,
+    ``OPGEN_REFERENCE_MAX_ELEMENTS``."""
     env = dict(os.environ if env is None else env)
     kw: dict = {}
     if env.get("OPGEN_CACHE_DIR"):
         kw["cache_dir"] = Path(env["OPGEN_CACHE_DIR"]).expanduser()
     if env.get("OPGEN_BACKEND"):
         kw["backend"] = env["OPGEN_BACKEND"]
+    if env.get("OPGEN_TUNE_STORAGE"):
+        kw["tune_storage"] = env["OPGEN_TUNE_STORAGE"]
     if env.get("OPGEN_REFERENCE_MAX_ELEMENTS"):
         kw["reference_max_elements"] = int(env["OPGEN_REFERENCE_MAX_ELEMENTS"])
     return Config(**kw)

@@ -42,24 +42,44 @@ class Session:
         return b
 
     def run(self, op: Op, inputs: Mapping, dims: Mapping[str, int] | None = None, who: str | None = None) -> dict:
-        """Execute ``op`` on named torch ``inputs``; returns the outputs by name."""
+        """Execute ``op`` on named torch ``inputs`` with the tuned config for this shape (default config when
+        nothing was tuned); returns the outputs by name."""
         who = who or f"op {op.name}"
         shapes = {name: tuple(x.shape) for name, x in inputs.items()}
         b = self.binding(op, shapes, dict(dims or {}), who)
         device = next(iter(inputs.values())).device.type if inputs else "cpu"
+        target = self.target_for(op, device)
+        if target.name == "reference":
+            return target.run(op, inputs, b)
+        return target.run(op, inputs, b, self.tuned_config(op, b, target))
+
+    def target_for(self, op: Op, device: str):
+        """The target a call runs on: the configured backend, or the first available one that supports it."""
         if self.config.backend == "auto":
-            target = self.targets.select(op, device)
-        else:
-            target = self.targets.get(self.config.backend)
-        return target.run(op, inputs, b)
+            return self.targets.select(op, device)
+        return self.targets.get(self.config.backend)
+
+    def tuned_config(self, op: Op, binding: Binding, target):
+        """The best tuned config of ``op`` at these sizes on ``target`` (None: use the default), memoized."""
+        key = ("config", op, tuple(sorted((str(d), v) for d, v in binding.dims.items())), target.name)
+        if key not in self._bindings:
+            from opgen.tune.library import lookup_config
+
+            self._bindings[key] = lookup_config(op, binding, target, self.config.tune_storage,
+                                                self.config.cache_dir)
+        return self._bindings[key]
 
 
 def make_session(config: Config | None = None) -> Session:
-    """A session with the targets available in this build (the reference target for now)."""
+    """A session with every target of this build, in preference order: TVM (CPU), Triton (CUDA), reference."""
     from opgen.targets.reference import ReferenceTarget
+    from opgen.targets.triton import TritonTarget
+    from opgen.targets.tvm import TVMTarget
 
     cfg = config or from_env()
-    return Session(cfg, TargetRegistry((ReferenceTarget(max_elements=cfg.reference_max_elements),)))
+    targets = (TVMTarget(cache_dir=cfg.cache_dir), TritonTarget(cache_dir=cfg.cache_dir),
+               ReferenceTarget(max_elements=cfg.reference_max_elements))
+    return Session(cfg, TargetRegistry(targets))
 
 
 @functools.lru_cache(maxsize=1)

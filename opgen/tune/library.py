@@ -1,0 +1,165 @@
+"""Tuning problems for the library's fused scans on a compiled backend (TVM on CPU, Triton on CUDA).
+
+``make_problem(op, dims, backend)`` is the factory the measuring child process calls (its arguments are JSON).
+Inputs are made from the seed inside the process; the reference backend gives the expected outputs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any, Callable, Mapping
+
+from opgen.schedules import Knob, Space
+
+from .key import KeyParts, target_fingerprint
+from .problem import ProblemSpec
+
+#: dims each op's ``--shape`` must give
+SHAPE_DIMS = {"linear_scan": ("C", "L"), "selective_scan": ("B", "D", "N", "L"), "chunk_gla": ("B", "T", "H", "K", "V")}
+
+
+def _inputs(op_name: str, dims: Mapping[str, int], dtype, gen) -> tuple[Any, dict]:
+    import torch
+
+    from opgen.ir import as_dtype
+    from opgen.ops.scan import declare_chunk_gla, declare_linear_scan, declare_selective_scan
+
+    dt = as_dtype(dtype)
+    r = lambda *s: torch.randn(*s, generator=gen).to(dtype)  # noqa: E731
+    u01 = lambda *s: torch.rand(*s, generator=gen).to(dtype)  # noqa: E731
+    if op_name == "linear_scan":
+        c, n = dims["C"], dims["L"]
+        return declare_linear_scan(dt, dt), {"a": (u01(c, n, 1) * 0.1 + 0.9), "b": r(c, n, 1)}
+    if op_name == "selective_scan":
+        b, d, n, n_l = dims["B"], dims["D"], dims["N"], dims["L"]
+        op = declare_selective_scan(dt, dt, dt, dt, dt, "variable", "variable", dt, dt, dt, True, True)
+        return op, {"u": r(b, d, n_l), "delta": r(b, d, n_l) * 0.5, "A": -u01(d, n), "B": r(b, n, n_l),
+                    "C": r(b, n, n_l), "D": r(d), "z": r(b, d, n_l), "delta_bias": r(d) * 0.1}
+    if op_name == "chunk_gla":
+        b, t, h, k, v = dims["B"], dims["T"], dims["H"], dims["K"], dims["V"]
+        op = declare_chunk_gla(dt, dt, dt, dt, k ** -0.5, None, True)
+        g = torch.nn.functional.logsigmoid(r(b, t, h, k).float()).to(dtype) / 16
+        return op, {"q": r(b, t, h, k), "k": r(b, t, h, k), "v": r(b, t, h, v), "g": g}
+    raise ValueError(f"no tuning problem for op {op_name!r}; tunable: {sorted(SHAPE_DIMS)}")
+
+
+def _target(backend: str, cache_dir: str | None):
+    if backend == "tvm":
+        from opgen.targets.tvm import TVMTarget
+
+        return TVMTarget(cache_dir=cache_dir)
+    if backend == "triton":
+        from opgen.targets.triton import TritonTarget
+
+        return TritonTarget(cache_dir=cache_dir)
+    raise ValueError(f"unknown backend {backend!r}; expected 'tvm' or 'triton'")
+
+
+class LibraryProblem:
+    """One library scan at concrete dims on one backend."""
+
+    def __init__(self, op: str, dims: Mapping[str, int], backend: str, dtype: str = "float32", seed: int = 0,
+                 cache_dir: str | None = None) -> None:
+        import torch
+
+        from opgen.ir import bind
+
+        self.spec = ProblemSpec("opgen.tune.library:make_problem",
+                                {"op": op, "dims": dict(dims), "backend": backend, "dtype": dtype, "seed": seed,
+                                 "cache_dir": cache_dir})
+        self.op_name, self.dims, self.backend = op, dict(dims), backend
+        missing = [d for d in SHAPE_DIMS.get(op, ()) if d not in dims]
+        if op not in SHAPE_DIMS or missing:
+            raise ValueError(f"opgen tune {op}: --shape needs {', '.join(SHAPE_DIMS.get(op, ()))} (missing {missing})")
+        gen = torch.Generator().manual_seed(seed)
+        device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+        self.op, inputs = _inputs(op, dims, getattr(torch, dtype), gen)
+        self.inputs = {k: v.to(device) for k, v in inputs.items()}
+        self.binding = bind(self.op, {k: tuple(v.shape) for k, v in self.inputs.items()})
+        self.target = _target(backend, cache_dir)
+        ok, why = self.target.available()
+        if not ok:
+            raise RuntimeError(f"backend {backend} is not available here: {why}")
+        self._space, self._to_config = _space(self.target, self.op, self.binding)
+
+    def key_parts(self) -> KeyParts:
+        return key_parts(self.op, self.binding, self.target)
+
+    def space(self) -> Space:
+        return self._space
+
+    def build(self, config: Mapping[str, Any]) -> Callable[[], Any]:
+        cfg = self._to_config(config)
+        run = lambda: self.target.run(self.op, self.inputs, self.binding, cfg)  # noqa: E731
+        run()  # compile now: a failure is a compile error of this config, not a wrong result
+        return run
+
+    def reference(self) -> Any:
+        from opgen.targets.reference import evaluate
+
+        return evaluate(self.op, self.inputs, self.binding)
+
+
+def key_parts(op, binding, target) -> KeyParts:
+    """The tuning key of ``op`` at ``binding``'s sizes on ``target`` (the same at tune time and call time)."""
+    dims = {str(d): v for d, v in binding.dims.items()}
+    dtypes = sorted({str(t.dtype) for t in op.inputs})
+    return KeyParts.of(op.name, op.fingerprint, dims, dtypes, target.name, target_fingerprint(target))
+
+
+def lookup_config(op, binding, target, storage=None, cache_dir=None) -> Any | None:
+    """The tuned config for this call (in the target's own form), or None when nothing was tuned."""
+    from .lookup import best_config
+    from .key import study_key
+
+    try:
+        space, to_config = _space(target, op, binding)
+    except Exception:  # noqa: BLE001 - no space for this op on this target: nothing tuned
+        return None
+    cfg = best_config(study_key(key_parts(op, binding, target), space.fingerprint), storage, cache_dir=cache_dir)
+    if cfg is None or space.infeasible(cfg) is not None:
+        return None
+    return to_config(cfg)
+
+
+def make_problem(**kwargs) -> LibraryProblem:
+    """The factory named in :attr:`LibraryProblem.spec`."""
+    return LibraryProblem(**kwargs)
+
+
+def _space(target, op, binding) -> tuple[Space, Callable[[Mapping[str, Any]], Any]]:
+    """The backend's schedule space as an :class:`opgen.schedules.Space`, and a config converter."""
+    if target.name == "tvm":
+        from opgen.targets.tvm.scan import ScanConfig
+        from opgen.targets.tvm.target import check_config, default_config, space
+
+        group = target.group(op)
+        native = space(group)
+        default = default_config(group, binding, target.caps()).to_json()
+        knobs = tuple(Knob(k.name, tuple(k.values)) for k in native.knobs)
+        knobs = tuple(Knob(k.name, k.choices if default[k.name] in k.choices else k.choices + (default[k.name],))
+                      for k in knobs)
+
+        def check(cfg: Mapping[str, Any]) -> str | None:
+            ok, why = check_config(ScanConfig(**cfg), group, binding)
+            return None if ok else why
+
+        return Space(f"tvm/{op.name}", knobs, default, check), lambda cfg: ScanConfig(**cfg)
+    from opgen.targets.triton.scan import space as triton_space
+
+    native = triton_space(target.group(op) if hasattr(target, "group") else _group(op), binding)
+    configs = [json.dumps(c, sort_keys=True) for c in native.enumerate()]
+    default = json.dumps(dict(native.default), sort_keys=True)
+    if default not in configs:
+        configs.insert(0, default)
+    return (Space(f"triton/{op.name}", (Knob("config", tuple(configs)),), {"config": default}),
+            lambda cfg: json.loads(cfg["config"]))
+
+
+def _group(op):
+    from opgen.ir.passes import fuse_scan
+
+    return fuse_scan(op)
+
+
+__all__ = ["LibraryProblem", "make_problem", "SHAPE_DIMS", "asdict"]
