@@ -122,6 +122,41 @@ def lookup_config(op, binding, target, storage=None, cache_dir=None) -> Any | No
     return to_config(cfg)
 
 
+def baseline_ms(problem: LibraryProblem, repeats: int = 5) -> tuple[float, str]:
+    """Median ms of the torch formulation a user would otherwise run, on the problem's inputs."""
+    import statistics
+    import time
+
+    import torch
+
+    x = problem.inputs
+    if problem.op_name == "linear_scan":
+        name, fn = "torch cumprod/cumsum", lambda: (lambda p: p * torch.cumsum(x["b"] / p, 1))(torch.cumprod(x["a"], 1))
+    elif problem.op_name == "selective_scan":
+        from opgen.bench_cases import _ss_loop
+
+        name = "torch reference loop"
+        fn = lambda: _ss_loop(x["u"], x["delta"] + x["delta_bias"][:, None], x["A"], x["B"], x["C"], x["D"],  # noqa
+                              x["z"])
+    else:
+        def fn():
+            q, k, v, g = x["q"], x["k"], x["v"], x["g"]
+            s, outs = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3]), []
+            for i in range(q.shape[1]):
+                s = s * g[:, i].exp()[..., None] + k[:, i, :, :, None] * v[:, i, :, None, :]
+                outs.append(torch.einsum("bhk,bhkv->bhv", q[:, i] * q.shape[3] ** -0.5, s))
+            return torch.stack(outs, 1)
+        name = "torch recurrent loop"
+    times = []
+    with torch.no_grad():
+        fn()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), name
+
+
 def make_problem(**kwargs) -> LibraryProblem:
     """The factory named in :attr:`LibraryProblem.spec`."""
     return LibraryProblem(**kwargs)

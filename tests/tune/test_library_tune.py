@@ -1,0 +1,40 @@
+"""Tuning a library scan on the TVM backend end to end, then the call-time lookup of the best config."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opgen.cli import main
+
+pytest.importorskip("tvm")
+
+
+def test_tune_cli_then_lookup(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPGEN_CACHE_DIR", str(tmp_path))
+    rc = main(["tune", "linear_scan", "--shape", "C=24,L=37", "--trials", "4", "--no-progress", "--timeout", "120"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "linear_scan" in out and "vs torch" in out and "best" in out
+
+    from opgen.config import Config
+    from opgen.ops.scan import declare_linear_scan
+    from opgen.runtime import make_session
+    from opgen.tune.library import LibraryProblem
+
+    problem = LibraryProblem("linear_scan", {"C": 24, "L": 37}, "tvm", cache_dir=str(tmp_path))
+    session = make_session(Config(cache_dir=tmp_path))
+    target = session.targets.get("tvm")
+    cfg = session.tuned_config(declare_linear_scan(), problem.binding, target)
+    assert cfg is not None and problem.space().infeasible(cfg.to_json()) is None
+    # an untuned shape has no config: the default is used
+    other = LibraryProblem("linear_scan", {"C": 3000, "L": 5}, "tvm", cache_dir=str(tmp_path))
+    assert session.tuned_config(declare_linear_scan(), other.binding, target) is None
+    a, b = problem.inputs["a"].reshape(24, 37), problem.inputs["b"].reshape(24, 37)
+    h = session.run(declare_linear_scan(), {"a": a[:, :, None], "b": b[:, :, None]})["h"]
+    ref = problem.reference()["h"]
+    torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shape_is_reported(capsys):
+    assert main(["tune", "selective_scan", "--shape", "B=2,D=8"]) == 2
+    assert "needs B, D, N, L" in capsys.readouterr().err
