@@ -50,10 +50,12 @@ def _fused(op) -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from opgen.demo import format_table, run_demo
 
-    rows = run_demo(size=args.size, repeats=args.repeats, only=args.op or None, progress=not args.no_progress)
+    rows = run_demo(size=args.size, repeats=args.repeats, only=args.op or None, progress=not args.no_progress,
+                    trials=args.trials)
     print(format_table(rows))
-    print("\nbackend 'reference' is opgen's torch interpreter of the IR (the correctness oracle); compiled TVM and "
-          "Triton backends replace it as they land.")
+    print("\nscans run fused kernels (tvm on CPU, triton on CUDA) with the tuned config found in the store; "
+          "backend 'reference' is opgen's torch interpreter of the IR (the oracle), used until the convolution and "
+          "attention kernels land.")
     return 0
 
 
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--op", action="append", help="only this op (repeatable)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--trials", type=int, default=6, help="tuning trials per tunable op before timing (0: none)")
     d.set_defaults(func=_cmd_demo)
     t = sub.add_parser("tune", help="tune an op at one shape with Optuna (child-process measurement, checked)")
     t.add_argument("op")

@@ -19,6 +19,7 @@ class DemoRow:
     baseline: str
     baseline_ms: float
     max_err: float
+    config: str = "default"
 
     @property
     def speedup(self) -> float:
@@ -38,8 +39,23 @@ def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
-def run_demo(size: str = "quick", repeats: int = 3, only: list[str] | None = None, progress: bool = True) -> list[DemoRow]:
-    """Run the demo; returns the rows (the CLI prints them)."""
+def _tune(name: str, dims: dict, trials: int, backend: str, progress: bool) -> str:
+    """Tune a library scan at the demo's shape (a few trials); returns the best config as text."""
+    from opgen.config import from_env
+    from opgen.tune.library import LibraryProblem
+    from opgen.tune.tuner import tune
+
+    cfg = from_env()
+    problem = LibraryProblem(name, dims, backend, cache_dir=str(cfg.cache_dir))
+    res = tune(problem, trials=trials, cache_dir=cfg.cache_dir, progress=progress, storage=cfg.tune_storage)
+    if res.best_config is None:
+        return "default"
+    return ", ".join(f"{k}={v}" for k, v in sorted(res.best_config.items()))
+
+
+def run_demo(size: str = "quick", repeats: int = 3, only: list[str] | None = None, progress: bool = True,
+             trials: int = 0) -> list[DemoRow]:
+    """Run the demo (tuning each tunable op with ``trials`` trials first); returns the table rows."""
     import torch
     from tqdm import tqdm
 
@@ -54,23 +70,25 @@ def run_demo(size: str = "quick", repeats: int = 3, only: list[str] | None = Non
         bar.set_postfix_str(e.name)
         args, kwargs, shape = e.example(size)
         fn = e.op_function()
+        backend = session.target_for(e.declare(), "cpu").name
+        config = "default" if backend != "reference" else "-"
+        if trials and e.tune_dims is not None and backend in ("tvm", "triton"):
+            config = _tune(e.name, e.tune_dims(size), trials, backend, progress)
         with torch.no_grad():
             out = _first(fn(*args, **kwargs))
             ref = _first(e.baseline(*args, **kwargs))
             err = (out.double() - ref.double()).abs().max().item()
             ms = _median_ms(lambda: fn(*args, **kwargs), repeats)
             bms = _median_ms(lambda: e.baseline(*args, **kwargs), repeats)
-        backend = session.targets.select(e.declare(), "cpu").name if session.config.backend == "auto" \
-            else session.config.backend
-        rows.append(DemoRow(e.name, shape, backend, ms, e.baseline_name, bms, err))
+        rows.append(DemoRow(e.name, shape, backend, ms, e.baseline_name, bms, err, config))
     return rows
 
 
 def format_table(rows: list[DemoRow]) -> str:
     """A plain-text table of demo rows."""
-    head = ("op", "shape", "backend", "ms", "baseline", "baseline ms", "speedup", "max |err|")
-    body = [(r.op, r.shape, r.backend, f"{r.ms:.2f}", r.baseline, f"{r.baseline_ms:.2f}", f"{r.speedup:.2f}x",
-             f"{r.max_err:.1e}") for r in rows]
+    head = ("op", "shape", "backend", "config", "ms", "baseline", "baseline ms", "speedup", "max |err|")
+    body = [(r.op, r.shape, r.backend, r.config, f"{r.ms:.2f}", r.baseline, f"{r.baseline_ms:.2f}",
+             f"{r.speedup:.2f}x", f"{r.max_err:.1e}") for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])

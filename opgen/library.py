@@ -20,6 +20,7 @@ class LibraryOp:
     example: Callable[[str], tuple[tuple, dict, str]]
     baseline_name: str
     baseline: Callable[..., Any]
+    tune_dims: Callable[[str], dict] | None = None   # dims of opgen tune at the example's size, if tunable
 
     def op_function(self) -> Callable[..., Any]:
         import opgen.ops
@@ -45,7 +46,8 @@ def _ex_selective_scan(size: str):
     u, delta = torch.randn(b, d, length), torch.rand(b, d, length) * 0.5
     A = -torch.rand(d, n)
     B, C, D, z = torch.randn(b, n, length), torch.randn(b, n, length), torch.randn(d), torch.randn(b, d, length)
-    return (u, delta, A, B, C), {"D": D, "z": z, "delta_softplus": True}, f"B={b}, D={d}, N={n}, L={length}"
+    kw = {"D": D, "z": z, "delta_bias": torch.randn(d) * 0.1, "delta_softplus": True}
+    return (u, delta, A, B, C), kw, f"B={b}, D={d}, N={n}, L={length}"
 
 
 def _ex_chunk_gla(size: str):
@@ -103,10 +105,12 @@ def _bl_linear_scan(a, b):
     return torch.stack(outs, 1)
 
 
-def _bl_selective_scan(u, delta, A, B, C, D=None, z=None, delta_softplus=False):
+def _bl_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     import torch
     import torch.nn.functional as F
 
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
     x, ys = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]), []
@@ -201,11 +205,14 @@ def _decl_conv2d():
 
 LIBRARY: tuple[LibraryOp, ...] = (
     LibraryOp("linear_scan", "scan", "first-order linear recurrence h[t] = a[t]*h[t-1] + b[t] along any dim",
-              _decl("scan", "declare_linear_scan"), _ex_linear_scan, "python loop", _bl_linear_scan),
+              _decl("scan", "declare_linear_scan"), _ex_linear_scan, "python loop", _bl_linear_scan,
+              lambda size: {"C": 1024, "L": 2048} if size == "full" else {"C": 256, "L": 512}),
     LibraryOp("selective_scan", "scan", "Mamba selective scan (mamba_ssm selective_scan_fn semantics)",
-              _decl_selective_scan, _ex_selective_scan, "mamba reference loop", _bl_selective_scan),
+              _decl_selective_scan, _ex_selective_scan, "mamba reference loop", _bl_selective_scan,
+              lambda size: dict(zip("BDNL", (2, 256, 16, 512) if size == "full" else (1, 64, 16, 256)))),
     LibraryOp("chunk_gla", "scan", "gated linear attention, matrix-state scan (fla chunk_gla semantics)",
-              _decl("scan", "declare_chunk_gla", scale=0.125), _ex_chunk_gla, "recurrent loop", _bl_chunk_gla),
+              _decl("scan", "declare_chunk_gla", scale=0.125), _ex_chunk_gla, "recurrent loop", _bl_chunk_gla,
+              lambda size: dict(zip("BTHKV", (1, 512, 4, 64, 64) if size == "full" else (1, 128, 2, 32, 32)))),
     LibraryOp("causal_conv1d", "conv", "causal depthwise conv1d (causal_conv1d_fn semantics)",
               _decl("conv", "declare_causal_conv1d"), _ex_causal_conv1d, "F.conv1d + slice", _bl_causal_conv1d),
     LibraryOp("conv2d", "conv", "2-D convolution, F.conv2d semantics (dense, grouped, depthwise)",
