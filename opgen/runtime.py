@@ -49,6 +49,10 @@ class Session:
         b = self.binding(op, shapes, dict(dims or {}), who)
         device = next(iter(inputs.values())).device.type if inputs else "cpu"
         target = self.target_for(op, device)
+        if target.name != "reference" and _needs_autograd(inputs):
+            # compiled kernels have no autograd of their own (the torch ops route gradients through generated
+            # backward ops); a direct call that needs gradients runs on the differentiable reference instead
+            target = self.targets.get("reference")
         if target.name == "reference":
             return target.run(op, inputs, b)
         return target.run(op, inputs, b, self.tuned_config(op, b, target))
@@ -68,6 +72,12 @@ class Session:
             self._bindings[key] = lookup_config(op, binding, target, self.config.tune_storage,
                                                 self.config.cache_dir)
         return self._bindings[key]
+
+
+def _needs_autograd(inputs: Mapping) -> bool:
+    import torch
+
+    return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in inputs.values())
 
 
 def make_session(config: Config | None = None) -> Session:

@@ -157,6 +157,55 @@ def baseline_ms(problem: LibraryProblem, repeats: int = 5) -> tuple[float, str]:
     return statistics.median(times), name
 
 
+class IRProblem(LibraryProblem):
+    """A user-declared op (``factory`` = ``"module:function"`` returning an :class:`~opgen.ir.Op`) at ``dims``;
+    inputs are drawn from N(0, 1) (``uniform`` names draw from U(0, 1))."""
+
+    def __init__(self, factory: str, dims: Mapping[str, int], backend: str = "tvm", seed: int = 0,
+                 cache_dir: str | None = None, uniform: tuple[str, ...] = ()) -> None:
+        import torch
+
+        from opgen.ir import bind
+        from opgen.ir.dtypes import to_torch
+        from opgen.ir.index import evaluate_int
+
+        self.spec = ProblemSpec("opgen.tune.library:make_ir_problem",
+                                {"factory": factory, "dims": dict(dims), "backend": backend, "seed": seed,
+                                 "cache_dir": cache_dir, "uniform": list(uniform)})
+        self.op = _load(factory)()
+        self.op_name, self.dims, self.backend = self.op.name, dict(dims), backend
+        gen = torch.Generator().manual_seed(seed)
+        by_name = {d.name: d for d in self.op.dims}
+        values = {by_name[k]: v for k, v in dims.items() if k in by_name}
+        self.inputs = {}
+        for t in self.op.inputs:
+            shape = tuple(evaluate_int(s, values) for s in t.shape)
+            draw = torch.rand if t.name in uniform else torch.randn
+            self.inputs[t.name] = draw(*shape, generator=gen).to(to_torch(t.dtype))
+        self.binding = bind(self.op, {k: tuple(v.shape) for k, v in self.inputs.items()})
+        self.target = _target(backend, cache_dir)
+        ok, why = self.target.available()
+        if not ok:
+            raise RuntimeError(f"backend {backend} is not available here: {why}")
+        self._space, self._to_config = _space(self.target, self.op, self.binding)
+
+
+def _load(path: str):
+    import importlib
+
+    module, _, fn = path.partition(":")
+    obj = importlib.import_module(module)
+    for part in fn.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def make_ir_problem(**kwargs) -> IRProblem:
+    """The factory named in :attr:`IRProblem.spec`."""
+    kwargs["uniform"] = tuple(kwargs.get("uniform", ()))
+    return IRProblem(**kwargs)
+
+
 def make_problem(**kwargs) -> LibraryProblem:
     """The factory named in :attr:`LibraryProblem.spec`."""
     return LibraryProblem(**kwargs)
