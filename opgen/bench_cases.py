@@ -99,6 +99,25 @@ def selective_scan_cases(repeats: int, quick: bool) -> list[CaseResult]:
         impls = [Impl("opgen", lambda: opgen.ops.selective_scan(u, delta, A, B, C, D=D, z=z, delta_softplus=True)),
                  Impl("torch reference loop", lambda: _ss_loop(*args)), comp]
         out.append(measure("selective_scan", f"B={b} D={d} N={n} L={length} fwd fp32", impls, repeats))
+    b, d, n, length = sizes[0]
+    leaves = [x.clone().requires_grad_() for x in _ss_inputs(b, d, n, length)]
+
+    def fwd_bwd(fn):
+        def run():
+            for x in leaves:
+                x.grad = None
+            with torch.enable_grad():
+                y = fn(*leaves)
+                y.sum().backward()
+            return leaves[0].grad
+        return run
+
+    import torch
+
+    impls = [Impl("opgen", fwd_bwd(lambda u, dl, A, B, C, D, z: opgen.ops.selective_scan(
+                u, dl, A, B, C, D=D, z=z, delta_softplus=True))),
+             Impl("torch autograd of the reference loop", fwd_bwd(_ss_loop))]
+    out.append(measure("selective_scan", f"B={b} D={d} N={n} L={length} fwd+bwd fp32", impls, max(3, repeats // 2)))
     return out
 
 
