@@ -62,8 +62,6 @@ class LibraryProblem:
                  cache_dir: str | None = None) -> None:
         import torch
 
-        from opgen.ir import bind
-
         self.spec = ProblemSpec("opgen.tune.library:make_problem",
                                 {"op": op, "dims": dict(dims), "backend": backend, "dtype": dtype, "seed": seed,
                                  "cache_dir": cache_dir})
@@ -75,6 +73,12 @@ class LibraryProblem:
         device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
         self.op, inputs = _inputs(op, dims, getattr(torch, dtype), gen)
         self.inputs = {k: v.to(device) for k, v in inputs.items()}
+        self._attach(backend, cache_dir)
+
+    def _attach(self, backend: str, cache_dir: str | None) -> None:
+        """Bind the inputs' sizes, open the backend and its schedule space."""
+        from opgen.ir import bind
+
         self.binding = bind(self.op, {k: tuple(v.shape) for k, v in self.inputs.items()})
         self.target = _target(backend, cache_dir)
         ok, why = self.target.available()
@@ -165,7 +169,6 @@ class IRProblem(LibraryProblem):
                  cache_dir: str | None = None, uniform: tuple[str, ...] = ()) -> None:
         import torch
 
-        from opgen.ir import bind
         from opgen.ir.dtypes import to_torch
         from opgen.ir.index import evaluate_int
 
@@ -182,12 +185,7 @@ class IRProblem(LibraryProblem):
             shape = tuple(evaluate_int(s, values) for s in t.shape)
             draw = torch.rand if t.name in uniform else torch.randn
             self.inputs[t.name] = draw(*shape, generator=gen).to(to_torch(t.dtype))
-        self.binding = bind(self.op, {k: tuple(v.shape) for k, v in self.inputs.items()})
-        self.target = _target(backend, cache_dir)
-        ok, why = self.target.available()
-        if not ok:
-            raise RuntimeError(f"backend {backend} is not available here: {why}")
-        self._space, self._to_config = _space(self.target, self.op, self.binding)
+        self._attach(backend, cache_dir)
 
 
 def _load(path: str):

@@ -41,6 +41,7 @@ import sympy
 from opgen.ir import (SUM, DType, Expr, ExprOp, Map, access_report, expr_str, index_str, log, promote)
 from opgen.ir.passes import ScanGroup, ScanVariant, derive_scan_variants, inline_maps
 from opgen.ir.symbols import Axis
+from opgen.ir.expr import free_symbols
 
 from .expr import (TL_DTYPE, TL_SIGNATURE, AxisVar, Namer, Section, TensorArg, ValueRenderer, compute_dtype,
                    helper_source, render_index)
@@ -121,14 +122,7 @@ def _factors(e: Expr) -> list[Expr]:
 
 
 def _axes(e: Expr) -> set:
-    out: set = set()
-    for n in e.walk():
-        if n.op is ExprOp.INDEX:
-            out |= n.arg.free_symbols
-        elif n.op is ExprOp.LOAD:
-            for i in n.arg.index:
-                out |= i.free_symbols
-    return out
+    return free_symbols(e)
 
 
 def _reads(e: Expr, tensor: str) -> bool:
