@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGES = ("ir", "verified", "fused")
+STAGES = ("ir", "verified", "fused", "plan", "tvm", "triton")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -28,6 +28,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.stage == "fused":
         print(_fused(op))
         return 0
+    if args.stage in ("plan", "tvm", "triton"):
+        text = _lowered(entry, args.stage)
+        print(text)
+        return 0 if not text.startswith("no ") else 1
     print(op.pretty(verified=args.stage == "verified"))
     if args.stage == "verified":
         print(f"  fingerprint {op.fingerprint}")
@@ -44,6 +48,45 @@ def _fused(op) -> str:
     else:
         lines.append(group.describe())
         lines.append("variants: " + ", ".join(v.value for v in derive_scan_variants(group)))
+    return "\n".join(lines)
+
+
+def _lowered(entry, stage: str) -> str:
+    """The plan (variants, default configs, spaces) or a backend's source at the example's quick size."""
+    import torch
+
+    from opgen.ir import bind
+    from opgen.ir.passes import derive_scan_variants, fuse_scan
+    from opgen.tune.library import _inputs
+
+    if entry.tune_dims is None:
+        return f"no fused kernel for {entry.name} yet: it runs on the reference backend (see --stage fused)"
+    dims = entry.tune_dims("quick")
+    op, inputs = _inputs(entry.name, dims, torch.float32, torch.Generator().manual_seed(0))
+    binding = bind(op, {k: tuple(v.shape) for k, v in inputs.items()})
+    group = fuse_scan(op)
+    shape = ", ".join(f"{k}={v}" for k, v in dims.items())
+    if stage == "tvm":
+        from opgen.targets.tvm import TVMTarget
+
+        return f"# tvm kernel of {op.name} at {shape} (default config)\n" + TVMTarget().source(op, binding).text
+    from opgen.targets.triton.scan import default_config as tr_default
+    from opgen.targets.triton.scan import render, space as tr_space
+
+    tcfg = tr_default(group, binding)
+    if stage == "triton":
+        return f"# triton module of {op.name} ({tcfg['variant']}), sizes are launch arguments\n" + \
+            render(group, tcfg["variant"]).source
+    from opgen.targets.tvm.target import default_config as tvm_default, space as tvm_space
+
+    lines = [f"plan of {op.name} at {shape}",
+             "variants: " + ", ".join(v.value for v in derive_scan_variants(group)),
+             f"tvm default config: {tvm_default(group, binding).to_json()}",
+             "tvm knobs: " + "; ".join(f"{k.name} in {k.values}" for k in tvm_space(group).knobs),
+             f"triton default config: {tcfg}"]
+    ts = tr_space(group, binding)
+    for v in ts.variants:
+        lines.append(f"triton {v.variant.value} knobs: " + "; ".join(f"{k} in {c}" for k, c in v.knobs.items()))
     return "\n".join(lines)
 
 
@@ -139,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("op")
     s.add_argument("--stage", choices=STAGES, default="ir",
                    help="ir: as declared; verified: with inferred extents and per-access bound proofs; "
-                   "fused: node classes, the fused kernel group and its algorithm variants")
+                   "fused: node classes, the fused kernel group and its algorithm variants; plan: variants, default "
+                   "configs and spaces; tvm / triton: generated source")
     s.set_defaults(func=_cmd_show)
     d = sub.add_parser("demo", help="run the library ops beside their torch baselines and print a table")
     d.add_argument("--size", choices=("quick", "full"), default="quick")

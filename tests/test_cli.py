@@ -29,3 +29,18 @@ def test_demo_one_op(capsys):
     row = next(line for line in out.splitlines() if line.startswith("causal_conv1d"))
     err = float(re.findall(r"\d\.\de[+-]\d\d", row)[-1])
     assert err < 1e-4
+
+
+@pytest.mark.parametrize("stage", ["fused", "plan", "tvm", "triton"])
+@pytest.mark.parametrize("name", ["linear_scan", "selective_scan", "chunk_gla"])
+def test_show_lowered_stages_of_scans(name, stage, capsys):
+    pytest.importorskip("tvm")
+    assert main(["show", name, "--stage", stage]) == 0
+    out = capsys.readouterr().out
+    marker = {"fused": "scan group", "plan": "tvm default config", "tvm": "@T.prim_func", "triton": "@triton.jit"}
+    assert marker[stage] in out
+
+
+def test_show_lowered_stage_of_an_op_without_kernels(capsys):
+    assert main(["show", "conv2d", "--stage", "tvm"]) == 1
+    assert "reference backend" in capsys.readouterr().out
