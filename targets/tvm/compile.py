@@ -38,6 +38,21 @@ def _atomic_write_text(path: Path, text: str) -> None:
             tmp.unlink()
 
 
+_SRC_DIR: Path | None = None
+
+
+def _process_src_dir() -> Path:
+    """One temporary directory per process for the sources of caches without a cache_dir (removed at exit)."""
+    global _SRC_DIR
+    if _SRC_DIR is None:
+        import atexit
+        import shutil
+
+        _SRC_DIR = Path(tempfile.mkdtemp(prefix="opgen-tvm-src-"))
+        atexit.register(shutil.rmtree, _SRC_DIR, True)
+    return _SRC_DIR
+
+
 def host_target():
     """The LLVM target of this CPU (``Target.from_device("cpu")``: the host mcpu, never plain ``"llvm"``)."""
     import tvm
@@ -67,7 +82,6 @@ class KernelCache:
         self._mem: dict[str, Any] = {}
         self._modules: dict[str, Any] = {}   # keep loaded modules alive alongside their functions
         self._lock = threading.RLock()
-        self._tmp_src: Path | None = None
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
 
@@ -78,7 +92,9 @@ class KernelCache:
         return self.target
 
     def target_json(self) -> str:
-        return str(self._target())
+        if getattr(self, "_target_json", None) is None:
+            self._target_json = str(self._target())
+        return self._target_json
 
     def key(self, source: str) -> str:
         """sha256 of the source, the target and the TVM versions."""
@@ -97,9 +113,7 @@ class KernelCache:
     def source_path(self, key: str) -> Path:
         if self.cache_dir is not None:
             return self.cache_dir / "tvm" / "src" / f"{key}.py"
-        if self._tmp_src is None:
-            self._tmp_src = Path(tempfile.mkdtemp(prefix="opgen-tvm-src-"))
-        return self._tmp_src / f"{key}.py"
+        return _process_src_dir() / f"{key}.py"
 
     # lookup ------------------------------------------------------------------------------------------------
     def get(self, source: str, func_name: str = "main"):
