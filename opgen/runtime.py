@@ -54,8 +54,41 @@ class Session:
             # backward ops); a direct call that needs gradients runs on the differentiable reference instead
             target = self.targets.get("reference")
         if target.name == "reference":
-            return target.run(op, inputs, b)
+            return target.run(op, inputs, b, self._node_runner(op, b, device, inputs))
         return target.run(op, inputs, b, self.tuned_config(op, b, target))
+
+    def _node_runner(self, op: Op, binding: Binding, device: str, inputs: Mapping):
+        """For an op no compiled target runs whole (a backward op with two scans, say): run each scan node
+        that a compiled target supports as its own kernel, the rest in the interpreter. None when not useful."""
+        from opgen.ir import Scan
+        from opgen.ir.passes.split import node_op
+
+        if self.config.backend != "auto" or _needs_autograd(inputs) or len(op.nodes) < 2:
+            return None
+        compiled = {}
+        for k, n in enumerate(op.nodes):
+            if not isinstance(n, Scan):
+                continue
+            sub = node_op(op, k)
+            try:
+                t = self.targets.select(sub, device)
+            except LookupError:
+                continue
+            if t.name != "reference":
+                compiled[k] = (sub, t)
+        if not compiled:
+            return None
+
+        def run_node(k: int, tensors: dict):
+            if k not in compiled:
+                return None
+            sub, t = compiled[k]
+            ext = {a: binding.extents[a] for a, _ in sub.extents}
+            sb = Binding(binding.dims, ext, {x.name: binding.shapes[x.name] for x in sub.tensors})
+            ins = {x.name: tensors[x.name] for x in sub.inputs}
+            return t.run(sub, ins, sb, self.tuned_config(sub, sb, t))[sub.outputs[0].name]
+        run_node.compiled = {op.nodes[k].out: t.name for k, (_, t) in compiled.items()}  # type: ignore[attr-defined]
+        return run_node
 
     def target_for(self, op: Op, device: str):
         """The target a call runs on: the configured backend, or the first available one that supports it."""

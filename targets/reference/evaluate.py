@@ -57,10 +57,12 @@ def _compute_dtype(d: DType) -> torch.dtype:
 
 
 class _Evaluator:
-    def __init__(self, op: Op, tensors: dict[str, torch.Tensor], binding: Binding, device, max_elements: int):
+    def __init__(self, op: Op, tensors: dict[str, torch.Tensor], binding: Binding, device, max_elements: int,
+                 node_runner=None):
         self.op, self.tensors, self.binding, self.device = op, tensors, binding, device
         self.masked = _masked_accesses(op)
         self.max_elements = max_elements
+        self.node_runner = node_runner
 
     # expressions ----------------------------------------------------------------------------------------
     def expr(self, e: Expr, fr: _Frame, node_out: str, args: tuple = ()) -> torch.Tensor:
@@ -110,7 +112,11 @@ class _Evaluator:
 
     # nodes ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, torch.Tensor]:
-        for node in self.op.nodes:
+        for k, node in enumerate(self.op.nodes):
+            done = self.node_runner(k, self.tensors) if self.node_runner is not None else None
+            if done is not None:
+                self.tensors[node.out] = done
+                continue
             if isinstance(node, Map):
                 fr = _frame(node.axes, self.binding, self.device)
                 val = self.expr(node.value, fr, node.out).expand(fr.shape)
@@ -344,12 +350,16 @@ _APPLY = {
 
 
 def evaluate(op: Op, inputs: Mapping[str, torch.Tensor], binding: Binding,
-             max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, torch.Tensor]:
-    """Run ``op`` on ``inputs`` (by name) with sizes ``binding``; returns the outputs by name."""
+             max_elements: int = DEFAULT_MAX_ELEMENTS, node_runner=None) -> dict[str, torch.Tensor]:
+    """Run ``op`` on ``inputs`` (by name) with sizes ``binding``; returns the outputs by name.
+
+    ``node_runner(index, tensors)`` may compute node ``index`` itself (e.g. on a compiled backend) from the
+    tensors computed so far and return its result, or return None to let the interpreter evaluate it.
+    """
     tensors = {}
     device = None
     for t in op.inputs:
         x = inputs[t.name]
         device = x.device if device is None else device
         tensors[t.name] = x
-    return _Evaluator(op, tensors, binding, device or torch.device("cpu"), max_elements).run()
+    return _Evaluator(op, tensors, binding, device or torch.device("cpu"), max_elements, node_runner).run()

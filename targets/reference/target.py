@@ -30,5 +30,5 @@ class ReferenceTarget:
     def supports(self, op, device_kind: str) -> bool:
         return True
 
-    def run(self, op, inputs: Mapping, binding) -> dict:
-        return evaluate(op, inputs, binding, self.max_elements)
+    def run(self, op, inputs: Mapping, binding, node_runner=None) -> dict:
+        return evaluate(op, inputs, binding, self.max_elements, node_runner)
