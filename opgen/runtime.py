@@ -57,6 +57,20 @@ class Session:
             return target.run(op, inputs, b, self._node_runner(op, b, device, inputs))
         return target.run(op, inputs, b, self.tuned_config(op, b, target))
 
+    def attention_backward(self, op: Op, inputs: Mapping, out, lse, dout, who: str | None = None) -> dict:
+        """Gradients ``{"q", "k", "v"}`` of an attention op (see :mod:`opgen.ops.attention`) from the forward's
+        ``out`` and ``lse`` and the output gradient ``dout``: the flash backward of the target that runs the
+        forward when it has one, else the reference (torch autograd through the interpreter)."""
+        who = who or f"op {op.name}"
+        shapes = {name: tuple(x.shape) for name, x in inputs.items()}
+        b = self.binding(op, shapes, {}, who)
+        device = next(iter(inputs.values())).device.type
+        target = self.target_for(op, device)
+        backward = getattr(target, "attention_backward", None)
+        if backward is not None:
+            return backward(op, inputs, b, out, lse, dout, self.tuned_config(op, b, target))
+        return _reference_attention_backward(self.targets.get("reference"), op, inputs, b, dout)
+
     def _node_runner(self, op: Op, binding: Binding, device: str, inputs: Mapping):
         """For an op no compiled target runs whole (a backward op with two scans, say): run each scan node
         that a compiled target supports as its own kernel, the rest in the interpreter. None when not useful."""
@@ -111,6 +125,19 @@ def _needs_autograd(inputs: Mapping) -> bool:
     import torch
 
     return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in inputs.values())
+
+
+def _reference_attention_backward(reference, op: Op, inputs: Mapping, binding: Binding, dout) -> dict:
+    """dq, dk, dv by torch autograd through the reference interpreter (the oracle for the flash backward)."""
+    import torch
+
+    names = ("q", "k", "v")
+    with torch.enable_grad():
+        leaves = {n: inputs[n].detach().requires_grad_(True) for n in names}
+        ins = {**inputs, **leaves}
+        out = reference.run(op, ins, binding)["out"]
+        grads = torch.autograd.grad(out, [leaves[n] for n in names], dout.to(out.dtype), allow_unused=True)
+    return {n: (g if g is not None else torch.zeros_like(inputs[n])) for n, g in zip(names, grads)}
 
 
 def make_session(config: Config | None = None) -> Session:

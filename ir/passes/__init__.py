@@ -1,6 +1,7 @@
 """Named, pure passes from one IR artifact to the next: classify -> fuse -> derive."""
 from .classify import NodeClass, classify
 from .fuse import ScanGroup, fuse_scan, inline_maps
+from .attention import AttentionGroup, fuse_attention
 from .derive import ScanVariant, derive_scan_variants
 
-__all__ = ["NodeClass", "classify", "ScanGroup", "fuse_scan", "inline_maps", "ScanVariant", "derive_scan_variants"]
+__all__ = ["AttentionGroup", "fuse_attention", "NodeClass", "classify", "ScanGroup", "fuse_scan", "inline_maps", "ScanVariant", "derive_scan_variants"]

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from opgen.ir import DType, Expr, OpBuilder, accum_dtype, dims, exp, load, promote, where
+from opgen.ir import DType, Expr, OpBuilder, accum_dtype, dims, exp, load, log, promote, where
 from opgen.ir.symbols import Dim, make_axes
 from opgen.runtime import default_session
 from opgen.trace import trace_mods
@@ -60,7 +60,8 @@ def declare_attention(q: DType = DType.f32, k: DType = DType.f32, v: DType = DTy
         denom = bld.reduce(j, p[b, h, i, j], axes=(b, h, i), name="denom")[b, h, i]
         acc = bld.reduce(j, p[b, h, i, j] * tv[b, kvh, j, ev], axes=(b, h, i, ev), name="acc")[b, h, i, ev]
         out = bld.map(where(denom > 0, acc / denom, 0.0), (b, h, i, ev), name="out", dtype=q)
-        return bld.build({"out": out})
+        lse = bld.map(where(denom > 0, m_safe + log(denom), -math.inf), (b, h, i), name="lse")
+        return bld.build({"out": out, "lse": lse})
 
 
 def _max():
