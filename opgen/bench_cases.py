@@ -141,8 +141,15 @@ def chunk_gla_cases(repeats: int, quick: bool) -> list[CaseResult]:
     return [measure("chunk_gla", f"B={b} T={t} H={h} K=V={k} fp32", impls, repeats)]
 
 
+def _attention_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    from .bench_attention import attention_cases
+
+    return attention_cases(repeats, quick)
+
+
 SUITES: dict[str, Callable[[int, bool], list[CaseResult]]] = {
     "linear_scan": linear_scan_cases,
     "selective_scan": selective_scan_cases,
     "chunk_gla": chunk_gla_cases,
+    "attention": _attention_cases,
 }

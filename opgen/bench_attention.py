@@ -1,0 +1,97 @@
+"""The attention cases of ``opgen bench``: opgen's block-sparse kernels against SDPA and compiled FlexAttention.
+
+Every case runs in one process, interleaved (see :mod:`opgen.bench`). Baselines get their set-up outside the
+timed region (SDPA's boolean mask, FlexAttention's ``create_block_mask``); the set-up costs are reported as
+notes beside opgen's, whose tile table is derived from the mask predicate once per shape and cached.
+"""
+from __future__ import annotations
+
+import time
+from .bench import CaseResult, Impl, measure
+
+
+def _dense_mask(mask_mod, length: int, kv_length: int):
+    import torch
+
+    i = torch.arange(length)[:, None]
+    j = torch.arange(kv_length)[None, :]
+    return mask_mod(0, 0, i, j)
+
+
+def _flex(q, k, v, mask_mod, length: int, kv_length: int) -> tuple[Impl, float] | None:
+    """Compiled FlexAttention with its block mask (None when flex_attention cannot run here)."""
+    try:
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    block = create_block_mask(mask_mod, None, None, length, kv_length, device="cpu")
+    setup = time.perf_counter() - t0
+    fn = torch.compile(flex_attention, fullgraph=True)
+    t0 = time.perf_counter()
+    try:
+        fn(q, k, v, block_mask=block)
+    except Exception:  # noqa: BLE001 - flex on CPU needs a C++ compiler; report the case without it
+        return None
+    return Impl("compiled FlexAttention", lambda: fn(q, k, v, block_mask=block), time.perf_counter() - t0), setup
+
+
+def _opgen(q, k, v, mask_mod, **kw) -> tuple[Impl, float]:
+    """opgen's attention; the first call (tile table from the predicate, kernel compile) is timed apart."""
+    import opgen
+
+    t0 = time.perf_counter()
+    opgen.ops.attention(q, k, v, mask_mod=mask_mod, **kw)
+    first = time.perf_counter() - t0
+    return Impl("opgen", lambda: opgen.ops.attention(q, k, v, mask_mod=mask_mod, **kw)), first
+
+
+def _mask_case(op: str, case: str, q, k, v, mask_mod, repeats: int, with_flex: bool) -> CaseResult:
+    import torch.nn.functional as F
+
+    length, kv_length = q.shape[2], k.shape[2]
+    ours, first = _opgen(q, k, v, mask_mod)
+    t0 = time.perf_counter()
+    dense = _dense_mask(mask_mod, length, kv_length)
+    dense_setup = time.perf_counter() - t0
+    impls = [ours, Impl("SDPA, boolean mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense))]
+    flex = _flex(q, k, v, mask_mod, length, kv_length) if with_flex else None
+    if flex is not None:
+        impls.append(flex[0])
+    res = measure(op, case, impls, repeats)
+    res.notes["opgen"] = (f"first call {first * 1e3:.0f} ms (tile table + kernel build, cached per shape); "
+                          f"mask set-up at run time: 0")
+    res.notes["SDPA, boolean mask"] = f"dense L x S mask built in {dense_setup * 1e3:.1f} ms (untimed)"
+    if flex is not None:
+        res.notes["compiled FlexAttention"] = (f"compile {flex[0].compile_s:.1f} s; create_block_mask "
+                                               f"{flex[1] * 1e3:.1f} ms per mask (untimed)")
+    return res
+
+
+def attention_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    """Sliding window, 2-D neighborhood and dense causal attention, fp32, B=1, H=4, D=64."""
+    import torch
+    import torch.nn.functional as F
+
+    from opgen import masks
+
+    import opgen
+
+    b, h, d = 1, 4, 64
+    out = []
+    length, window = (512, 64) if quick else (4096, 256)
+    q, k, v = (torch.randn(b, h, length, d) for _ in range(3))
+    out.append(_mask_case("attention", f"sliding window w={window} causal, L={length}, B={b} H={h} D={d} fp32",
+                          q, k, v, masks.sliding_window(window), repeats, with_flex=not quick))
+    side = 24 if quick else 64
+    q, k, v = (torch.randn(b, h, side * side, d) for _ in range(3))
+    out.append(_mask_case("attention", f"neighborhood 2-D 7x7 on {side}x{side} tokens, B={b} H={h} D={d} fp32",
+                          q, k, v, masks.neighborhood_2d(side, side, 7), repeats, with_flex=not quick))
+    length = 256 if quick else 2048
+    q, k, v = (torch.randn(b, h, length, d) for _ in range(3))
+    impls = [Impl("opgen", lambda: opgen.ops.attention(q, k, v, mask_mod=masks.causal)),
+             Impl("SDPA is_causal=True", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))]
+    out.append(measure("attention", f"dense causal L={length}, B={b} H={h} D={d} fp32", impls, repeats))
+    return out
+
