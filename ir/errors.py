@@ -26,5 +26,13 @@ class TraceError(ArgumentError):
     """A user function (score_mod / mask_mod) uses a construct opgen cannot trace into IR."""
 
 
+class UnsupportedConstruct(TraceError):
+    """A traced mod uses a Python or torch construct the tracer has no IR for (the op may fall back)."""
+
+
+class FallbackWarning(UserWarning):
+    """A call ran on a slower fallback path (the warning says which and why)."""
+
+
 class BackendUnavailable(OpgenError, RuntimeError):
     """A backend cannot run here (missing dependency or device)."""

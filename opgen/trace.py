@@ -17,6 +17,7 @@ import sympy
 import torch
 
 from opgen.ir import DType, Expr, ExprOp, TraceError, as_dtype, index, load
+from opgen.ir.errors import UnsupportedConstruct
 from opgen.ir import expr as E
 from opgen.ir.symbols import Axis, Dim
 
@@ -31,7 +32,7 @@ class Tracer:
     capture_dims: list[tuple[Dim, ...]] = field(default_factory=list)
 
     def fail(self, what: str) -> TraceError:
-        return TraceError(f"{self.who}: argument '{self.arg}' uses an unsupported construct: {what}. Write mods "
+        return UnsupportedConstruct(f"{self.who}: argument '{self.arg}' uses an unsupported construct: {what}. Write mods "
                           f"with torch operators, torch.where/abs/minimum/maximum/clamp/exp/tanh/sigmoid and "
                           f"indexing of captured tensors (as for FlexAttention).")
 

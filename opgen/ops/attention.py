@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 
 from opgen.ir import DType, Expr, OpBuilder, accum_dtype, dims, exp, load, log, promote, where
+from opgen.attention_eager import eager_attention
+from opgen.ir.errors import FallbackWarning, UnsupportedConstruct
 from opgen.ir.symbols import Dim, make_axes
 from opgen.runtime import default_session
 from opgen.trace import trace_mods
@@ -113,7 +116,13 @@ def attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enable_gqa=Fal
                 check(q.shape[2], k.shape[2])
             except _args.ArgumentError as exc:
                 raise _args.ArgumentError(f"{who}: argument '{name}': {exc}") from None
-    traced = trace(who, score_mod, mask_mod, accum_dtype(promote(_args.ir_dtype(q), _args.ir_dtype(k))))
+    try:
+        traced = trace(who, score_mod, mask_mod, accum_dtype(promote(_args.ir_dtype(q), _args.ir_dtype(k))))
+    except UnsupportedConstruct as exc:
+        why = str(exc).rstrip(".")
+        warnings.warn(f"{why}. Falling back to dense eager attention (the mods called on index tensors, O(L x S) "
+                      f"memory, no generated kernel)", FallbackWarning, stacklevel=2)
+        return eager_attention(q, k, v, score_mod, mask_mod, float(scale), bool(enable_gqa))
     caps = tuple((_args.ir_dtype(t) if t.is_floating_point() or t.dtype == torch.bool else _int_dtype(t), d)
                  for t, d in zip(traced.captures, traced.capture_dims))
     op = declare_attention(_args.ir_dtype(q), _args.ir_dtype(k), _args.ir_dtype(v), float(scale),
