@@ -6,4 +6,5 @@ from .blocks import TileTable, classify_tiles, classify_tiles_runtime, kv_tile_b
 from .derive import ScanVariant, derive_scan_variants
 
 __all__ = ["AttentionGroup", "fuse_attention", "TileTable", "classify_tiles", "classify_tiles_runtime",
-           "kv_tile_bounds", "NodeClass", "classify", "ScanGroup", "fuse_scan", "inline_maps", "ScanVariant", "derive_scan_variants"]
+           "kv_tile_bounds", "NodeClass", "classify", "ScanGroup", "fuse_scan", "inline_maps", "ScanVariant",
+           "derive_scan_variants"]
