@@ -18,6 +18,8 @@ from opgen.ir.dtypes import to_torch
 from opgen.ir.passes import ScanGroup, ScanVariant, fuse_scan
 from opgen.targets.base import Caps
 
+from .attention_call import attention_group, default_config as attention_default_config
+from .attention_call import run_backward as run_attention_backward, run_forward as run_attention
 from .compile import interpreter_enabled, load_module
 from .scan import check, default_config, launch_kwargs, render, variants
 
@@ -91,7 +93,7 @@ class TritonTarget:
                 return False
         elif device_kind != "cuda":
             return False
-        return scan_group(op) is not None
+        return scan_group(op) is not None or attention_group(op) is not None
 
     # running --------------------------------------------------------------------------------------------
     def config(self, op, binding, variant: ScanVariant | str | None = None) -> dict:
@@ -99,14 +101,16 @@ class TritonTarget:
         tuned = self.configs.get(op.fingerprint)
         if tuned is not None and variant is None:
             return dict(tuned)
-        group = self._group(op)
         caps = None
         if not interpreter_enabled():
             try:
                 caps = self.caps()
             except Exception:  # noqa: BLE001 (no torch / no device: heuristics use the H100 defaults)
                 caps = None
-        return default_config(group, binding, caps, variant)
+        ag = attention_group(op)
+        if ag is not None:
+            return attention_default_config(ag, binding, caps)
+        return default_config(self._group(op), binding, caps, variant)
 
     def _group(self, op) -> ScanGroup:
         group = scan_group(op)
@@ -117,6 +121,10 @@ class TritonTarget:
 
     def source(self, op, config: Mapping[str, Any]) -> str:
         """The generated module text for ``op`` under ``config``."""
+        if attention_group(op) is not None:
+            from .attention import render as render_attention
+
+            return render_attention(attention_group(op)).source
         return render(self._group(op), config["variant"]).source
 
     def run(self, op, inputs: Mapping, binding, config: Mapping[str, Any] | None = None) -> dict:
@@ -124,6 +132,9 @@ class TritonTarget:
         :func:`~opgen.targets.triton.scan.space` or a tuner; the default config when None)."""
         import torch
 
+        ag = attention_group(op)
+        if ag is not None:
+            return run_attention(ag, inputs, binding, config, self.cache_dir, self.caps())
         group = self._group(op)
         cfg = dict(config) if config is not None else self.config(op, binding)
         why = check(group, cfg)
@@ -142,6 +153,15 @@ class TritonTarget:
         mod.launch(*args, **dims, **launch_kwargs(cfg))
         return {t.name: outputs[t.name] for t in op.outputs}
 
+    def attention_backward(self, op, inputs: Mapping, binding, out, lse, dout, config=None) -> dict:
+        """dq, dk, dv of an attention op by the flash backward (its own default config)."""
+        group = attention_group(op)
+        if group is None:
+            raise NotImplementedError(f"the triton target has no attention backward for op {op.name}")
+        return run_attention_backward(group, inputs, binding, out, lse, dout, self.cache_dir, self.caps())
+
     def variants(self, op) -> tuple[ScanVariant, ...]:
-        """The variants available for ``op`` on this target."""
+        """The variants available for ``op`` on this target (none to choose for attention ops)."""
+        if attention_group(op) is not None:
+            return ()
         return variants(self._group(op))

@@ -1,0 +1,1329 @@
+"""Flash attention kernels in Triton, generated from a fused :class:`~opgen.ir.passes.attention.AttentionGroup`.
+
+One module of ``@triton.jit`` functions is rendered per group (a pure function of the group; sizes, tile sizes and
+the dot precision are runtime or ``tl.constexpr`` arguments, so one source serves every shape and config):
+
+``_score_mod`` / ``_visible`` / ``_score_bwd``
+    the group's score mod, mask, and (for the backward) the score mod with its derivative with respect to the raw
+    score (:func:`opgen.ir.passes.diff.derivative`; common subexpressions shared), rendered as straight-line code
+    by :class:`.expr.ValueRenderer` and inlined by Triton into every kernel. Captured tensors (ALiBi slopes,
+    document ids, ...) are pointer arguments.
+``attn_fwd``
+    grid ``(query tiles, B*HQ)``. Each program walks the key tiles listed for its query tile in the row tile
+    table (``count / index / masked``), computes ``q k^T`` with ``tl.dot``, applies the score mod, applies the
+    mask only on tiles marked partial (and the key bounds on the last tile), runs the online softmax in fp32
+    base 2 and accumulates ``p v`` with ``tl.dot``. It writes ``out`` (q's dtype; 0 for a fully masked row) and
+    ``lse`` (fp32, natural log; ``-inf`` for a fully masked row). GQA reads kv head ``h // G``.
+``attn_bwd_preprocess`` / ``attn_bwd_dkdv`` / ``attn_bwd_dq``
+    the flash backward with recomputation: ``delta = rowsum(dout * out)``; per key tile (grid ``(key tiles,
+    B*HKV)``) the query tiles of the column table of each of the ``G`` query heads sharing the kv head
+    (``p = exp(s - lse)``, ``dv += p^T dout``, ``ds = p (dp - delta) dscore``, ``dk += ds^T q``, no atomics); per
+    query tile the key tiles of the row table (``dq += ds k``). Nothing of size ``L x S`` is stored.
+``attn_decode_split`` / ``attn_decode_combine``
+    FlashDecoding for short queries: the listed key tiles of a query tile are split across ``splits`` programs,
+    each writes a partial ``(max, sum, acc)`` in fp32; the combine kernel merges them.
+
+Head dims up to 256 are padded to the next power of two (at least 16) with masked loads; inputs are fp16,
+bf16 or fp32 (q and k of one dtype), accumulation is fp32. fp32 dots use ``input_precision`` from the config
+(the default configs pick ``"tf32x3"``: tensor cores at about fp32 accuracy; ``"ieee"`` dots run on FMA units and
+spill in the backward). Configs are data (:class:`TritonAttentionConfig`), with heuristic defaults per
+direction (:func:`default_config`) and a knob space with resource constraints (:func:`space`, :func:`check`).
+
+The entry points :func:`run_forward`, :func:`run_backward` and :func:`run_decode` take torch tensors on a CUDA
+device (CPU tensors under ``TRITON_INTERPRET=1``). :func:`aot_kernels` lists every kernel of a direction with its
+``triton.compile`` signature for the ahead-of-time sm_90 check. Importing this module imports neither torch nor
+triton.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Iterator, Mapping, Sequence
+
+import sympy
+
+from opgen.ir import DType, Expr, ExprOp, access_report, expr_str, load
+from opgen.ir.passes.attention import AttentionGroup
+from opgen.ir.passes.diff import derivative
+from opgen.ir.symbols import Dim
+
+from .expr import AxisVar, Namer, Section, TensorArg, ValueRenderer, helper_source
+
+GENERATOR_VERSION = "triton-attention-1"
+H100_SHARED_MEMORY = 232448       # bytes per block (sm_90 opt-in maximum)
+H100_SMS = 132
+MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535                # CUDA limit of grid dims 1 and 2 (batch x heads runs on dim 1)
+DECODE_MAX_LEN = 16               # queries per head up to which the decode path is preferred
+SUPPORTED_DTYPES = (DType.f16, DType.bf16, DType.f32)
+KINDS = ("forward", "backward", "decode")
+
+
+# ------------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class TritonAttentionConfig:
+    """Schedule knobs of the attention kernels (JSON-serializable through :meth:`to_dict`).
+
+    ``block_m`` query rows and ``block_n`` keys per tile (the tile tables must be built with the same sizes),
+    ``num_warps`` / ``num_stages`` per kernel launch, ``splits`` key-tile splits of the decode path (1 otherwise),
+    ``dot_precision`` the ``input_precision`` of fp32 dots (ignored for fp16/bf16).
+    """
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    splits: int = 1
+    dot_precision: str = "ieee"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TritonAttentionConfig":
+        """A config from a mapping (unknown keys are an error; missing ones take the defaults)."""
+        names = {f.name for f in fields(cls)}
+        extra = set(d) - names
+        if extra:
+            raise ValueError(f"TritonAttentionConfig: unknown knobs {sorted(extra)} (known: {sorted(names)})")
+        return cls(**{k: d[k] for k in d})
+
+
+def as_config(config: "TritonAttentionConfig | Mapping[str, Any] | None") -> TritonAttentionConfig | None:
+    """``config`` as a :class:`TritonAttentionConfig` (None stays None)."""
+    if config is None or isinstance(config, TritonAttentionConfig):
+        return config
+    return TritonAttentionConfig.from_dict(config)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The sizes a schedule depends on: q ``[batch, heads, q_len, head_dim]``, k ``[batch, kv_heads, kv_len,
+    head_dim]``, v ``[batch, kv_heads, kv_len, value_dim]``; ``dtype`` is q's (and k's) dtype."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    value_dim: int
+    dtype: DType
+
+    @classmethod
+    def of(cls, group: AttentionGroup, shapes: Mapping[str, Sequence[int]]) -> "AttentionShape":
+        """From tensor shapes by name (``binding.shapes`` or ``{name: tensor.shape}``)."""
+        q, k, v = (tuple(int(x) for x in shapes[n]) for n in (group.q, group.k, group.v))
+        return cls(q[0], q[1], k[1], q[2], k[2], q[3], v[3], group.op.tensor(group.q).dtype)
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // max(1, self.kv_heads)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def padded_dim(d: int) -> int:
+    """The tile width of a head dim: the next power of two, at least 16 (the minimum ``tl.dot`` size)."""
+    return max(16, _pow2(d))
+
+
+def _elem_bytes(dtype: DType) -> int:
+    return 4 if dtype == DType.f32 else 2
+
+
+def _smem_limit(caps) -> int:
+    s = int(getattr(caps, "shared_memory", 0) or 0) if caps is not None else 0
+    return s if s > 0 else H100_SHARED_MEMORY
+
+
+def _sms(caps) -> int:
+    if caps is not None and getattr(caps, "device_kind", "") == "cuda" and getattr(caps, "cores", 0):
+        return int(caps.cores)
+    return H100_SMS
+
+
+# (block_m, block_n, num_warps, num_stages) by padded head dim: the largest spill-free choices of sm_90 AOT compiles
+# (triton 3.9; the score mod a soft-cap, so tanh and its derivative are live too). 16-bit at head dims 64 and 128
+# are kept honest by test_aot_sm90_default_config; 256 and fp32 (tf32x3 dots, which triple the operand registers)
+# were checked once by hand. fp32 "ieee" dots run on FMA units and spill in the backward at these sizes.
+_FWD_16 = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
+_FWD_32 = {64: (64, 32, 4, 3), 128: (64, 32, 8, 3), 256: (32, 32, 8, 2)}
+_BWD_16 = {64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)}
+_BWD_32 = {64: (32, 32, 8, 2), 128: (16, 16, 4, 2), 256: (16, 16, 8, 1)}
+_DEC_16 = {64: (16, 64, 4, 3), 128: (16, 64, 8, 3), 256: (16, 32, 8, 2)}
+_DEC_32 = {64: (16, 64, 4, 3), 128: (16, 32, 4, 3), 256: (16, 32, 8, 2)}
+
+
+def _table(kind: str, dtype: DType) -> dict:
+    wide = dtype == DType.f32
+    return {"forward": _FWD_32 if wide else _FWD_16, "backward": _BWD_32 if wide else _BWD_16,
+            "decode": _DEC_32 if wide else _DEC_16}[kind]
+
+
+def default_config(group: AttentionGroup, shape: AttentionShape, caps=None,
+                   kind: str = "forward") -> TritonAttentionConfig:
+    """A reasonable config for ``kind`` ("forward", "backward" or "decode") at ``shape`` without tuning.
+
+    Tiles come from a table by padded head dim and dtype (seeded from FlexAttention's H100 table and checked by
+    AOT compiles), shrunk to the problem (at least 16) and to the shared memory of ``caps`` (a
+    :class:`~opgen.targets.base.Caps`; the H100 limit when None). The decode split count aims at two programs
+    per SM without splitting below two key tiles per program.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention kernel kind {kind!r} (expected one of {KINDS})")
+    d = max(padded_dim(shape.head_dim), padded_dim(shape.value_dim))
+    key = 64 if d <= 64 else 128 if d <= 128 else 256
+    bm, bn, warps, stages = _table(kind, shape.dtype)[key]
+    bm = max(16, min(bm, _pow2(shape.q_len)))
+    bn = max(16, min(bn, _pow2(shape.kv_len)))
+    cfg = TritonAttentionConfig(bm, bn, warps, stages, 1, "tf32x3" if shape.dtype == DType.f32 else "ieee")
+    limit = _smem_limit(caps)
+    while _smem_estimate(cfg, shape, kind) > limit and cfg.num_stages > 1:
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    while _smem_estimate(cfg, shape, kind) > limit and max(cfg.block_m, cfg.block_n) > 16:
+        cfg = replace(cfg, block_n=max(16, cfg.block_n // 2)) if cfg.block_n >= cfg.block_m \
+            else replace(cfg, block_m=max(16, cfg.block_m // 2))
+    if kind == "decode":
+        programs = -(-shape.q_len // cfg.block_m) * shape.batch * shape.heads
+        tiles = -(-shape.kv_len // cfg.block_n)
+        want = max(1, -(-2 * _sms(caps) // max(1, programs)))
+        splits = 1
+        while splits < want and splits * 2 <= max(1, tiles // 2) and splits < 64:
+            splits *= 2
+        cfg = replace(cfg, splits=splits)
+    return cfg
+
+
+BLOCKS = (16, 32, 64, 128, 256)
+WARPS = (1, 2, 4, 8)
+STAGES = (1, 2, 3, 4)
+SPLITS = (1, 2, 4, 8, 16, 32, 64)
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+REGISTER_ELEMENTS_PER_THREAD = 192    # live fp32 tile elements per thread we allow (of 255 registers)
+
+
+def _smem_estimate(cfg: TritonAttentionConfig, shape: AttentionShape, kind: str) -> int:
+    """Rough shared-memory bytes of the main kernel of ``kind``: pipelined key/value (or query/dout) tiles plus
+    the operand tiles staged for the dots; 1.5x for fp32 (tf32 operand splitting). An upper estimate, checked
+    against sm_90 AOT compiles."""
+    eb = _elem_bytes(shape.dtype)
+    be, bev = padded_dim(shape.head_dim), padded_dim(shape.value_dim)
+    bm, bn, st = cfg.block_m, cfg.block_n, max(1, cfg.num_stages)
+    if kind == "backward":
+        # dkdv keeps its k, v tiles and streams q, dout tiles; dq the other way round; plus the ds / p staging
+        tile = max(bm, bn) * (be + bev) * eb
+        est = (st + 1.5) * tile + 2 * bm * bn * eb
+    else:
+        est = st * bn * (be + bev) * eb + bm * be * eb + bm * bn * eb
+    return int(est * (1.5 if shape.dtype == DType.f32 else 1.0))
+
+
+def _register_estimate(cfg: TritonAttentionConfig, shape: AttentionShape, kind: str) -> float:
+    """Live fp32-equivalent tile elements per thread of the main kernel of ``kind`` (1.5x for fp32 inputs)."""
+    be, bev = padded_dim(shape.head_dim), padded_dim(shape.value_dim)
+    bm, bn = cfg.block_m, cfg.block_n
+    half = _elem_bytes(shape.dtype) / 4
+    if kind == "backward":
+        # dkdv: fp32 dk, dv accumulators, the k, v tiles, and the [BN, BM] score, p, dp and ds tiles
+        dkdv = bn * (be + bev) * (1 + half) + 4 * bm * bn
+        dq = bm * be + bm * (be + bev) * half + 4 * bm * bn
+        live = max(dkdv, dq)
+    else:
+        live = bm * bev + 2 * bm * bn + bm * be * half
+    return live / (32 * cfg.num_warps) * (1.5 if shape.dtype == DType.f32 else 1.0)
+
+
+def check(group: AttentionGroup, cfg: TritonAttentionConfig | Mapping[str, Any], shape: AttentionShape | None = None,
+          kind: str = "forward", caps=None) -> str | None:
+    """Why ``cfg`` is invalid for ``kind`` (at ``shape``'s sizes when given), or None when it is feasible."""
+    try:
+        c = as_config(cfg)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    if kind not in KINDS:
+        return f"unknown kind {kind!r}"
+    for name, choices in (("block_m", BLOCKS), ("block_n", BLOCKS), ("num_warps", WARPS), ("num_stages", STAGES),
+                          ("splits", SPLITS), ("dot_precision", PRECISIONS)):
+        if getattr(c, name) not in choices:
+            return f"{name}={getattr(c, name)!r} not in {choices}"
+    if kind != "decode" and c.splits != 1:
+        return f"splits={c.splits} is only meaningful for the decode kernels"
+    if shape is None:
+        return None
+    why = unsupported_shape(shape)
+    if why is not None:
+        return why
+    if shape.dtype != DType.f32 and c.dot_precision != "ieee":
+        return f"dot_precision={c.dot_precision!r} only applies to fp32 inputs (use 'ieee')"
+    if c.block_m > max(16, _pow2(shape.q_len)):
+        return f"block_m={c.block_m} exceeds the padded query length {max(16, _pow2(shape.q_len))}"
+    if c.block_n > max(16, _pow2(shape.kv_len)):
+        return f"block_n={c.block_n} exceeds the padded key length {max(16, _pow2(shape.kv_len))}"
+    if kind == "decode" and c.splits > max(1, -(-shape.kv_len // c.block_n)):
+        return f"splits={c.splits} exceeds the {-(-shape.kv_len // c.block_n)} key tiles"
+    smem = _smem_estimate(c, shape, kind)
+    if smem > _smem_limit(caps):
+        return f"shared memory: about {smem} bytes > {_smem_limit(caps)}"
+    regs = _register_estimate(c, shape, kind)
+    if regs > REGISTER_ELEMENTS_PER_THREAD:
+        return (f"registers: about {regs:.0f} live tile elements per thread (> {REGISTER_ELEMENTS_PER_THREAD}) "
+                f"with {c.num_warps} warps")
+    return None
+
+
+@dataclass(frozen=True)
+class AttentionSpace:
+    """The knob space of one direction of an attention group at one shape: plain data plus constraints."""
+
+    name: str
+    kind: str
+    knobs: Mapping[str, tuple]
+    default: TritonAttentionConfig
+    group: AttentionGroup = field(repr=False, compare=False)
+    shape: AttentionShape | None = field(repr=False, compare=False, default=None)
+    caps: Any = field(repr=False, compare=False, default=None)
+
+    def infeasible(self, cfg: TritonAttentionConfig | Mapping[str, Any]) -> str | None:
+        return check(self.group, cfg, self.shape, self.kind, self.caps)
+
+    def enumerate(self) -> Iterator[TritonAttentionConfig]:
+        """Every feasible config (knobs in preference order)."""
+        names = list(self.knobs)
+
+        def rec(i: int, cur: dict) -> Iterator[TritonAttentionConfig]:
+            if i == len(names):
+                cfg = TritonAttentionConfig(**cur)
+                if self.infeasible(cfg) is None:
+                    yield cfg
+                return
+            for ch in self.knobs[names[i]]:
+                yield from rec(i + 1, {**cur, names[i]: ch})
+        yield from rec(0, {})
+
+
+def space(group: AttentionGroup, shape: AttentionShape, caps=None, kind: str = "forward") -> AttentionSpace:
+    """The knobs of ``kind`` at ``shape``: block sizes, warps, stages; splits for decode; the dot precision for
+    fp32 inputs."""
+    default = default_config(group, shape, caps, kind)
+    knobs: dict[str, tuple] = {"block_m": (16,) if kind == "decode" else (16, 32, 64, 128),
+                               "block_n": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3, 4),
+                               "splits": SPLITS if kind == "decode" else (1,),
+                               "dot_precision": PRECISIONS if shape.dtype == DType.f32 else ("ieee",)}
+    return AttentionSpace(f"triton/{group.op.name}/{group.out}/{kind}", kind, knobs, default, group, shape, caps)
+
+
+# ------------------------------------------------------------------------------------------- support checks
+
+
+def unsupported(group: AttentionGroup) -> str | None:
+    """Why this backend cannot render ``group`` (dtypes, GQA form), or None."""
+    op = group.op
+    dq, dk, dv = (op.tensor(n).dtype for n in (group.q, group.k, group.v))
+    for name, d in (("q", dq), ("k", dk), ("v", dv)):
+        if d not in SUPPORTED_DTYPES:
+            return f"argument '{name}' has dtype {d.value}; the triton attention kernels support fp16, bf16, fp32"
+    if dq != dk:
+        return f"q ({dq.value}) and k ({dk.value}) must have the same dtype for tl.dot"
+    if op.tensor(group.out).dtype not in SUPPORTED_DTYPES:
+        return f"output dtype {op.tensor(group.out).dtype.value} is not supported"
+    if _gqa_form(group) is None:
+        return f"kv head {group.kv_head} is neither h nor h // G"
+    for c in group.captures:
+        if op.tensor(c).dtype == DType.f64:
+            return f"captured tensor {c} is fp64 (not supported by the triton attention kernels)"
+    return None
+
+
+def unsupported_shape(shape: AttentionShape) -> str | None:
+    """Why the kernels cannot run at ``shape`` (head dims), or None."""
+    for name, d in (("head dim E", shape.head_dim), ("value head dim EV", shape.value_dim)):
+        if d < 1 or d > MAX_HEAD_DIM:
+            return f"{name} = {d} is not supported (1 to {MAX_HEAD_DIM}; padded to a power of two >= 16)"
+    if shape.kv_heads < 1 or shape.heads % shape.kv_heads:
+        return f"{shape.kv_heads} kv heads do not divide {shape.heads} query heads"
+    return None
+
+
+def _gqa_form(group: AttentionGroup) -> str | None:
+    """"plain" when the kv head is h, "grouped" when it is floor(h / G) for a dim G, else None."""
+    kv = sympy.sympify(group.kv_head)
+    if kv == group.h:
+        return "plain"
+    if isinstance(kv, sympy.floor):
+        num, den = sympy.fraction(sympy.together(kv.args[0]))
+        if num == group.h and isinstance(den, Dim):
+            return "grouped"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class AttentionModule:
+    """A rendered module and the context arguments its kernels take after the fixed ones."""
+
+    source: str
+    captures: tuple[str, ...]            # captured tensor names, in argument order
+    capture_ranks: tuple[int, ...]
+    dims: tuple[str, ...]                # dim names (``dim_<name>`` arguments) the mods and captures need
+    has_dscore: bool                     # whether ds is multiplied by d(score_mod)/d(score)
+    kernels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)   # kernel -> parameter names
+
+
+def _ctx_names(captures: Sequence[str], ranks: Sequence[int], dims: Sequence[str]) -> list[str]:
+    out = [f"{c}_ptr" for c in captures]
+    out += [f"dim_{d}" for d in dims]
+    for c, r in zip(captures, ranks):
+        out += [f"s_{c}_{k}" for k in range(r)]
+    return out
+
+
+_HELPER_PARAMS = ("qk", "off_b", "off_h", "qi", "kj", "qi_ok", "kj_ok")
+
+
+def _render_helper(group: AttentionGroup, name: str, exprs: Sequence[tuple[Expr | None, str]], ctx: list[str],
+                   dims: Mapping, doc: str) -> tuple[str, set[str]]:
+    """A ``@triton.jit`` helper ``name(qk, off_b, off_h, qi, kj, qi_ok, kj_ok, *ctx)`` returning each ``(expr,
+    kind)`` as a tile (a tuple when there are several; common subexpressions are computed once). ``kind`` is
+    "score" (an fp32 tile like qk; None is 0) or "mask" (a bool tile, and-ed with the key bounds; None is all)."""
+    op = group.op
+    namer = Namer(reserved=set(_HELPER_PARAMS) | set(ctx))
+    targs = {}
+    for c in group.captures:
+        t = op.tensor(c)
+        targs[c] = TensorArg(f"{c}_ptr", tuple(f"s_{c}_{k}" for k in range(t.rank)),
+                             tuple(_size_code(s) for s in t.shape), t.dtype)
+    masked = {acc for _, acc, st in access_report(op) if st.padded or st.guarded}
+    r = ValueRenderer(namer, targs, {d: f"dim_{d.name}" for d in dims}, masked)
+    env = {group.b: AxisVar("off_b", None, block=False), group.h: AxisVar("off_h", None, block=False),
+           group.i: AxisVar("qi", "qi_ok"), group.j: AxisVar("kj", "kj_ok")}
+    sec = Section(env=env, registers={group.raw_score: "qk"})
+    results = []
+    for expr, kind in exprs:
+        if expr is None:
+            code, deps = ("0.0" if kind == "score" else "True"), frozenset()
+        else:
+            code, deps = r.value(expr, sec, "val"), r.deps(expr)
+        if kind == "score":
+            results.append(code if group.raw_score in deps else f"tl.zeros_like(qk) + {code}")
+        elif deps & {group.i, group.j}:
+            results.append(f"({code}) & kj_ok")
+        else:
+            results.append(f"tl.where({code}, kj_ok, False)")
+    lines = ["@triton.jit", f"def {name}({', '.join(_HELPER_PARAMS + tuple(ctx))}):", f'    """{doc}"""']
+    lines += sec.text(4)
+    lines.append(f"    return {', '.join(results)}")
+    return "\n".join(lines) + "\n", set(r.helpers)
+
+
+def _size_code(s) -> str:
+    s = sympy.sympify(s)
+    if isinstance(s, Dim):
+        return f"dim_{s.name}"
+    if s.is_Integer:
+        return str(int(s))
+    raise ValueError(f"captured tensor size {s} is not a plain dim")
+
+
+def _needed_dims(group: AttentionGroup, exprs: Sequence[Expr | None]) -> tuple[str, ...]:
+    from opgen.ir.expr import free_symbols
+
+    out: set[str] = set()
+    for e in exprs:
+        if e is not None:
+            out |= {s.name for s in free_symbols(e) if isinstance(s, Dim)}
+    for c in group.captures:
+        for s in group.op.tensor(c).shape:
+            out |= {x.name for x in sympy.sympify(s).free_symbols if isinstance(x, Dim)}
+    return tuple(sorted(out))
+
+
+def dscore_expr(group: AttentionGroup) -> tuple[Expr | None, bool]:
+    """(d score / d raw score, whether it is needed): None with False when the mod is the identity (derivative 1),
+    None with True when the score does not depend on the raw score (derivative 0)."""
+    raw = load(group.raw_score, (group.b, group.h, group.i, group.j), group.score.dtype)
+    d = derivative(group.score, raw)
+    if d is not None and d.op is ExprOp.CONST and float(d.arg) == 1.0:
+        return None, False
+    return d, True
+
+
+def render(group: AttentionGroup) -> AttentionModule:
+    """The Triton module of ``group`` (pure and cached); ValueError when :func:`unsupported` says so."""
+    return _render(group)
+
+
+@functools.lru_cache(maxsize=128)
+def _render(group: AttentionGroup) -> AttentionModule:
+    why = unsupported(group)
+    if why is not None:
+        raise ValueError(f"triton attention, op {group.op.name}: {why}")
+    dexpr, has_dscore = dscore_expr(group)
+    score = group.score if group.has_score_mod else None
+    dims = _needed_dims(group, [score, group.mask, dexpr])
+    caps = tuple(group.captures)
+    ranks = tuple(group.op.tensor(c).rank for c in caps)
+    ctx = _ctx_names(caps, ranks, dims)
+    dim_syms = {Dim(d): d for d in dims}
+    helpers: set[str] = set()
+    if score is None:
+        score_text = ("@triton.jit\ndef _score_mod(" + ", ".join(_HELPER_PARAMS + tuple(ctx)) + "):\n"
+                      '    """score mod: none (the raw score)."""\n    return qk\n')
+    else:
+        score_text, h = _render_helper(group, "_score_mod", [(group.score, "score")], ctx, dim_syms,
+                                       f"score mod: {expr_str(group.score)}")
+        helpers |= h
+    shown = expr_str(group.mask) if group.mask is not None else "all"
+    mask_text, h = _render_helper(group, "_visible", [(group.mask, "mask")], ctx, dim_syms,
+                                  f"visible keys (and key bounds): {shown}")
+    helpers |= h
+    texts = [score_text, mask_text]
+    if has_dscore:
+        shown = expr_str(dexpr) if dexpr is not None else "0"
+        text, h = _render_helper(group, "_score_bwd", [(group.score, "score"), (dexpr, "score")], ctx, dim_syms,
+                                 f"(score mod, its derivative d score_mod / d score = {shown})")
+        helpers |= h
+        texts.append(text)
+    cx = "".join(", " + n for n in ctx)
+    body = _KERNELS
+    for marker, indent in (("__SCORE_BWD12__", 12), ("__SCORE_BWD8__", 8)):
+        body = body.replace(marker + "\n", _indent(_SCORE_DSC_T if has_dscore else _SCORE_T, indent))
+    for marker, indent in (("__DSC_MASK16__", 16), ("__DSC_MASK12__", 12)):
+        body = body.replace(marker + "\n", _indent(_DSC_MASK_T, indent) if has_dscore else "")
+    body = body.replace("__DSC_MUL__", " * dsc" if has_dscore else "")
+    body = body.replace("__CTXP__", cx).replace("__CTX__", cx)
+    parts = [_header(group), helper_source(helpers)] + texts + [body]
+    text = "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
+    kernels = _kernel_params(text)
+    return AttentionModule(text, caps, ranks, dims, has_dscore, kernels)
+
+
+def _header(group: AttentionGroup) -> str:
+    lines = [f'"""Generated by opgen ({GENERATOR_VERSION}): attention kernels of op {group.op.name}.', ""]
+    lines += ["    " + ln for ln in group.describe().splitlines()]
+    lines += ["", f"    op fingerprint {group.op.fingerprint}", '"""', "import triton", "import triton.language as tl"]
+    return "\n".join(lines)
+
+
+def _kernel_params(text: str) -> dict[str, tuple[str, ...]]:
+    """Parameter names of each ``attn_*`` kernel in ``text`` (parsed back, so launch order cannot drift)."""
+    import ast
+
+    out = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("attn_"):
+            out[node.name] = tuple(a.arg for a in node.args.args)
+    return out
+
+
+_SCORE_T = "s = _score_mod(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__) * 1.4426950408889634\n"
+_SCORE_DSC_T = ("s, dsc = _score_bwd(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__)\n"
+                "s = s * 1.4426950408889634\n")
+_DSC_MASK_T = "dsc = tl.where(vis, dsc, 0.0)\n"
+
+
+def _indent(text: str, n: int) -> str:
+    return "".join(" " * n + ln + "\n" for ln in text.splitlines())
+
+# The kernels. ``__CTXP__``/``__CTX__`` become the context arguments (capture pointers, dims, capture strides);
+# ``__SCORE_BWD*__`` / ``__DSC*__`` insert the score mod with its derivative in the backward when there is one.
+_KERNELS = '''
+@triton.jit
+def _fwd_block(q, m_i, l_i, acc, kt, partial, k_base, v_base, s_k_2, s_k_3, s_v_2, s_v_3,
+               off_b, off_h, qi, qi_ok, offs_e, e_ok, offs_ev, ev_ok, LK, sm_scale__CTXP__,
+               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the online softmax: returns the updated (row max in log2 units, row sum, acc)."""
+    start_n = kt * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < LK
+    k_t = tl.load(k_base + offs_n[None, :] * s_k_2 + offs_e[:, None] * s_k_3,
+                  mask=n_ok[None, :] & e_ok[:, None], other=0.0)
+    qk = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=tl.float32) * sm_scale
+    kj = offs_n[None, :]
+    kj_ok = n_ok[None, :]
+    s = _score_mod(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__) * 1.4426950408889634
+    if (partial != 0) | (start_n + BLOCK_N > LK):
+        s = tl.where(_visible(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_n[:, None] * s_v_2 + offs_ev[None, :] * s_v_3,
+                mask=n_ok[:, None] & ev_ok[None, :], other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_out(Out, Lse, m_i, l_i, acc, off_b, off_h, offs_m, m_ok, offs_ev, ev_ok,
+               s_o_0, s_o_1, s_o_2, s_o_3, s_l_0, s_l_1, s_l_2):
+    """out = acc / l (0 for a fully masked row) and lse = m + log(l) (natural log; -inf for a fully masked row)."""
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    o_base = Out + off_b.to(tl.int64) * s_o_0 + off_h.to(tl.int64) * s_o_1
+    tl.store(o_base + offs_m[:, None] * s_o_2 + offs_ev[None, :] * s_o_3, o.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & ev_ok[None, :])
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(l_i > 0.0, (m_use + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(Lse + off_b.to(tl.int64) * s_l_0 + off_h.to(tl.int64) * s_l_1 + offs_m * s_l_2, lse, mask=m_ok)
+
+
+@triton.jit
+def attn_fwd(Q, K, V, Out, Lse, Cnt, Idx, Msk__CTXP__,
+             HQ, LQ, LK, DE, DV, GQA,
+             s_q_0, s_q_1, s_q_2, s_q_3, s_k_0, s_k_1, s_k_2, s_k_3, s_v_0, s_v_1, s_v_2, s_v_3,
+             s_o_0, s_o_1, s_o_2, s_o_3, s_l_0, s_l_1, s_l_2,
+             s_c_0, s_c_1, s_c_2, s_i_0, s_i_1, s_i_2, s_i_3, s_m_0, s_m_1, s_m_2, s_m_3,
+             sm_scale,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """Flash forward: grid (query tiles, B * HQ); the key tiles come from the row tile table."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // HQ
+    off_h = pid_bh % HQ
+    off_hk = off_h // GQA
+    k_base = K + off_b.to(tl.int64) * s_k_0 + off_hk.to(tl.int64) * s_k_1
+    v_base = V + off_b.to(tl.int64) * s_v_0 + off_hk.to(tl.int64) * s_v_1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    m_ok = offs_m < LQ
+    e_ok = offs_e < DE
+    ev_ok = offs_ev < DV
+    q_base = Q + off_b.to(tl.int64) * s_q_0 + off_h.to(tl.int64) * s_q_1
+    q = tl.load(q_base + offs_m[:, None] * s_q_2 + offs_e[None, :] * s_q_3, mask=m_ok[:, None] & e_ok[None, :],
+                other=0.0)
+    qi = offs_m[:, None]
+    qi_ok = m_ok[:, None]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], tl.float32)
+    cnt = tl.load(Cnt + off_b * s_c_0 + off_h * s_c_1 + pid_m * s_c_2)
+    i_base = Idx + off_b * s_i_0 + off_h * s_i_1 + pid_m * s_i_2
+    f_base = Msk + off_b * s_m_0 + off_h * s_m_1 + pid_m * s_m_2
+    for n in range(0, cnt):
+        kt = tl.load(i_base + n * s_i_3)
+        partial = tl.load(f_base + n * s_m_3)
+        m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, kt, partial, k_base, v_base, s_k_2, s_k_3, s_v_2, s_v_3,
+                                   off_b, off_h, qi, qi_ok, offs_e, e_ok, offs_ev, ev_ok, LK, sm_scale__CTX__,
+                                   BLOCK_N, PRECISION)
+    _store_out(Out, Lse, m_i, l_i, acc, off_b, off_h, offs_m, m_ok, offs_ev, ev_ok,
+               s_o_0, s_o_1, s_o_2, s_o_3, s_l_0, s_l_1, s_l_2)
+
+
+@triton.jit
+def attn_decode_split(Q, K, V, Pm, Pl, Pacc, Cnt, Idx, Msk__CTXP__,
+                      HQ, LQ, LK, DE, DV, GQA, BH, SPLITS,
+                      s_q_0, s_q_1, s_q_2, s_q_3, s_k_0, s_k_1, s_k_2, s_k_3, s_v_0, s_v_1, s_v_2, s_v_3,
+                      s_c_0, s_c_1, s_c_2, s_i_0, s_i_1, s_i_2, s_i_3, s_m_0, s_m_1, s_m_2, s_m_3,
+                      sm_scale,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """FlashDecoding, part 1: grid (splits, query tiles, B * HQ); split s walks its share of the listed key
+    tiles and writes the partial (row max in log2 units, row sum, unnormalized acc) in fp32."""
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    off_b = pid_bh // HQ
+    off_h = pid_bh % HQ
+    off_hk = off_h // GQA
+    k_base = K + off_b.to(tl.int64) * s_k_0 + off_hk.to(tl.int64) * s_k_1
+    v_base = V + off_b.to(tl.int64) * s_v_0 + off_hk.to(tl.int64) * s_v_1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    m_ok = offs_m < LQ
+    e_ok = offs_e < DE
+    ev_ok = offs_ev < DV
+    q_base = Q + off_b.to(tl.int64) * s_q_0 + off_h.to(tl.int64) * s_q_1
+    q = tl.load(q_base + offs_m[:, None] * s_q_2 + offs_e[None, :] * s_q_3, mask=m_ok[:, None] & e_ok[None, :],
+                other=0.0)
+    qi = offs_m[:, None]
+    qi_ok = m_ok[:, None]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], tl.float32)
+    cnt = tl.load(Cnt + off_b * s_c_0 + off_h * s_c_1 + pid_m * s_c_2)
+    i_base = Idx + off_b * s_i_0 + off_h * s_i_1 + pid_m * s_i_2
+    f_base = Msk + off_b * s_m_0 + off_h * s_m_1 + pid_m * s_m_2
+    per = tl.cdiv(cnt, SPLITS)
+    lo = pid_s * per
+    hi = tl.minimum(lo + per, cnt)
+    for n in range(lo, hi):
+        kt = tl.load(i_base + n * s_i_3)
+        partial = tl.load(f_base + n * s_m_3)
+        m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, kt, partial, k_base, v_base, s_k_2, s_k_3, s_v_2, s_v_3,
+                                   off_b, off_h, qi, qi_ok, offs_e, e_ok, offs_ev, ev_ok, LK, sm_scale__CTX__,
+                                   BLOCK_N, PRECISION)
+    row = (pid_s * BH + pid_bh).to(tl.int64) * LQ + offs_m
+    tl.store(Pm + row, m_i, mask=m_ok)
+    tl.store(Pl + row, l_i, mask=m_ok)
+    tl.store(Pacc + row[:, None] * DV + offs_ev[None, :], acc, mask=m_ok[:, None] & ev_ok[None, :])
+
+
+@triton.jit
+def attn_decode_combine(Pm, Pl, Pacc, Out, Lse, HQ, LQ, DV, BH, SPLITS,
+                        s_o_0, s_o_1, s_o_2, s_o_3, s_l_0, s_l_1, s_l_2,
+                        BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr):
+    """FlashDecoding, part 2: grid (query tiles, B * HQ); merges the partials of every split."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // HQ
+    off_h = pid_bh % HQ
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    m_ok = offs_m < LQ
+    ev_ok = offs_ev < DV
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], tl.float32)
+    for sp in range(0, SPLITS):
+        row = (sp * BH + pid_bh).to(tl.int64) * LQ + offs_m
+        m_s = tl.load(Pm + row, mask=m_ok, other=float("-inf"))
+        l_s = tl.load(Pl + row, mask=m_ok, other=0.0)
+        a_s = tl.load(Pacc + row[:, None] * DV + offs_ev[None, :], mask=m_ok[:, None] & ev_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        beta = tl.exp2(m_s - m_use)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m_i = m_new
+    _store_out(Out, Lse, m_i, l_i, acc, off_b, off_h, offs_m, m_ok, offs_ev, ev_ok,
+               s_o_0, s_o_1, s_o_2, s_o_3, s_l_0, s_l_1, s_l_2)
+
+
+@triton.jit
+def attn_bwd_preprocess(Out, DOut, Delta, HQ, LQ, DV,
+                        s_o_0, s_o_1, s_o_2, s_o_3, s_do_0, s_do_1, s_do_2, s_do_3,
+                        BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr):
+    """delta[b, h, i] = sum_ev dout * out (fp32, contiguous [B * HQ, L])."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // HQ
+    off_h = pid_bh % HQ
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    ok = (offs_m < LQ)[:, None] & (offs_ev < DV)[None, :]
+    o = tl.load(Out + off_b.to(tl.int64) * s_o_0 + off_h.to(tl.int64) * s_o_1 + offs_m[:, None] * s_o_2
+                + offs_ev[None, :] * s_o_3, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DOut + off_b.to(tl.int64) * s_do_0 + off_h.to(tl.int64) * s_do_1 + offs_m[:, None] * s_do_2
+                 + offs_ev[None, :] * s_do_3, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh.to(tl.int64) * LQ + offs_m, tl.sum(o * do, 1), mask=offs_m < LQ)
+
+
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DVt, Cnt, Idx, Msk__CTXP__,
+                  HQ, HKV, LQ, LK, DE, DV, GQA,
+                  s_q_0, s_q_1, s_q_2, s_q_3, s_k_0, s_k_1, s_k_2, s_k_3, s_v_0, s_v_1, s_v_2, s_v_3,
+                  s_do_0, s_do_1, s_do_2, s_do_3, s_l_0, s_l_1, s_l_2,
+                  s_dk_0, s_dk_1, s_dk_2, s_dk_3, s_dv_0, s_dv_1, s_dv_2, s_dv_3,
+                  s_c_0, s_c_1, s_c_2, s_i_0, s_i_1, s_i_2, s_i_3, s_m_0, s_m_1, s_m_2, s_m_3,
+                  sm_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """dk, dv of one key tile: grid (key tiles, B * HKV); walks the query tiles of the column tile table of
+    each of the GQA query heads of this kv head (p recomputed from lse; no atomics)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // HKV
+    off_hk = pid_bh % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    n_ok = offs_n < LK
+    e_ok = offs_e < DE
+    ev_ok = offs_ev < DV
+    k = tl.load(K + off_b.to(tl.int64) * s_k_0 + off_hk.to(tl.int64) * s_k_1 + offs_n[:, None] * s_k_2
+                + offs_e[None, :] * s_k_3, mask=n_ok[:, None] & e_ok[None, :], other=0.0)
+    v = tl.load(V + off_b.to(tl.int64) * s_v_0 + off_hk.to(tl.int64) * s_v_1 + offs_n[:, None] * s_v_2
+                + offs_ev[None, :] * s_v_3, mask=n_ok[:, None] & ev_ok[None, :], other=0.0)
+    kj = offs_n[:, None]
+    kj_ok = n_ok[:, None]
+    dk = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_EV], tl.float32)
+    for g in range(0, GQA):
+        off_h = off_hk * GQA + g
+        q_base = Q + off_b.to(tl.int64) * s_q_0 + off_h.to(tl.int64) * s_q_1
+        do_base = DOut + off_b.to(tl.int64) * s_do_0 + off_h.to(tl.int64) * s_do_1
+        l_base = Lse + off_b.to(tl.int64) * s_l_0 + off_h.to(tl.int64) * s_l_1
+        d_base = Delta + (off_b * HQ + off_h).to(tl.int64) * LQ
+        cnt = tl.load(Cnt + off_b * s_c_0 + off_h * s_c_1 + pid_n * s_c_2)
+        i_base = Idx + off_b * s_i_0 + off_h * s_i_1 + pid_n * s_i_2
+        f_base = Msk + off_b * s_m_0 + off_h * s_m_1 + pid_n * s_m_2
+        for t in range(0, cnt):
+            mt = tl.load(i_base + t * s_i_3)
+            partial = tl.load(f_base + t * s_m_3)
+            offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < LQ
+            q_t = tl.load(q_base + offs_m[None, :] * s_q_2 + offs_e[:, None] * s_q_3,
+                          mask=m_ok[None, :] & e_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_do_2 + offs_ev[None, :] * s_do_3,
+                         mask=m_ok[:, None] & ev_ok[None, :], other=0.0)
+            # rows past the end get lse = +inf, hence p = 0; a fully masked row (lse = -inf) only has masked keys
+            lse = tl.load(l_base + offs_m * s_l_2, mask=m_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            delta = tl.load(d_base + offs_m, mask=m_ok, other=0.0)
+            qk = tl.dot(k, q_t, input_precision=PRECISION, out_dtype=tl.float32) * sm_scale
+            qi = offs_m[None, :]
+            qi_ok = m_ok[None, :]
+__SCORE_BWD12__
+            p = tl.exp2(s - lse2[None, :])
+            if partial != 0:
+                vis = _visible(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__)
+                p = tl.where(vis, p, 0.0)
+__DSC_MASK16__
+            dv = tl.dot(p.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=tl.float32)
+            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=tl.float32)
+            ds = p * (dp - delta[None, :])__DSC_MUL__
+            dk = tl.dot(ds.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION, out_dtype=tl.float32)
+    dk = dk * sm_scale
+    tl.store(DK + off_b.to(tl.int64) * s_dk_0 + off_hk.to(tl.int64) * s_dk_1 + offs_n[:, None] * s_dk_2
+             + offs_e[None, :] * s_dk_3, dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & e_ok[None, :])
+    tl.store(DVt + off_b.to(tl.int64) * s_dv_0 + off_hk.to(tl.int64) * s_dv_1 + offs_n[:, None] * s_dv_2
+             + offs_ev[None, :] * s_dv_3, dv.to(DVt.dtype.element_ty), mask=n_ok[:, None] & ev_ok[None, :])
+
+
+@triton.jit
+def attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, Cnt, Idx, Msk__CTXP__,
+                HQ, LQ, LK, DE, DV, GQA,
+                s_q_0, s_q_1, s_q_2, s_q_3, s_k_0, s_k_1, s_k_2, s_k_3, s_v_0, s_v_1, s_v_2, s_v_3,
+                s_do_0, s_do_1, s_do_2, s_do_3, s_l_0, s_l_1, s_l_2, s_dq_0, s_dq_1, s_dq_2, s_dq_3,
+                s_c_0, s_c_1, s_c_2, s_i_0, s_i_1, s_i_2, s_i_3, s_m_0, s_m_1, s_m_2, s_m_3,
+                sm_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """dq of one query tile: grid (query tiles, B * HQ); walks the key tiles of the row tile table."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // HQ
+    off_h = pid_bh % HQ
+    off_hk = off_h // GQA
+    k_base = K + off_b.to(tl.int64) * s_k_0 + off_hk.to(tl.int64) * s_k_1
+    v_base = V + off_b.to(tl.int64) * s_v_0 + off_hk.to(tl.int64) * s_v_1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    m_ok = offs_m < LQ
+    e_ok = offs_e < DE
+    ev_ok = offs_ev < DV
+    q = tl.load(Q + off_b.to(tl.int64) * s_q_0 + off_h.to(tl.int64) * s_q_1 + offs_m[:, None] * s_q_2
+                + offs_e[None, :] * s_q_3, mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+    do = tl.load(DOut + off_b.to(tl.int64) * s_do_0 + off_h.to(tl.int64) * s_do_1 + offs_m[:, None] * s_do_2
+                 + offs_ev[None, :] * s_do_3, mask=m_ok[:, None] & ev_ok[None, :], other=0.0)
+    lse = tl.load(Lse + off_b.to(tl.int64) * s_l_0 + off_h.to(tl.int64) * s_l_1 + offs_m * s_l_2, mask=m_ok,
+                  other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * LQ + offs_m, mask=m_ok, other=0.0)
+    qi = offs_m[:, None]
+    qi_ok = m_ok[:, None]
+    dq = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
+    cnt = tl.load(Cnt + off_b * s_c_0 + off_h * s_c_1 + pid_m * s_c_2)
+    i_base = Idx + off_b * s_i_0 + off_h * s_i_1 + pid_m * s_i_2
+    f_base = Msk + off_b * s_m_0 + off_h * s_m_1 + pid_m * s_m_2
+    for n in range(0, cnt):
+        kt = tl.load(i_base + n * s_i_3)
+        partial = tl.load(f_base + n * s_m_3)
+        start_n = kt * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < LK
+        k_t = tl.load(k_base + offs_n[None, :] * s_k_2 + offs_e[:, None] * s_k_3,
+                      mask=n_ok[None, :] & e_ok[:, None], other=0.0)
+        v_t = tl.load(v_base + offs_n[None, :] * s_v_2 + offs_ev[:, None] * s_v_3,
+                      mask=n_ok[None, :] & ev_ok[:, None], other=0.0)
+        qk = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=tl.float32) * sm_scale
+        kj = offs_n[None, :]
+        kj_ok = n_ok[None, :]
+__SCORE_BWD8__
+        p = tl.exp2(s - lse2[:, None])
+        if (partial != 0) | (start_n + BLOCK_N > LK):
+            vis = _visible(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__)
+            p = tl.where(vis, p, 0.0)
+__DSC_MASK12__
+        dp = tl.dot(do, v_t, input_precision=PRECISION, out_dtype=tl.float32)
+        ds = p * (dp - delta[:, None])__DSC_MUL__
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION, out_dtype=tl.float32)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b.to(tl.int64) * s_dq_0 + off_h.to(tl.int64) * s_dq_1 + offs_m[:, None] * s_dq_2
+             + offs_e[None, :] * s_dq_3, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])
+'''
+
+
+# ----------------------------------------------------------------------------------------- tile tables
+
+
+@dataclass(frozen=True)
+class _Table:
+    count: Any
+    index: Any
+    masked: Any
+
+
+def _as_table(table, what: str) -> _Table:
+    if isinstance(table, Mapping):
+        parts = (table.get("count"), table.get("index"), table.get("masked"))
+    elif isinstance(table, (tuple, list)):
+        if len(table) != 3:
+            raise ValueError(f"triton attention: argument '{what}' must be (count, index, masked), got {len(table)} "
+                             f"items")
+        parts = tuple(table)
+    else:
+        parts = (getattr(table, "count", None), getattr(table, "index", None), getattr(table, "masked", None))
+    if any(p is None for p in parts):
+        raise ValueError(f"triton attention: argument '{what}' must be (count, index, masked) int32 tensors or an "
+                         f"object with those attributes, got {type(table).__name__}")
+    return _Table(*parts)
+
+
+def _check_table(table, what: str, B: int, H: int, n_tiles: int, other_tiles: int, device) -> _Table:
+    """Validate a tile table and broadcast it to ``[B, H, n_tiles(, W)]`` (stride 0 on broadcast dims)."""
+    import torch
+
+    t = _as_table(table, what)
+    for name in ("count", "index", "masked"):
+        x = getattr(t, name)
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
+            raise ValueError(f"triton attention: argument '{what}.{name}' must be an int32 tensor, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.device != device:
+            raise ValueError(f"triton attention: argument '{what}.{name}' is on {x.device}, the inputs on {device}")
+    c, i, m = t.count, t.index, t.masked
+    if c.dim() != 3 or c.shape[0] not in (1, B) or c.shape[1] not in (1, H) or c.shape[2] != n_tiles:
+        raise ValueError(f"triton attention: argument '{what}.count' has shape {tuple(c.shape)}, expected "
+                         f"[1 or {B}, 1 or {H}, {n_tiles}] (the tables must be built with the config's block sizes)")
+    if i.dim() != 4 or tuple(i.shape[:3]) != tuple(c.shape) or i.shape[3] > max(1, other_tiles):
+        raise ValueError(f"triton attention: argument '{what}.index' has shape {tuple(i.shape)}, expected "
+                         f"[{', '.join(map(str, c.shape))}, W <= {other_tiles}]")
+    if tuple(m.shape) != tuple(i.shape):
+        raise ValueError(f"triton attention: argument '{what}.masked' has shape {tuple(m.shape)}, expected "
+                         f"{tuple(i.shape)} (that of '{what}.index')")
+    if i.shape[3] == 0:   # nothing listed anywhere: give the kernel a readable (never read) entry
+        i = torch.zeros(*c.shape, 1, dtype=torch.int32, device=device)
+        m = torch.zeros_like(i)
+    return _Table(c.expand(B, H, n_tiles), i.expand(B, H, n_tiles, i.shape[3]),
+                  m.expand(B, H, n_tiles, m.shape[3]))
+
+
+# ----------------------------------------------------------------------------------------- launching
+
+
+_TORCH_SIG = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64", "int32": "*i32",
+              "int64": "*i64", "bool": "*i1", "int8": "*i8", "uint8": "*u8", "int16": "*i16"}
+
+
+@dataclass
+class _Call:
+    """One kernel launch: name, grid, argument values by parameter name, constexprs and launch options."""
+
+    kernel: str
+    grid: tuple[int, ...]
+    args: dict[str, Any]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+    def ordered(self, params: Sequence[str]) -> list:
+        missing = [p for p in params if p not in self.args and p not in self.constexprs]
+        if missing:
+            raise RuntimeError(f"internal error: kernel {self.kernel} arguments {missing} are not set")
+        return [self.args[p] for p in params if p not in self.constexprs]
+
+    def signature(self, params: Sequence[str]) -> tuple[dict[str, str], dict[str, Any]]:
+        """(signature, constexprs) for ``triton.compile``; ints equal to 1 are specialized as at run time."""
+        sig: dict[str, str] = {}
+        consts: dict[str, Any] = {}
+        for p in params:
+            if p in self.constexprs:
+                sig[p] = "constexpr"
+                consts[p] = self.constexprs[p]
+                continue
+            v = self.args[p]
+            if isinstance(v, bool):
+                raise RuntimeError(f"internal error: boolean kernel argument {p}")
+            if isinstance(v, int):
+                if v == 1:
+                    sig[p], consts[p] = "constexpr", 1
+                else:
+                    sig[p] = "i64" if abs(v) >= 2**31 else "i32"
+            elif isinstance(v, float):
+                sig[p] = "fp32"
+            else:
+                sig[p] = _TORCH_SIG[str(v.dtype).replace("torch.", "")]
+        return sig, consts
+
+
+def _strides(prefix: str, x, rank: int) -> dict[str, int]:
+    return {f"{prefix}_{k}": int(x.stride(k)) for k in range(rank)}
+
+
+def _dim_values(group: AttentionGroup, shapes: Mapping[str, Sequence[int]], names: Sequence[str]) -> dict[str, int]:
+    """Values of the dims in ``names`` read off the input shapes (every needed dim is a plain dim of some input)."""
+    op = group.op
+    known: dict[str, int] = {}
+    for t in op.inputs:
+        if t.name not in shapes:
+            continue
+        for s, v in zip(t.shape, shapes[t.name]):
+            s = sympy.sympify(s)
+            if isinstance(s, Dim):
+                if s.name in known and known[s.name] != int(v):
+                    raise ValueError(f"triton attention, op {op.name}: dim {s.name} is {known[s.name]} and "
+                                     f"{int(v)} in different inputs")
+                known[s.name] = int(v)
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"triton attention, op {op.name}: cannot determine dims {missing} from the input shapes")
+    return {n: known[n] for n in names}
+
+
+def _ctx_args(mod: AttentionModule, group: AttentionGroup, inputs: Mapping) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c, r in zip(mod.captures, mod.capture_ranks):
+        x = inputs[c]
+        if x.dim() != r:
+            raise ValueError(f"triton attention, op {group.op.name}: captured tensor {c} has rank {x.dim()}, "
+                             f"expected {r}")
+        out[f"{c}_ptr"] = x
+        out.update(_strides(f"s_{c}", x, r))
+    vals = _dim_values(group, {n: tuple(inputs[n].shape) for n in inputs}, mod.dims)
+    out.update({f"dim_{d}": v for d, v in vals.items()})
+    return out
+
+
+def _precision(cfg: TritonAttentionConfig, shape: AttentionShape) -> str:
+    return cfg.dot_precision if shape.dtype == DType.f32 else "ieee"
+
+
+def _common(group: AttentionGroup, inputs: Mapping, what: str) -> tuple[AttentionShape, Any, Any, Any]:
+    """Validate the q, k, v inputs; (shape, q, k, v)."""
+    import torch
+
+    from .compile import interpreter_enabled
+
+    op = group.op
+    missing = [n for n in (group.q, group.k, group.v, *group.captures) if n not in inputs]
+    if missing:
+        raise ValueError(f"triton attention {what}, op {op.name}: missing inputs {missing}")
+    q, k, v = inputs[group.q], inputs[group.k], inputs[group.v]
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"triton attention {what}, op {op.name}: argument '{name}' must be a 4-D tensor")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"triton attention {what}, op {op.name}: argument '{name}' has dtype {x.dtype}; "
+                             f"supported: float16, bfloat16, float32")
+    if q.dtype != k.dtype:
+        raise ValueError(f"triton attention {what}, op {op.name}: q ({q.dtype}) and k ({k.dtype}) must share a "
+                         f"dtype")
+    dev = q.device
+    for name, x in [("k", k), ("v", v)] + [(c, inputs[c]) for c in group.captures]:
+        if x.device != dev:
+            raise ValueError(f"triton attention {what}, op {op.name}: argument '{name}' is on {x.device}, q on {dev}")
+    if dev.type not in ("cuda", "meta") and not interpreter_enabled():
+        raise ValueError(f"triton attention {what}, op {op.name}: tensors must be on a CUDA device (got {dev}); "
+                         f"set TRITON_INTERPRET=1 before importing triton to run on CPU in the interpreter")
+    shape = AttentionShape.of(group, {n: tuple(inputs[n].shape) for n in (group.q, group.k, group.v)})
+    if (k.shape[0], v.shape[0]) != (q.shape[0], q.shape[0]) or tuple(v.shape[1:3]) != tuple(k.shape[1:3]) \
+            or k.shape[3] != q.shape[3]:
+        raise ValueError(f"triton attention {what}, op {op.name}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} do not fit [B, HQ, L, E], [B, HKV, S, E], [B, HKV, S, EV]")
+    why = unsupported_shape(shape)
+    if why is not None:
+        raise ValueError(f"triton attention {what}, op {op.name}: {why}")
+    if shape.batch * shape.heads > MAX_GRID_Y:
+        raise ValueError(f"triton attention {what}, op {op.name}: batch x heads = {shape.batch * shape.heads} "
+                         f"exceeds the CUDA grid limit {MAX_GRID_Y}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        span = sum((n - 1) * abs(st) for n, st in zip(x.shape[2:], x.stride()[2:]))
+        if span >= 2**31:
+            raise ValueError(f"triton attention {what}, op {op.name}: argument '{name}' spans {span} elements per "
+                             f"head (strides {tuple(x.stride())}); offsets within a head must fit in int32")
+    if _gqa_form(group) == "plain" and shape.heads != shape.kv_heads:
+        raise ValueError(f"triton attention {what}, op {op.name}: q has {shape.heads} heads and k {shape.kv_heads}, "
+                         f"but the op is not declared with GQA")
+    return shape, q, k, v
+
+
+def _resolve(group: AttentionGroup, shape: AttentionShape, config, kind: str, caps) -> TritonAttentionConfig:
+    """The config to run: ``config`` (validated against the knob choices, not the resource estimates) or the
+    default."""
+    try:
+        cfg = as_config(config) or default_config(group, shape, caps, kind)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"triton attention {kind}, op {group.op.name}: invalid config {config!r}: {e}") from None
+    why = check(group, cfg, None, kind)
+    if why is not None:
+        raise ValueError(f"triton attention {kind}, op {group.op.name}: invalid config {cfg.to_dict()}: {why}")
+    return cfg
+
+
+def _module(group: AttentionGroup, cache_dir):
+    from .compile import load_module
+
+    if cache_dir is None:
+        from .target import _default_cache_dir
+
+        cache_dir = _default_cache_dir()
+    return load_module(render(group).source, cache_dir)
+
+
+def _launch(mod, amod: AttentionModule, call: _Call) -> None:
+    fn = getattr(mod, call.kernel)
+    params = amod.kernels[call.kernel]
+    fn[call.grid](*call.ordered(params), **call.constexprs, num_warps=call.num_warps, num_stages=call.num_stages)
+
+
+def _tile_consts(cfg: TritonAttentionConfig, shape: AttentionShape) -> dict[str, Any]:
+    return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_E": padded_dim(shape.head_dim),
+            "BLOCK_EV": padded_dim(shape.value_dim), "PRECISION": _precision(cfg, shape)}
+
+
+def _table_args(t: _Table) -> dict[str, Any]:
+    out = {"Cnt": t.count, "Idx": t.index, "Msk": t.masked}
+    out.update(_strides("s_c", t.count, 3))
+    out.update(_strides("s_i", t.index, 4))
+    out.update(_strides("s_m", t.masked, 4))
+    return out
+
+
+def _qkv_args(shape: AttentionShape, q, k, v, group: AttentionGroup) -> dict[str, Any]:
+    out = {"Q": q, "K": k, "V": v, "HQ": shape.heads, "LQ": shape.q_len, "LK": shape.kv_len,
+           "DE": shape.head_dim, "DV": shape.value_dim, "GQA": shape.group_size, "sm_scale": float(group.scale)}
+    out.update(_strides("s_q", q, 4))
+    out.update(_strides("s_k", k, 4))
+    out.update(_strides("s_v", v, 4))
+    return out
+
+
+def forward_calls(group: AttentionGroup, inputs: Mapping, rows, cfg: TritonAttentionConfig,
+                  out=None, lse=None) -> tuple[list[_Call], dict]:
+    """The launches of the forward (without running them) and the output tensors they write."""
+    import torch
+
+    mod = render(group)
+    shape, q, k, v = _common(group, inputs, "forward")
+    B, H, L = shape.batch, shape.heads, shape.q_len
+    nq, nk = -(-L // cfg.block_m), -(-shape.kv_len // cfg.block_n)
+    table = _check_table(rows, "rows", B, H, nq, nk, q.device)
+    out_dtype = _torch_dtype(group.op.tensor(group.out).dtype)
+    if out is None:
+        out = torch.empty(B, H, L, shape.value_dim, dtype=out_dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    args = {**_qkv_args(shape, q, k, v, group), **_table_args(table), **_ctx_args(mod, group, inputs),
+            "Out": out, "Lse": lse, **_strides("s_o", out, 4), **_strides("s_l", lse, 3)}
+    call = _Call("attn_fwd", (nq, B * H), args, _tile_consts(cfg, shape), cfg.num_warps, cfg.num_stages)
+    return [call], {"out": out, "lse": lse}
+
+
+def decode_calls(group: AttentionGroup, inputs: Mapping, rows, cfg: TritonAttentionConfig) -> tuple[list[_Call], dict]:
+    """The launches of the split-key decode path and the output tensors they write."""
+    import torch
+
+    mod = render(group)
+    shape, q, k, v = _common(group, inputs, "decode")
+    B, H, L, EV = shape.batch, shape.heads, shape.q_len, shape.value_dim
+    nq, nk = -(-L // cfg.block_m), -(-shape.kv_len // cfg.block_n)
+    table = _check_table(rows, "rows", B, H, nq, nk, q.device)
+    sp = cfg.splits
+    dev = q.device
+    pm = torch.empty(sp, B * H, L, dtype=torch.float32, device=dev)
+    pl = torch.empty(sp, B * H, L, dtype=torch.float32, device=dev)
+    pacc = torch.empty(sp, B * H, L, EV, dtype=torch.float32, device=dev)
+    out = torch.empty(B, H, L, EV, dtype=_torch_dtype(group.op.tensor(group.out).dtype), device=dev)
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=dev)
+    consts = _tile_consts(cfg, shape)
+    a1 = {**_qkv_args(shape, q, k, v, group), **_table_args(table), **_ctx_args(mod, group, inputs),
+          "Pm": pm, "Pl": pl, "Pacc": pacc, "BH": B * H, "SPLITS": sp}
+    a2 = {"Pm": pm, "Pl": pl, "Pacc": pacc, "Out": out, "Lse": lse, "HQ": H, "LQ": L, "DV": EV, "BH": B * H,
+          "SPLITS": sp, **_strides("s_o", out, 4), **_strides("s_l", lse, 3)}
+    c2 = {"BLOCK_M": cfg.block_m, "BLOCK_EV": consts["BLOCK_EV"]}
+    return [_Call("attn_decode_split", (sp, nq, B * H), a1, consts, cfg.num_warps, cfg.num_stages),
+            _Call("attn_decode_combine", (nq, B * H), a2, c2, 4 if cfg.block_m * consts["BLOCK_EV"] >= 4096 else 2,
+                  1)], {"out": out, "lse": lse}
+
+
+def backward_calls(group: AttentionGroup, inputs: Mapping, out, lse, dout, rows, cols,
+                   cfg: TritonAttentionConfig) -> tuple[list[_Call], dict]:
+    """The launches of the flash backward (delta, dk/dv, dq) and the gradient tensors they write."""
+    import torch
+
+    mod = render(group)
+    shape, q, k, v = _common(group, inputs, "backward")
+    B, H, HK, L, S = shape.batch, shape.heads, shape.kv_heads, shape.q_len, shape.kv_len
+    E, EV = shape.head_dim, shape.value_dim
+    for name, x, want in (("out", out, (B, H, L, EV)), ("dout", dout, (B, H, L, EV)), ("lse", lse, (B, H, L))):
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
+            raise ValueError(f"triton attention backward, op {group.op.name}: argument '{name}' must have shape "
+                             f"{list(want)}, got {tuple(getattr(x, 'shape', ()))}")
+        if x.device != q.device:
+            raise ValueError(f"triton attention backward, op {group.op.name}: argument '{name}' is on {x.device}, "
+                             f"q on {q.device}")
+    if lse.dtype != torch.float32:
+        raise ValueError(f"triton attention backward, op {group.op.name}: argument 'lse' must be float32, got "
+                         f"{lse.dtype}")
+    if dout.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"triton attention backward, op {group.op.name}: argument 'dout' has dtype {dout.dtype}")
+    if dout.dtype != v.dtype:
+        dout = dout.to(v.dtype)     # p^T dout and v dout^T are dots with v's element type
+    nq, nk = -(-L // cfg.block_m), -(-S // cfg.block_n)
+    rtab = _check_table(rows, "rows", B, H, nq, nk, q.device)
+    ctab = _check_table(cols, "cols", B, H, nk, nq, q.device)
+    dev = q.device
+    delta = torch.empty(B * H, L, dtype=torch.float32, device=dev)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    consts = _tile_consts(cfg, shape)
+    ctx = _ctx_args(mod, group, inputs)
+    base = {**_qkv_args(shape, q, k, v, group), **ctx, "DOut": dout, "Lse": lse, "Delta": delta,
+            **_strides("s_do", dout, 4), **_strides("s_l", lse, 3)}
+    bev = consts["BLOCK_EV"]
+    pre_bm = max(16, min(128, _pow2(L), 8192 // bev))
+    pre = _Call("attn_bwd_preprocess", (-(-L // pre_bm), B * H),
+                {"Out": out, "DOut": dout, "Delta": delta, "HQ": H, "LQ": L, "DV": EV, **_strides("s_o", out, 4),
+                 **_strides("s_do", dout, 4)}, {"BLOCK_M": pre_bm, "BLOCK_EV": bev}, 4, 1)
+    dkdv = _Call("attn_bwd_dkdv", (nk, B * HK),
+                 {**base, **_table_args(ctab), "HKV": HK, "DK": dk, "DVt": dv, **_strides("s_dk", dk, 4),
+                  **_strides("s_dv", dv, 4)}, consts, cfg.num_warps, cfg.num_stages)
+    dqc = _Call("attn_bwd_dq", (nq, B * H), {**base, **_table_args(rtab), "DQ": dq, **_strides("s_dq", dq, 4)},
+                consts, cfg.num_warps, cfg.num_stages)
+    return [pre, dkdv, dqc], {"q": dq, "k": dk, "v": dv}
+
+
+def _torch_dtype(d: DType):
+    import torch
+
+    return {DType.f16: torch.float16, DType.bf16: torch.bfloat16, DType.f32: torch.float32}[d]
+
+
+def _empty_case(shape: AttentionShape) -> bool:
+    return shape.batch * shape.heads * shape.q_len == 0
+
+
+def run_forward(group: AttentionGroup, inputs: Mapping, rows, config=None, *, cache_dir=None,
+                caps=None) -> dict:
+    """``{"out", "lse"}`` of ``group`` by the flash forward.
+
+    ``inputs`` maps the op's input names (q, k, v, captures) to tensors on a CUDA device (CPU under
+    ``TRITON_INTERPRET=1``); ``rows`` is the row tile table ``(count, index, masked)`` built with ``config``'s
+    ``block_m`` / ``block_n``; ``config`` is a :class:`TritonAttentionConfig`, a mapping, or None (the default
+    config). ValueError names the argument for unsupported dtypes, head dims, devices or table shapes.
+    """
+    shape, *_ = _common(group, inputs, "forward")
+    cfg = _resolve(group, shape, config, "forward", caps)
+    calls, outs = forward_calls(group, inputs, rows, cfg)
+    if not _empty_case(shape):
+        mod = _module(group, cache_dir)
+        for c in calls:
+            _launch(mod, render(group), c)
+    return outs
+
+
+def run_decode(group: AttentionGroup, inputs: Mapping, rows, config=None, *, cache_dir=None, caps=None) -> dict:
+    """``{"out", "lse"}`` by the split-key (FlashDecoding) path: meant for short queries (``L <=``
+    :data:`DECODE_MAX_LEN`) over long keys. ``config.splits`` programs share the key tiles listed per query tile;
+    ``rows`` as for :func:`run_forward`."""
+    shape, *_ = _common(group, inputs, "decode")
+    cfg = _resolve(group, shape, config, "decode", caps)
+    calls, outs = decode_calls(group, inputs, rows, cfg)
+    if not _empty_case(shape):
+        mod = _module(group, cache_dir)
+        for c in calls:
+            _launch(mod, render(group), c)
+    return outs
+
+
+def run_backward(group: AttentionGroup, inputs: Mapping, out, lse, dout, rows, cols, config=None, *,
+                 cache_dir=None, caps=None) -> dict:
+    """``{"q", "k", "v"}``: gradients of ``out`` (weighted by ``dout``) by the flash backward with recomputation.
+
+    ``out`` and ``lse`` are the forward's outputs; ``rows`` is the row tile table and ``cols`` the column
+    (transposed) table, both built with ``config``'s block sizes (the default backward config when None).
+    Gradients have the dtypes of q, k, v. Captured tensors get no gradient.
+    """
+    shape, *_ = _common(group, inputs, "backward")
+    cfg = _resolve(group, shape, config, "backward", caps)
+    calls, grads = backward_calls(group, inputs, out, lse, dout, rows, cols, cfg)
+    if _empty_case(shape) or shape.kv_len == 0:
+        for g in grads.values():
+            g.zero_()
+        return grads
+    mod = _module(group, cache_dir)
+    for c in calls:
+        _launch(mod, render(group), c)
+    return grads
+
+
+def use_decode(shape: AttentionShape) -> bool:
+    """Whether the split-key decode path should run ``shape``: short queries over at least 4 key tiles of 64."""
+    return shape.q_len <= DECODE_MAX_LEN and shape.kv_len >= 256
+
+
+# --------------------------------------------------------------------------------------------- AOT support
+
+
+def aot_kernels(group: AttentionGroup, shape: AttentionShape, cfg: TritonAttentionConfig, kind: str,
+                table_width: int | None = None) -> list[tuple[str, dict, dict, int, int]]:
+    """``(kernel, signature, constexprs, num_warps, num_stages)`` of every launch of ``kind`` at ``shape``, for
+    :func:`opgen.targets.triton.compile.aot_compile` (contiguous tensors on the meta device; nothing runs)."""
+    import torch
+
+    dt = _torch_dtype(shape.dtype)
+    meta = torch.device("meta")
+    B, H, HK, L, S = shape.batch, shape.heads, shape.kv_heads, shape.q_len, shape.kv_len
+    inputs = {group.q: torch.empty(B, H, L, shape.head_dim, dtype=dt, device=meta),
+              group.k: torch.empty(B, HK, S, shape.head_dim, dtype=dt, device=meta),
+              group.v: torch.empty(B, HK, S, shape.value_dim, dtype=dt, device=meta)}
+    for c in group.captures:
+        t = group.op.tensor(c)
+        size = [_capture_size(s) for s in t.shape]
+        inputs[c] = torch.empty(*size, dtype=_capture_dtype(t.dtype), device=meta)
+    nq, nk = -(-L // cfg.block_m), -(-S // cfg.block_n)
+
+    def table(n, w):
+        w = w if table_width is None else min(table_width, w)
+        return (torch.empty(1, 1, n, dtype=torch.int32, device=meta),
+                torch.empty(1, 1, n, w, dtype=torch.int32, device=meta),
+                torch.empty(1, 1, n, w, dtype=torch.int32, device=meta))
+    if kind == "forward":
+        calls, _ = forward_calls(group, inputs, table(nq, nk), cfg)
+    elif kind == "decode":
+        calls, _ = decode_calls(group, inputs, table(nq, nk), cfg)
+    elif kind == "backward":
+        o = torch.empty(B, H, L, shape.value_dim, dtype=dt, device=meta)
+        lse = torch.empty(B, H, L, dtype=torch.float32, device=meta)
+        calls, _ = backward_calls(group, inputs, o, lse, o, table(nq, nk), table(nk, nq), cfg)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    mod = render(group)
+    out = []
+    for c in calls:
+        sig, consts = c.signature(mod.kernels[c.kernel])
+        out.append((c.kernel, sig, consts, c.num_warps, c.num_stages))
+    return out
+
+
+def _capture_size(s) -> int:
+    """A stand-in size for a captured tensor's symbolic dim in an AOT signature (any value but 1 will do)."""
+    s = sympy.sympify(s)
+    return 64 if not s.is_Integer else int(s)
+
+
+def _capture_dtype(d: DType):
+    import torch
+
+    return {DType.f16: torch.float16, DType.bf16: torch.bfloat16, DType.f32: torch.float32, DType.i32: torch.int32,
+            DType.i64: torch.int64, DType.bool: torch.bool}[d]
+
+
+__all__ = ["AttentionModule", "AttentionShape", "AttentionSpace", "TritonAttentionConfig", "aot_kernels",
+           "as_config", "check", "default_config", "dscore_expr", "padded_dim", "render", "run_backward",
+           "run_decode", "run_forward", "space", "unsupported", "unsupported_shape", "use_decode"]
