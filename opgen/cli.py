@@ -28,6 +28,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.stage == "fused":
         print(_fused(op))
         return 0
+    if args.stage == "plan" and entry.name == "attention":
+        from opgen.attention_plan import attention_plan
+
+        print(attention_plan(op))
+        return 0
     if args.stage in ("plan", "tvm", "triton"):
         text = _lowered(entry, args.stage)
         print(text)

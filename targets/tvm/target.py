@@ -20,6 +20,7 @@ from opgen.ir.passes import ScanGroup, fuse_scan
 from opgen.ir.symbols import Axis, Dim
 from opgen.targets.base import Caps
 
+from .attention_call import attention_group, run_backward, run_forward, supports_attention
 from .scan import KernelSource, ScanConfig, render_scan
 
 SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
@@ -278,6 +279,8 @@ class TVMTarget:
     def supports(self, op: Op, device_kind: str) -> bool:
         if device_kind != "cpu":
             return False
+        if supports_attention(op):
+            return True
         if any(t.dtype not in SUPPORTED_DTYPES for t in op.inputs + op.outputs):
             return False
         return _renderable(op)
@@ -287,6 +290,9 @@ class TVMTarget:
         converted to their declared dtypes when needed; misaligned views are passed as they are."""
         import torch
 
+        group = attention_group(op)
+        if group is not None:
+            return run_forward(group, inputs, binding, self.cache, self.caps(), config)
         fn, plan, scalars = self._plan(op, binding, config)
         args = []
         outs = {}
@@ -306,6 +312,13 @@ class TVMTarget:
         args += [binding.dims[d] for d in scalars]
         fn(*args)
         return outs
+
+    def attention_backward(self, op: Op, inputs: Mapping, binding, out, lse, dout, config=None) -> dict:
+        """Gradients of an attention op's q, k, v by the flash backward kernels (see :mod:`.attention_call`)."""
+        group = attention_group(op)
+        if group is None:
+            raise ValueError(f"op {op.name} is not an attention op; the tvm target has no backward for it")
+        return run_backward(group, inputs, binding, out, lse, dout, self.cache)
 
     def _plan(self, op: Op, binding, config: ScanConfig | None):
         """(kernel, [(tensor, is output, torch dtype)], scalar dims), cached per (op, sizes, config): a repeated
