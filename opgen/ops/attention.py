@@ -119,10 +119,14 @@ def attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enable_gqa=Fal
     try:
         traced = trace(who, score_mod, mask_mod, accum_dtype(promote(_args.ir_dtype(q), _args.ir_dtype(k))))
     except UnsupportedConstruct as exc:
+        try:
+            out = eager_attention(q, k, v, score_mod, mask_mod, float(scale), bool(enable_gqa))
+        except Exception:  # noqa: BLE001 - the mod fails on index tensors too: the trace error says why
+            raise exc from None
         why = str(exc).rstrip(".")
-        warnings.warn(f"{why}. Falling back to dense eager attention (the mods called on index tensors, O(L x S) "
+        warnings.warn(f"{why}. Fell back to dense eager attention (the mods called on index tensors, O(L x S) "
                       f"memory, no generated kernel)", FallbackWarning, stacklevel=2)
-        return eager_attention(q, k, v, score_mod, mask_mod, float(scale), bool(enable_gqa))
+        return out
     caps = tuple((_args.ir_dtype(t) if t.is_floating_point() or t.dtype == torch.bool else _int_dtype(t), d)
                  for t, d in zip(traced.captures, traced.capture_dims))
     op = declare_attention(_args.ir_dtype(q), _args.ir_dtype(k), _args.ir_dtype(v), float(scale),

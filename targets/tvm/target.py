@@ -22,6 +22,8 @@ from opgen.targets.base import Caps
 
 from .attention_call import attention_group, run_backward, run_forward, supports_attention
 from .scan import KernelSource, ScanConfig, render_scan
+from .window import (WindowConfig, WindowSource, as_window_config, window_group, window_kernel, window_source,
+                     window_supported)
 
 SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
 _INT32_LIMIT = 2**31 - 1
@@ -227,10 +229,11 @@ def _group(op: Op) -> ScanGroup | None:
 
 @functools.lru_cache(maxsize=512)
 def _renderable(op: Op) -> bool:
-    """The op fuses into one scan group and its kernel renders (pure Python: no tvm import)."""
+    """The op fuses into one scan group (or one window group: a convolution) and its kernel renders (pure
+    Python: no tvm import)."""
     g = _group(op)
     if g is None:
-        return False
+        return window_supported(window_group(op))[0]
     try:
         render_scan(g, ScanConfig())
     except (ValueError, KeyError, TypeError):
@@ -324,7 +327,7 @@ class TVMTarget:
         """(kernel, [(tensor, is output, torch dtype)], scalar dims), cached per (op, sizes, config): a repeated
         call costs a dict lookup, not a render + hash (~150 us)."""
         # keyed by identity (hashing an Op walks all its nodes: 8 us); the op is kept in the entry and compared
-        config = as_config(config)
+        config = _any_config(config)
         key = (id(op), tuple(sorted(((d.name, v) for d, v in binding.dims.items()))), config)
         hit = self._plans.get(key)
         if hit is not None and hit[0] is op:
@@ -332,7 +335,11 @@ class TVMTarget:
             return hit[1]
         from opgen.ir.dtypes import to_torch
 
-        fn, ks = self.kernel(op, binding, config)
+        wg = window_group(op) if _group(op) is None else None
+        if wg is not None:
+            fn, ks = window_kernel(wg, binding, config, self.cache, self.caps())
+        else:
+            fn, ks = self.kernel(op, binding, config)
         plan = tuple((name, op.tensor(name).kind == "output", to_torch(op.tensor(name).dtype)) for name in ks.tensors)
         hit = (fn, plan, ks.scalars)
         self._plans[key] = (op, hit)
@@ -362,8 +369,10 @@ class TVMTarget:
         cfg = as_config(config) if config is not None else default_config(g, binding, self.caps())
         return legalize(cfg, g, binding)
 
-    def source(self, op: Op, binding, config: ScanConfig | None = None) -> KernelSource:
+    def source(self, op: Op, binding, config: ScanConfig | WindowConfig | None = None) -> KernelSource | WindowSource:
         """The rendered kernel a call with these sizes uses."""
+        if _group(op) is None and window_group(op) is not None:
+            return window_source(window_group(op), binding, config, self.caps())
         g = self.group(op)
         cfg = self.config_for(op, binding, config)
         static = tuple(sorted(((d, binding.dims[d]) for d in _state_dims(g)), key=lambda x: x[0].name)) \
@@ -376,6 +385,15 @@ class TVMTarget:
         """(compiled function, its :class:`KernelSource`) for a call with these sizes."""
         ks = self.source(op, binding, config)
         return self.cache.get(ks.text), ks
+
+
+def _any_config(config):
+    """A scan or window config from itself or its JSON dict (window configs have a ``variant``), or None."""
+    if config is None or isinstance(config, (ScanConfig, WindowConfig)):
+        return config
+    if isinstance(config, Mapping) and "variant" in config:
+        return as_window_config(config)
+    return as_config(config)
 
 
 @functools.lru_cache(maxsize=1)

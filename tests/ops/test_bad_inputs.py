@@ -240,13 +240,16 @@ def test_attention_mask_mod_python_if_is_trace_error():
     assert isinstance(ei.value, opgen.ArgumentError)
 
 
-def test_attention_mask_mod_unsupported_torch_function_is_trace_error():
+def test_attention_mask_mod_unsupported_torch_function_falls_back_with_a_warning():
     def mask_mod(b, h, q_idx, kv_idx):
         return torch.sort(kv_idx, dim=-1).values <= q_idx
 
     q, k, v = _t(1, 2, 7, 8), _t(1, 2, 7, 8), _t(1, 2, 7, 8)
-    with pytest.raises(opgen.TraceError, match=r"(?s)" + re.escape("opgen.ops.attention") + r".*mask_mod"):
-        ops.attention(q, k, v, mask_mod=mask_mod)
+    with pytest.warns(opgen.ir.errors.FallbackWarning, match=r"(?s)opgen\.ops\.attention.*mask_mod.*function sort"
+                      r".*dense eager"):
+        out = ops.attention(q, k, v, mask_mod=mask_mod)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_score_mod_python_if_is_trace_error():

@@ -1,0 +1,981 @@
+"""Render a window group (:class:`opgen.ir.passes.window.WindowGroup`: a convolution plus its pointwise epilogue)
+to a TVMScript prim_func, and run it.
+
+Two variants (``WindowConfig.variant``), both built around one register-tiled micro-kernel that accumulates a
+``co_tile x rows_tile x (width_vectors * vector)`` tile of outputs (output channels x output rows x output columns,
+vectorized along the output width) in a ``local`` buffer that LLVM keeps in registers, in one of two loop orders:
+
+* tap order (``kh_block = 0``): ``for ci, kh, kw: for c, r (unrolled): acc[c, r, :] += src[ci, r*sh + kh*dh,
+  :*sw + kw*dw] * w[co0 + c, ci, kh, kw]``: each weight broadcast feeds the ``rows_tile`` rows, each input vector
+  the ``co_tile`` channels (the implicit-GEMM tile);
+* weight-stationary order (``kh_block = k``): per block of k kernel rows and per kw, ``for ir (unrolled over the
+  input rows of the block): for r with kh = (ir - r*sh) / dh in the block: acc[0, r, :] += src[ci, ir, ...] *
+  w[co, ci, kh, kw]``: each input row vector is loaded once and feeds every output row of the tile, while the
+  block's k weights stay in registers (depthwise kernels, where there is no channel reuse).
+
+* ``direct``: parallel over (batch, output-channel block, output-row block); the input rows and columns a block
+  reads, zero padding included, are staged into a ``local`` patch (vector copies, the border zero-filled), so the
+  micro-kernel has no bounds checks and its input stays in L1. For depthwise convolutions (7x7 .. 31x31) and causal
+  conv1d.
+* ``gemm`` (implicit GEMM): one parallel pass copies the input into a zero-padded workspace; then parallel over
+  (batch, output-row block), each (output-column vector, output-channel block) tile reduces over C*KH*KW from it.
+  For dense and grouped convolutions with many input channels per group.
+
+The epilogue (bias, activation, gating with another tensor) is applied to the register tile before the store, by
+:class:`~opgen.targets.tvm.expr.ExprEmitter` (vectorized; the partial last column tile runs it as scalar code).
+
+Sizes: batch and spatial sizes (N, H, W, L) stay symbolic (one kernel serves every image size); channel counts,
+kernel sizes and the padding / offsets are baked in from the binding (one kernel per such combination).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
+
+import sympy
+
+from opgen.ir import Access, DType, ExprOp, promote
+from opgen.ir.passes.window import WindowGroup, fuse_window
+from opgen.ir.symbols import Axis, Dim
+
+from .expr import ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, tvm_dtype
+
+SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
+VARIANTS = ("direct", "gemm")
+MAX_PATCH_ELEMS = 32768          # staged patch in a local (stack) buffer: 128 KiB of fp32
+_INT32_LIMIT = 2**31 - 1
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Schedule knobs of the window kernels (JSON-serializable; see :func:`window_space`)."""
+
+    variant: str = "direct"      # "direct" (staged patch per block) | "gemm" (padded workspace, channel tiles)
+    vector: int = 8              # SIMD lanes along the output width
+    co_tile: int = 1             # output channels per register tile
+    rows_tile: int = 1           # output rows per register tile (2-D windows)
+    width_vectors: int = 1       # vectors along the output width per register tile
+    block_rows: int = 8          # direct: output rows per parallel block (a multiple of rows_tile)
+    block_width: int = 64        # direct: output columns per staged patch (a multiple of the tile width)
+    kh_block: int = 0            # 0: tap order; k: weight-stationary blocks of k kernel rows (row reuse)
+    unroll_kh: bool = True       # tap order: unroll the kernel-height loop
+    unroll_kw: bool = True       # unroll the kernel-width loop
+    fast_math: bool = True       # polynomial exp in float32 epilogues (silu, sigmoid, ...)
+
+    @property
+    def tile_width(self) -> int:
+        return self.vector * self.width_vectors
+
+    def to_json(self) -> dict:
+        """A plain dict (:meth:`from_json` reads it back)."""
+        return asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | str) -> "WindowConfig":
+        """The config of a dict (or its JSON text); unknown knobs are an error naming them."""
+        if isinstance(data, str):
+            data = json.loads(data)
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown window config knobs {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+
+def as_window_config(config) -> WindowConfig | None:
+    """A :class:`WindowConfig` from itself, its JSON dict or text, or None."""
+    if config is None or isinstance(config, WindowConfig):
+        return config
+    if isinstance(config, (Mapping, str)):
+        return WindowConfig.from_json(config)
+    raise TypeError(f"expected a WindowConfig, a dict or None as the window config, got {type(config).__name__}")
+
+
+@dataclass(frozen=True)
+class WindowSource:
+    """A rendered window kernel: TVMScript text and the calling convention."""
+
+    text: str
+    tensors: tuple[str, ...]          # tensor arguments in call order: the op's inputs, then the output
+    scalars: tuple[Dim, ...]          # then these dims, as int arguments
+    config: WindowConfig
+    static_dims: tuple[tuple[str, int], ...] = ()
+    index_dtype: str = "int32"
+
+
+# -------------------------------------------------------------------------------------- resolved structure
+
+
+@dataclass(frozen=True)
+class _Sp:
+    """One spatial dim with its static numbers (dilation made positive: ``flip`` reverses the window axis)."""
+
+    real: bool
+    out_axis: Axis | None
+    win_axis: Axis | None
+    data_dim: int | None
+    stride: int
+    dil: int
+    off: int
+    flip: bool
+    K: int
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The group at a binding: static numbers for the kernel, the dims that stay symbolic."""
+
+    static: tuple[tuple[Dim, int], ...]
+    dynamic: frozenset
+    row: _Sp
+    col: _Sp
+    Cg: int
+    Fg: int
+    G: int
+    kind: str
+
+
+def _dims_of(e) -> set:
+    return {s for s in sympy.sympify(e).free_symbols if isinstance(s, Dim)}
+
+
+def _dynamic_dims(group: WindowGroup) -> frozenset:
+    """Dims of batch and spatial input sizes (kept symbolic) that no static quantity needs."""
+    op = group.op
+    ext = dict(op.extents)
+    dyn: set = set()
+    shape = op.tensor(group.data.tensor).shape
+    for _, k in group.batch:
+        dyn |= _dims_of(shape[k])
+    for s in group.spatial:
+        dyn |= _dims_of(s.in_size)
+    static: set = set()
+    for d in op.tensor(group.weight.tensor).shape:
+        static |= _dims_of(d)
+    for s in group.spatial:
+        static |= _dims_of(s.offset) | _dims_of(ext[s.win_axis])
+    ch = group.channels
+    static |= _dims_of(ch.in_per_group) | _dims_of(ch.out_per_group) | _dims_of(ch.groups)
+    if ch.data_dim is not None:
+        static |= _dims_of(shape[ch.data_dim])
+    if ch.out_axis is not None:
+        static |= _dims_of(ext[ch.out_axis])
+    return frozenset(dyn - static)
+
+
+def _resolve(group: WindowGroup, binding) -> _Shape:
+    """Static numbers of ``group`` at ``binding``; ValueError naming the op when the form is unsupported."""
+    op = group.op
+    dyn = _dynamic_dims(group)
+    static = tuple(sorted(((d, int(v)) for d, v in binding.dims.items() if d not in dyn), key=lambda x: x[0].name))
+    sub = {d: sympy.Integer(v) for d, v in static}
+
+    def num(e, what: str) -> int:
+        v = sympy.sympify(e).xreplace(sub)
+        if not v.is_Integer:
+            raise ValueError(f"op {op.name}: the window {what} {e} must not depend on the batch or image size")
+        return int(v)
+
+    if len(group.spatial) not in (1, 2):
+        raise ValueError(f"op {op.name}: the tvm window kernels handle 1-D and 2-D windows, not "
+                         f"{len(group.spatial)}-D")
+    sps = []
+    for s in group.spatial:
+        K = int(binding.extents[s.win_axis])
+        off = num(s.offset, "offset")
+        flip = s.dilation < 0
+        dil = abs(s.dilation)
+        if flip:
+            off = off + (K - 1) * s.dilation
+        sps.append(_Sp(True, s.out_axis, s.win_axis, s.data_dim, s.stride, dil, off, flip, K))
+    row = sps[0] if len(sps) == 2 else _Sp(False, None, None, None, 1, 1, 0, False, 1)
+    col = sps[-1]
+    ch = group.channels
+    Cg, Fg, G = (num(e, "channel count") for e in (ch.in_per_group, ch.out_per_group, ch.groups))
+    return _Shape(static, dyn, row, col, Cg, Fg, G, ch.kind_at(binding.dims))
+
+
+def window_supported(group: WindowGroup | None) -> tuple[bool, str]:
+    """Whether the tvm window kernels can run ``group`` (sizes aside): (True, "") or (False, why)."""
+    if group is None:
+        return False, "the op is not a window reduction"
+    op = group.op
+    if len(group.spatial) not in (1, 2):
+        return False, f"op {op.name}: {len(group.spatial)}-D windows are not supported (1-D and 2-D are)"
+    for t in op.inputs + op.outputs:
+        if t.dtype not in SUPPORTED_DTYPES:
+            return False, f"op {op.name}: tensor {t.name} is {t.dtype}; the tvm window kernels take f32 and f64"
+    return True, ""
+
+
+# ---------------------------------------------------------------------------------------------- the space
+
+
+def _vector_lanes(group: WindowGroup, caps=None) -> int:
+    from .target import host_vector_bits
+
+    bits = (caps.vector_bits if caps is not None and getattr(caps, "vector_bits", 0) else host_vector_bits()) or 128
+    return max(1, bits // _acc_bits(group))
+
+
+def _acc_bits(group: WindowGroup) -> int:
+    return 64 if any(t.dtype == DType.f64 for t in group.op.tensors) else 32
+
+
+def window_space(group: WindowGroup, binding=None, caps=None):
+    """The knobs of the window kernels (a :class:`~opgen.targets.tvm.target.Space`) and their constraints."""
+    from .target import Knob, Space
+
+    V = _vector_lanes(group, caps)
+    return Space(
+        knobs=(
+            Knob("variant", VARIANTS, "direct: staged patch per (channel, row block); gemm: padded workspace, "
+                 "output-channel x pixel tiles reduced over C*KH*KW"),
+            Knob("vector", tuple(sorted({V, max(1, V // 2)})), "SIMD lanes along the output width"),
+            Knob("co_tile", (1, 2, 3, 4, 6, 8), "output channels per register tile"),
+            Knob("rows_tile", (1, 2, 3, 4, 6, 8), "output rows per register tile (2-D)"),
+            Knob("width_vectors", (1, 2, 3, 4), "vectors along the output width per register tile"),
+            Knob("block_rows", (8, 16, 32, 64), "direct: output rows per parallel block"),
+            Knob("block_width", (32, 64, 128, 256, 512), "direct: output columns per staged patch"),
+            Knob("kh_block", (0, 2, 3, 4, 5, 6, 7, 8), "0: tap order (each weight broadcast feeds the whole "
+                 "register tile); k: blocks of k kernel rows in weight-stationary order (each input row vector is "
+                 "loaded once and feeds every output row of the tile)"),
+            Knob("unroll_kh", (True, False), "tap order: unroll the kernel-height loop"),
+            Knob("unroll_kw", (True, False), "unroll the kernel-width loop"),
+            Knob("fast_math", (True, False), "polynomial exp in float32 epilogues"),
+        ),
+        constraints=(
+            "rows_tile == 1 for a 1-D window",
+            "direct: block_rows is a multiple of rows_tile, block_width of vector * width_vectors "
+            "(gemm ignores both: its parallel block is one register tile)",
+            "co_tile * rows_tile * width_vectors <= 24 register vectors",
+            "direct: (C/groups) * patch rows * patch columns <= 32768 elements (a local buffer)",
+            "unroll_kw: KW <= 32; unroll_kh (tap order): KH <= 32",
+        ),
+    )
+
+
+def check_window_config(cfg: WindowConfig, group: WindowGroup, binding) -> tuple[bool, str]:
+    """Whether ``cfg`` is valid for ``group`` at ``binding`` ((False, reason) when not)."""
+    if cfg.variant not in VARIANTS:
+        return False, f"variant must be one of {VARIANTS}, got {cfg.variant!r}"
+    for name in ("vector", "co_tile", "rows_tile", "width_vectors", "block_rows", "block_width"):
+        if getattr(cfg, name) < 1:
+            return False, f"{name} must be >= 1, got {getattr(cfg, name)}"
+    if cfg.kh_block < 0:
+        return False, f"kh_block must be >= 0, got {cfg.kh_block}"
+    try:
+        sh = _resolve(group, binding)
+    except ValueError as e:
+        return False, str(e)
+    if not sh.row.real and cfg.rows_tile != 1:
+        return False, "rows_tile must be 1 for a 1-D window"
+    if cfg.co_tile * cfg.rows_tile * cfg.width_vectors > 24:
+        return False, "co_tile * rows_tile * width_vectors exceeds 24 register vectors"
+    if cfg.variant == "direct":
+        if cfg.block_rows % cfg.rows_tile or cfg.block_width % cfg.tile_width:
+            return False, (f"block_rows {cfg.block_rows} must be a multiple of rows_tile {cfg.rows_tile} and "
+                           f"block_width {cfg.block_width} of vector * width_vectors {cfg.tile_width}")
+        rows = _patch_extent(_block_rows(cfg, sh), sh.row) if sh.row.real else 1
+        elems = sh.Cg * rows * _patch_extent(cfg.block_width, sh.col)
+        if elems > MAX_PATCH_ELEMS:
+            return False, f"the staged patch has {elems} elements (> {MAX_PATCH_ELEMS}); use smaller blocks"
+    if cfg.unroll_kw and sh.col.K > 32:
+        return False, f"unroll_kw with a window width of {sh.col.K} (> 32)"
+    if cfg.unroll_kh and not cfg.kh_block and sh.row.K > 32:
+        return False, f"unroll_kh with a window height of {sh.row.K} (> 32)"
+    return True, ""
+
+
+def _block_rows(cfg: WindowConfig, sh: _Shape) -> int:
+    return cfg.block_rows if sh.row.real else 1
+
+
+def _patch_extent(n_out: int, sp: _Sp) -> int:
+    """Input positions read by ``n_out`` consecutive outputs along ``sp``."""
+    return (n_out - 1) * sp.stride + (sp.K - 1) * sp.dil + 1
+
+
+def _lin(var: str, scale: int, off: int) -> str:
+    """``var * scale + off`` without unit factors and zero terms."""
+    t = var if scale == 1 else f"{var} * {scale}"
+    return t if off == 0 else f"{t} + {off}" if off > 0 else f"{t} - {-off}"
+
+
+def _mul(var: str, k: int) -> str:
+    return var if k == 1 else f"{var} * {k}"
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfig:
+    """A heuristic config from the channel structure and the static sizes only (channels, kernel, strides), so
+    that the untuned kernel of a convolution serves every batch and image size (tuned on AVX2).
+
+    1-D (causal conv1d): direct, 4 vectors per tile, 512 outputs per staged block, the window unrolled (dense
+    1-D convolutions: gemm, channels x 2 vectors). Many
+    input channels per group (dense, grouped): gemm with a 6 (8 with 512-bit vectors) channels x 2 (3) rows x
+    1 vector tile in tap order. Otherwise (depthwise): direct with an 8-row x 1-vector tile in weight-stationary
+    order with blocks of up to 7 kernel rows (the block's weights, the 8 accumulators and the input vector fill
+    the 16 AVX2 registers), 64 x 64 output blocks (32 rows for kernels above 15)."""
+    sh = _resolve(group, binding)
+    V = _vector_lanes(group, caps)
+    wide = V * _acc_bits(group) >= 512
+    unroll_kw = sh.col.K <= 16
+    if not sh.row.real:
+        if sh.Cg >= 8 and sh.Fg >= 2:                  # a dense 1-D convolution: channels x 2 vectors
+            return WindowConfig("gemm", V, min(8 if wide else 6, sh.Fg), 1, 2, 1, 2 * V, kh_block=0,
+                                unroll_kh=True, unroll_kw=unroll_kw)
+        cfg = WindowConfig("direct", V, 1, 1, 4, 1, _round_up(512, 4 * V), kh_block=0, unroll_kh=True,
+                           unroll_kw=unroll_kw)
+        return _shrink(cfg, group, binding)
+    small_taps = sh.row.K * sh.col.K <= 25
+    if sh.Cg >= 8 and sh.Fg >= 2:
+        ct = min(8 if wide else 6, sh.Fg)
+        rt = 3 if wide else 2
+        return WindowConfig("gemm", V, ct, rt, 1, rt, V, kh_block=0, unroll_kh=small_taps, unroll_kw=unroll_kw)
+    ct = min(sh.Fg, 2) if sh.Cg > 1 or sh.Fg > 1 else 1
+    rt = 8 if ct == 1 else 4
+    regs = 32 if wide else 16
+    kb = min(sh.row.K, regs - rt * ct - 1) if ct == 1 and sh.row.K > 1 else 0
+    br = 32 if sh.row.K > 15 else 64
+    cfg = WindowConfig("direct", V, ct, rt, 1, br, _round_up(64, V), kh_block=kb, unroll_kh=small_taps,
+                       unroll_kw=unroll_kw)
+    return _shrink(cfg, group, binding)
+
+
+def _shrink(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
+    """Halve the direct blocks until the staged patch fits."""
+    while not check_window_config(cfg, group, binding)[0]:
+        if cfg.variant != "direct":
+            break
+        tw = cfg.tile_width
+        if cfg.block_width > tw:
+            cfg = replace(cfg, block_width=max(tw, _round_up(cfg.block_width // 2, tw)))
+        elif cfg.block_rows > cfg.rows_tile:
+            cfg = replace(cfg, block_rows=max(cfg.rows_tile, _round_up(cfg.block_rows // 2, cfg.rows_tile)))
+        elif cfg.unroll_kw:
+            cfg = replace(cfg, unroll_kw=False)
+        else:
+            break
+    return cfg
+
+
+def legalize_window_config(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
+    """``cfg`` if valid here, else the default config (ValueError naming the op when neither is)."""
+    ok, why = check_window_config(cfg, group, binding)
+    if ok:
+        return cfg
+    d = default_window_config(group, binding)
+    ok2, why2 = check_window_config(d, group, binding)
+    if not ok2:
+        raise ValueError(f"op {group.op.name}: no valid window config ({why2})")
+    return d
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class _Code:
+    lines: list[str] = field(default_factory=list)
+
+    def w(self, depth: int, text: str) -> None:
+        self.lines.append("    " * depth + text)
+
+
+def render_window(group: WindowGroup, config: WindowConfig, *, binding, index_bits: int = 32,
+                  func_name: str = "main") -> WindowSource:
+    """The TVMScript source of ``group`` under ``config``; channel counts and kernel sizes come from ``binding``
+    (batch and spatial sizes stay symbolic)."""
+    ok, why = check_window_config(config, group, binding)
+    if not ok:
+        raise ValueError(f"op {group.op.name}: invalid window config {config}: {why}")
+    sh = _resolve(group, binding)
+    return _render_cached(group, config, sh, index_bits, func_name)
+
+
+@functools.lru_cache(maxsize=256)
+def _render_cached(group: WindowGroup, cfg: WindowConfig, sh: _Shape, index_bits: int,
+                   func_name: str) -> WindowSource:
+    return _Renderer(group, cfg, sh, index_bits, func_name).render()
+
+
+class _Renderer:
+    def __init__(self, group: WindowGroup, cfg: WindowConfig, sh: _Shape, index_bits: int, func_name: str):
+        if index_bits not in (32, 64):
+            raise ValueError(f"index_bits must be 32 or 64, got {index_bits}")
+        self.g, self.cfg, self.sh, self.func_name = group, cfg, sh, func_name
+        self.op = group.op
+        self.idt = f"int{index_bits}"
+        self.static = dict(sh.static)
+        self.allocs: list[str] = []
+        self._nbuf = 0
+        self._emissions = 0
+        dt = {t.name: t.dtype for t in self.op.tensors}
+        self.acc_dt = compute_dtype(promote(dt[group.data.tensor], dt[group.weight.tensor]))
+        self.adt = tvm_dtype(self.acc_dt)
+        self.out_t = self.op.tensor(group.out)
+
+    # helpers ----------------------------------------------------------------------------------------------
+    def _buf(self, prefix: str, shape: tuple, dtype: str) -> str:
+        self._nbuf += 1
+        name = f"{prefix}{self._nbuf}"
+        dims = ", ".join(str(s) for s in shape)
+        self.allocs.append(f"{name} = T.alloc_buffer(({dims},), \"{dtype}\", scope=\"local\")")
+        return name
+
+    def _zero(self) -> str:
+        return const_text(0, self.adt)
+
+    def _cast(self, text: str, src: DType) -> str:
+        s = tvm_dtype(src)
+        return text if s == self.adt else f"T.Cast(\"{self.adt}\", {text})"
+
+    # main -------------------------------------------------------------------------------------------------
+    def render(self) -> WindowSource:
+        g, op, sh, cfg = self.g, self.op, self.sh, self.cfg
+        params = list(op.inputs) + [self.out_t]
+        derived = {d for d, _ in op.derived}
+        plain: dict[Dim, str] = {}
+        for t in params:
+            for s in t.shape:
+                if isinstance(s, Dim) and s not in derived and s not in self.static:
+                    plain.setdefault(s, t.name)
+        scalars = tuple(d for d in op.dims if d not in derived and d not in self.static and d not in plain)
+        sym: dict = {d: (str(self.static[d]) if d in self.static else f"n_{d.name}") for d in op.dims}
+        sub = {d: sympy.Integer(v) for d, v in self.static.items()}
+        plain_ir = IndexRenderer(sym, self.idt)
+        self.ird = lambda e: plain_ir(sympy.sympify(e).xreplace(sub))
+        ext = dict(op.extents)
+        self.ext_text = {a: self.ird(sympy.sympify(e)) for a, e in ext.items()}
+        data_t = op.tensor(g.data.tensor)
+        self.in_rows = self.ird(data_t.shape[sh.row.data_dim]) if sh.row.real else "1"
+        self.in_cols = self.ird(data_t.shape[sh.col.data_dim])
+        self.sym = sym
+
+        c = _Code()
+        args = [f"h_{t.name}: T.handle" for t in params] + [f"n_{d.name}: T.{self.idt}" for d in scalars]
+        c.w(0, "# generated by opgen.targets.tvm.window (TVMScript, TVM 0.27)")
+        c.w(0, "from tvm.script import tirx as T")
+        c.w(0, "")
+        c.w(0, "")
+        c.w(0, "@T.prim_func")
+        c.w(0, f"def {self.func_name}({', '.join(args)}):")
+        c.w(1, "T.func_attr({\"tirx.noalias\": True})")
+        for d in sorted(plain, key=lambda d: d.name):
+            c.w(1, f"n_{d.name} = T.{self.idt}()")
+        for t in params:
+            shape = ", ".join(self.ird(s) for s in t.shape)
+            align = max(1, t.dtype.bits // 8)
+            c.w(1, f"b_{t.name} = T.match_buffer(h_{t.name}, ({shape}{',' if len(t.shape) == 1 else ''}), "
+                   f"\"{tvm_dtype(t.dtype)}\", align={align})")
+        for d, e in op.derived:
+            if d not in self.static:
+                c.w(1, f"n_{d.name}: T.let = {self.ird(e)}")
+        c.w(1, f"OH: T.let = {self.ext_text[sh.row.out_axis] if sh.row.real else 1}")
+        c.w(1, f"OW: T.let = {self.ext_text[sh.col.out_axis]}")
+        nb = " * ".join(self.ext_text[a] for a, _ in g.batch) or "1"
+        c.w(1, f"NB: T.let = {nb}")
+        if cfg.variant == "direct":
+            self._direct(c)
+        else:
+            self._gemm(c)
+        text = "\n".join(c.lines) + "\n"
+        return WindowSource(text, tuple(t.name for t in params), scalars, cfg,
+                            tuple((d.name, v) for d, v in sorted(self.static.items(), key=lambda x: x[0].name)),
+                            self.idt)
+
+    # index texts --------------------------------------------------------------------------------------------
+    def _batch_lets(self, c: _Code, depth: int, var: str) -> None:
+        """Define ``i_<axis>`` for every batch axis from the flattened batch index ``var``."""
+        bs = [a for a, _ in self.g.batch]
+        for k, a in enumerate(bs):
+            inner = " * ".join(self.ext_text[b] for b in bs[k + 1:])
+            q = f"T.floordiv({var}, {inner})" if inner else var
+            val = f"T.floormod({q}, {self.ext_text[a]})" if k > 0 else q
+            c.w(depth, f"i_{a.name}: T.let = {val}")
+
+    def _data_index(self, chan: str, row: str, col: str) -> str:
+        """``b_x[...]`` with the batch axes as ``i_<axis>``, the given channel, row and column texts."""
+        g, sh = self.g, self.sh
+        batch = {k: f"i_{a.name}" for a, k in g.batch}
+        out = []
+        for k, ie in enumerate(g.data.index):
+            if k in batch:
+                out.append(batch[k])
+            elif k == g.channels.data_dim:
+                out.append(chan)
+            elif sh.row.real and k == sh.row.data_dim:
+                out.append(row)
+            elif k == sh.col.data_dim:
+                out.append(col)
+            else:
+                out.append(self.ird(ie))
+        return f"b_{g.data.tensor}[{', '.join(out)}]"
+
+    def _weight_index(self, co: str, ci: str, kh: str, kw: str) -> str:
+        g, sh = self.g, self.sh
+        ch = g.channels
+        if sh.row.real and sh.row.flip:
+            kh = f"({sh.row.K - 1} - {kh})"
+        if sh.col.flip:
+            kw = f"({sh.col.K - 1} - {kw})"
+        m = {}
+        if ch.out_axis is not None:
+            m[ch.out_axis] = co
+        if ch.in_axis is not None:
+            m[ch.in_axis] = ci
+        if sh.row.real:
+            m[sh.row.win_axis] = kh
+        m[sh.col.win_axis] = kw
+        return f"b_{g.weight.tensor}[{', '.join(m[a] for a in g.weight.index)}]"
+
+    def _chan(self, grp: str, ci: str) -> str:
+        """The data channel of input channel ``ci`` of group ``grp``."""
+        Cg = self.sh.Cg
+        return grp if Cg == 1 else f"({grp} * {Cg} + {ci})"
+
+    # the micro-kernel -----------------------------------------------------------------------------------------
+    def _kh_blocks(self) -> list[tuple[int, int, int]]:
+        """(count, block size, first kernel row) of the weight-stationary kernel-row blocks: full, then the tail."""
+        K = self.sh.row.K
+        kb = min(self.cfg.kh_block, K)
+        full, tail = divmod(K, kb)
+        out = [(full, kb, 0)]
+        if tail:
+            out.append((1, tail, full * kb))
+        return out
+
+    def _microkernel(self, c: _Code, depth: int, CT: int, src, co0: str) -> None:
+        """Accumulate the register tile ``acc[CT, RT, VW]``; ``src(ci, row_text, col_text)`` reads the input at
+        the row / column offsets (in input positions) relative to the tile's first output."""
+        cfg, sh = self.cfg, self.sh
+        RT, VW = cfg.rows_tile, cfg.tile_width
+        d = depth
+        c.w(d, f"for c in T.unroll({CT}):")
+        c.w(d + 1, f"for r in T.unroll({RT}):")
+        c.w(d + 2, f"for v in T.vectorized({VW}):")
+        c.w(d + 3, f"acc[c, r, v] = {self._zero()}")
+        if sh.Cg > 1:
+            c.w(d, f"for ci in range({sh.Cg}):")
+            d += 1
+        ci = "ci" if sh.Cg > 1 else "0"
+        co = f"{co0} + c" if co0 != "0" else "c"
+        cs, cd = sh.col.stride, sh.col.dil
+        col = f"v * {cs} + kw * {cd}" if cs != 1 else f"v + kw * {cd}" if cd != 1 else "v + kw"
+        kwl = f"T.unroll({sh.col.K})" if cfg.unroll_kw else f"range({sh.col.K})"
+        wdt = self.op.tensor(self.g.weight.tensor).dtype
+        if cfg.kh_block and sh.row.real:
+            self._row_reuse(c, d, CT, src, ci, co, col, kwl, wdt)
+            return
+        # tap order: each weight broadcast feeds the CT x RT tile, each input vector the CT channels
+        rs, rd = sh.row.stride, sh.row.dil
+        c.w(d, f"for kh in {f'T.unroll({sh.row.K})' if cfg.unroll_kh else f'range({sh.row.K})'}:")
+        c.w(d + 1, f"for kw in {kwl}:")
+        c.w(d + 2, f"for c in T.unroll({CT}):")
+        c.w(d + 3, f"for r in T.unroll({RT}):")
+        c.w(d + 4, f"for v in T.vectorized({VW}):")
+        row = f"{_mul('r', rs)} + {_mul('kh', rd)}" if sh.row.real else "0"
+        w = self._cast(self._weight_index(co, ci, "kh", "kw"), wdt)
+        c.w(d + 5, f"acc[c, r, v] = acc[c, r, v] + {src(ci, row, col)} * {w}")
+
+    def _row_reuse(self, c: _Code, d: int, CT: int, src, ci: str, co: str, col: str, kwl: str, wdt) -> None:
+        """Weight-stationary order: per block of kernel rows and per kw, every input row the tile reads is loaded
+        once and fed to each output row (and channel) it contributes to."""
+        RT = self.cfg.rows_tile
+        VW = self.cfg.tile_width
+        rs, rd = self.sh.row.stride, self.sh.row.dil
+        for count, kb, first in self._kh_blocks():
+            dd = d
+            if count > 1:
+                c.w(dd, f"for kh0 in range({count}):")
+                dd += 1
+                base = f"{first} + kh0 * {kb}" if first else f"kh0 * {kb}"
+            else:
+                base = str(first)
+            c.w(dd, f"for kw in {kwl}:")
+            c.w(dd + 1, f"for ir in T.unroll({(RT - 1) * rs + (kb - 1) * rd + 1}):")
+            c.w(dd + 2, f"for c in T.unroll({CT}):")
+            c.w(dd + 3, f"for r in T.unroll({RT}):")
+            # ir = r*rs + (kh - base)*rd: the kernel row of (ir, r), relative to the block
+            rel = f"ir - {_mul('r', rs)}"
+            conds = [f"{rel} >= 0", f"{rel} < {(kb - 1) * rd + 1}"]
+            kh_rel = f"({rel})"
+            if rd != 1:
+                conds.append(f"T.floormod({rel}, {rd}) == 0")
+                kh_rel = f"T.floordiv({rel}, {rd})"
+            kh = f"{base} + {kh_rel}" if base != "0" else kh_rel
+            row = f"({base}) * {rd} + ir" if base != "0" else "ir"
+            c.w(dd + 4, f"if {' and '.join(conds)}:")
+            c.w(dd + 5, f"for v in T.vectorized({VW}):")
+            w = self._cast(self._weight_index(co, ci, kh, "kw"), wdt)
+            c.w(dd + 6, f"acc[c, r, v] = acc[c, r, v] + {src(ci, row, col)} * {w}")
+
+    # the epilogue -------------------------------------------------------------------------------------------
+    def _epilogue(self, c: _Code, depth: int, CT: int, co0: str, oh_base: str, ow: str) -> None:
+        """Store the register tile (epilogue applied); rows beyond OH and columns beyond OW are skipped."""
+        cfg, sh, g = self.cfg, self.sh, self.g
+        RT, VW = cfg.rows_tile, cfg.tile_width
+        d = depth
+        c.w(d, f"for c in T.unroll({CT}):")
+        c.w(d + 1, f"for r in T.unroll({RT}):")
+        d += 2
+        if sh.row.real:
+            c.w(d, f"oh: T.let = {oh_base} + r")
+            c.w(d, "if oh < OH:")
+            d += 1
+        c.w(d, f"if {ow} + {VW} <= OW:")
+        self._store(c, d + 1, co0, ow, VW, str(VW))
+        c.w(d, "else:")
+        self._store(c, d + 1, co0, ow, 1, f"OW - ({ow})")
+
+    def _store(self, c: _Code, depth: int, co0: str, ow: str, V: int, count: str) -> None:
+        """Store ``count`` columns of row ``r`` of channel ``c`` of the tile: vectorized when ``V > 1``, else as
+        scalar code (the partial last tile, whose epilogue must not read past the image)."""
+        g, sh = self.g, self.sh
+        sym = dict(self.sym)
+        for a, _ in g.batch:
+            sym[a] = f"i_{a.name}"
+        if g.channels.out_axis is not None:
+            sym[g.channels.out_axis] = f"({co0} + c)" if co0 != "0" else "c"
+        if sh.row.real:
+            sym[sh.row.out_axis] = "oh"
+        sym[sh.col.out_axis] = f"({ow} + v)"
+        ir = IndexRenderer(sym, self.idt)
+        out_idx = ", ".join(ir(a) for a in g.axes)
+        store_dt = tvm_dtype(self.out_t.dtype)
+        if g.epilogue is None:
+            val, lets, vlines = "acc[c, r, v]", [], []
+            val_dt = self.acc_dt
+        else:
+            val, lets, vlines, val_dt = self._emit_epilogue(ir, V)
+        if tvm_dtype(compute_dtype(val_dt)) != store_dt:
+            val = f"T.Cast(\"{store_dt}\", {val})"
+        if V > 1:
+            for ln in lets:
+                c.w(depth, ln)
+            c.w(depth, f"for v in T.vectorized({V}):")
+            for ln in vlines:
+                c.w(depth + 1, ln)
+            c.w(depth + 1, f"b_{g.out}[{out_idx}] = {val}")
+        else:
+            c.w(depth, f"for v in range({count}):")
+            for ln in lets:
+                c.w(depth + 1, ln)
+            c.w(depth + 1, f"b_{g.out}[{out_idx}] = {val}")
+
+    def _emit_epilogue(self, ir: IndexRenderer, V: int):
+        g, op = self.g, self.op
+        shapes = {t.name: t.shape for t in op.tensors}
+        dtypes = {t.name: t.dtype for t in op.tensors}
+        masked = set()
+        for n in g.epilogue.walk():
+            if n.op is ExprOp.LOAD and n.arg.pad is not None and any(
+                    sympy.sympify(lo) != 0 or sympy.sympify(hi) != 0 for lo, hi in n.arg.pad):
+                masked.add(n.arg)
+        red = g.reduce.out
+        dtypes[red] = self.acc_dt
+
+        def hook(acc: Access) -> LoadOverride | None:
+            if acc.tensor == red:
+                return LoadOverride("acc[c, r, v]", V > 1, True)
+            return None
+
+        em = ExprEmitter(buffers={t.name: f"b_{t.name}" for t in op.tensors}, shapes=shapes, dtypes=dtypes,
+                         index=ir, masked=masked, fast_math=self.cfg.fast_math,
+                         vector_axis=self.sh.col.out_axis if V > 1 else None, vector_len=V,
+                         alloc=lambda dt, shape: self._buf("et", shape, dt), load_hook=hook)
+        self._emissions += 1
+        em._n = self._emissions * 1000          # distinct temporary names across the emissions of one kernel
+        leaf = Scope("epilogue", None, tuple(g.axes), leaf=True)
+        ref = em.emit(g.epilogue, leaf)
+        return ref.text, leaf.lets, leaf.vlines, g.epilogue.dtype
+
+    # direct variant -----------------------------------------------------------------------------------------
+    def _direct(self, c: _Code) -> None:
+        cfg, sh, g = self.cfg, self.sh, self.g
+        RT, VW = cfg.rows_tile, cfg.tile_width
+        RH = _block_rows(cfg, sh)
+        TW = cfg.block_width
+        PR = _patch_extent(RH, sh.row) if sh.row.real else 1
+        PC = _patch_extent(TW, sh.col)
+        CT = min(cfg.co_tile, sh.Fg)
+        cob_full, co_tail = divmod(sh.Fg, CT)
+        COB = cob_full + (1 if co_tail else 0)
+        data_dt = self.op.tensor(g.data.tensor).dtype
+        pdt = self.adt
+        c.w(1, f"OHB: T.let = T.floordiv(OH + {RH - 1}, {RH})")
+        c.w(1, f"OWB: T.let = T.floordiv(OW + {TW - 1}, {TW})")
+        c.w(1, f"for p in T.parallel(NB * {sh.G * COB} * OHB):")
+        d = 2
+        c.w(d, f"pb: T.let = T.floordiv(p, {sh.G * COB} * OHB)")
+        self._batch_lets(c, d, "pb")
+        c.w(d, f"grp: T.let = T.floormod(T.floordiv(p, {COB} * OHB), {sh.G})")
+        c.w(d, f"cob: T.let = T.floormod(T.floordiv(p, OHB), {COB})")
+        c.w(d, f"oh0: T.let = T.floormod(p, OHB) * {RH}")
+        c.w(d, f"co0: T.let = grp * {sh.Fg} + cob * {CT}")
+        body_start = len(c.lines)
+        c.w(d, f"for owb in range(OWB):")
+        d += 1
+        c.w(d, f"ow0: T.let = owb * {TW}")
+        # stage the patch
+        c.w(d, f"iw0: T.let = {_lin('ow0', sh.col.stride, sh.col.off)}")
+        c.w(d, "jlo: T.let = T.max(0, 0 - iw0)")
+        c.w(d, f"jhi: T.let = T.min({PC}, {self.in_cols} - iw0)")
+        ci_loop = sh.Cg > 1
+        dd = d
+        if ci_loop:
+            c.w(dd, f"for ci in range({sh.Cg}):")
+            dd += 1
+        ci = "ci" if ci_loop else "0"
+        chan = self._chan("grp", ci)
+        c.w(dd, f"for i in range({PR}):")
+        dd += 1
+        if sh.row.real:
+            c.w(dd, f"ih: T.let = {_lin('oh0', sh.row.stride, sh.row.off)} + i")
+            rok = f"ih >= 0 and ih < {self.in_rows}"
+        else:
+            rok = None
+        row = "ih" if sh.row.real else "0"
+        V = cfg.vector
+
+        def xval(col: str) -> str:
+            return self._cast(self._data_index(chan, row, col), data_dt)
+
+        full = f"{rok} and jlo == 0 and jhi == {PC}" if rok else f"jlo == 0 and jhi == {PC}"
+        dst = lambda j: f"P[{ci}, i, {j}]"  # noqa: E731
+        c.w(dd, f"if {full}:")
+        self._static_copy(c, dd + 1, PC, V, dst, lambda j: xval(f"iw0 + {j}"))
+        c.w(dd, f"elif {rok + ' and ' if rok else ''}jhi > jlo:")
+        # a border row: zeros left of the image, the image, zeros right of it
+        self._range_copy(c, dd + 1, "0", "jlo", V, dst, lambda j: self._zero())
+        self._range_copy(c, dd + 1, "jlo", "jhi", V, dst, lambda j: xval(f"iw0 + {j}"))
+        self._range_copy(c, dd + 1, "jhi", str(PC), V, dst, lambda j: self._zero())
+        c.w(dd, "else:")
+        self._static_copy(c, dd + 1, PC, V, dst, lambda j: self._zero())
+        # register tiles
+        c.w(d, f"for r0 in range({RH // RT}):")
+        c.w(d + 1, f"for vb in range({TW // VW}):")
+        d2 = d + 2
+        c.w(d2, f"if oh0 + r0 * {RT} < OH and ow0 + vb * {VW} < OW:")
+        d3 = d2 + 1
+
+        def src(ci_: str, row_: str, col_: str) -> str:
+            r = f"r0 * {RT * sh.row.stride} + {row_}" if sh.row.real else "0"
+            return f"P[{ci_}, {r}, vb * {VW * sh.col.stride} + {col_}]"
+
+        def tile(depth: int, CT_: int) -> None:
+            self._microkernel(c, depth, CT_, src, "co0")
+            self._epilogue(c, depth, CT_, "co0", f"oh0 + r0 * {RT}", f"ow0 + vb * {VW}")
+
+        if co_tail:
+            c.w(d3, f"if cob < {cob_full}:")
+            tile(d3 + 1, CT)
+            c.w(d3, "else:")
+            tile(d3 + 1, co_tail)
+        else:
+            tile(d3, CT)
+        # allocations at the top of the parallel body
+        allocs = [f"P = T.alloc_buffer(({sh.Cg}, {PR}, {PC}), \"{pdt}\", scope=\"local\")",
+                  f"acc = T.alloc_buffer(({CT}, {RT}, {VW}), \"{self.adt}\", scope=\"local\")"] + self.allocs
+        c.lines[body_start:body_start] = ["    " * 2 + a for a in allocs]
+
+    def _static_copy(self, c: _Code, depth: int, n: int, V: int, dst, val) -> None:
+        """``dst(j) = val(j)`` for j in [0, n): vector chunks, then a static tail."""
+        chunks, tail = divmod(n, V)
+        if chunks:
+            c.w(depth, f"for j0 in range({chunks}):")
+            c.w(depth + 1, f"for v in T.vectorized({V}):")
+            c.w(depth + 2, f"{dst(f'j0 * {V} + v')} = {val(f'j0 * {V} + v')}")
+        if tail:
+            c.w(depth, f"for j in range({tail}):")
+            c.w(depth + 1, f"{dst(f'{chunks * V} + j')} = {val(f'{chunks * V} + j')}")
+
+    def _range_copy(self, c: _Code, depth: int, lo: str, hi: str, V: int, dst, val) -> None:
+        """``dst(j) = val(j)`` for j in [lo, hi) (run-time bounds): vector chunks, then a scalar tail."""
+        c.w(depth, f"for j0 in range(T.floordiv({hi} - {lo}, {V})):")
+        c.w(depth + 1, f"for v in T.vectorized({V}):")
+        c.w(depth + 2, f"{dst(f'{lo} + j0 * {V} + v')} = {val(f'{lo} + j0 * {V} + v')}")
+        c.w(depth, f"for j in range(T.floormod({hi} - {lo}, {V})):")
+        c.w(depth + 1, f"{dst(f'{hi} - 1 - j')} = {val(f'{hi} - 1 - j')}")
+
+    # gemm variant -------------------------------------------------------------------------------------------
+    def _gemm(self, c: _Code) -> None:
+        cfg, sh, g = self.cfg, self.sh, self.g
+        RT, VW, V = cfg.rows_tile, cfg.tile_width, cfg.vector
+        CT = min(cfg.co_tile, sh.Fg)
+        cob_full, co_tail = divmod(sh.Fg, CT)
+        data_dt = self.op.tensor(g.data.tensor).dtype
+        Cin = sh.G * sh.Cg
+        c.w(1, f"OHB: T.let = T.floordiv(OH + {RT - 1}, {RT})")
+        c.w(1, f"OWB: T.let = T.floordiv(OW + {VW - 1}, {VW})")
+        if sh.row.real:
+            c.w(1, f"Hp: T.let = (OHB * {RT} - 1) * {sh.row.stride} + {(sh.row.K - 1) * sh.row.dil + 1}")
+        else:
+            c.w(1, "Hp: T.let = 1")
+        c.w(1, f"Wp: T.let = (OWB * {VW} - 1) * {sh.col.stride} + {(sh.col.K - 1) * sh.col.dil + 1}")
+        c.w(1, f"Xp = T.alloc_buffer((NB, {Cin}, Hp, Wp), \"{self.adt}\")")
+        # padding pass
+        c.w(1, f"for q in T.parallel(NB * {Cin} * Hp):")
+        d = 2
+        c.w(d, f"pb: T.let = T.floordiv(q, {Cin} * Hp)")
+        self._batch_lets(c, d, "pb")
+        c.w(d, f"cin: T.let = T.floormod(T.floordiv(q, Hp), {Cin})")
+        c.w(d, "hp: T.let = T.floormod(q, Hp)")
+        lo = max(0, -sh.col.off)
+        c.w(d, f"jhi: T.let = T.min(Wp, {self.in_cols} - {sh.col.off})")
+        row = "ih" if sh.row.real else "0"
+        if sh.row.real:
+            c.w(d, f"ih: T.let = hp + {sh.row.off}")
+            rok = f"ih >= 0 and ih < {self.in_rows} and "
+        else:
+            rok = ""
+
+        def xval(col: str) -> str:
+            return self._cast(self._data_index("cin" if g.channels.data_dim is not None else "0", row, col),
+                              data_dt)
+
+        c.w(d, f"if {rok}jhi > {lo}:")
+        e = d + 1
+        if lo:
+            c.w(e, f"for j in range({lo}):")
+            c.w(e + 1, f"Xp[pb, cin, hp, j] = {self._zero()}")
+        c.w(e, f"for j0 in range(T.floordiv(jhi - {lo}, {V})):")
+        c.w(e + 1, f"for v in T.vectorized({V}):")
+        c.w(e + 2, f"Xp[pb, cin, hp, {lo} + j0 * {V} + v] = {xval(f'{lo} + j0 * {V} + v + {sh.col.off}')}")
+        c.w(e, f"for j in range(T.floormod(jhi - {lo}, {V})):")
+        c.w(e + 1, f"Xp[pb, cin, hp, jhi - 1 - j] = {xval(f'jhi - 1 - j + {sh.col.off}')}")
+        c.w(e, "for j in range(Wp - jhi):")
+        c.w(e + 1, f"Xp[pb, cin, hp, jhi + j] = {self._zero()}")
+        c.w(d, "else:")
+        c.w(d + 1, "for j in range(Wp):")
+        c.w(d + 2, f"Xp[pb, cin, hp, j] = {self._zero()}")
+        # compute
+        c.w(1, "for p in T.parallel(NB * OHB):")
+        d = 2
+        c.w(d, "pb: T.let = T.floordiv(p, OHB)")
+        self._batch_lets(c, d, "pb")
+        c.w(d, f"oh0: T.let = T.floormod(p, OHB) * {RT}")
+        body_start = len(c.lines)
+        c.w(d, "for owb in range(OWB):")
+        c.w(d + 1, f"ow0: T.let = owb * {VW}")
+        c.w(d + 1, f"for grp in range({sh.G}):")
+        d2 = d + 2
+
+        def src(ci_: str, row_: str, col_: str) -> str:
+            chan = f"grp * {sh.Cg} + {ci_}" if sh.Cg > 1 else "grp"
+            r = f"oh0 * {sh.row.stride} + {row_}"
+            return f"Xp[pb, {chan}, {r}, ow0 * {sh.col.stride} + {col_}]"
+
+        if cob_full:
+            c.w(d2, f"for cob in range({cob_full}):")
+            c.w(d2 + 1, f"co0: T.let = grp * {sh.Fg} + cob * {CT}")
+            self._microkernel(c, d2 + 1, CT, src, "co0")
+            self._epilogue(c, d2 + 1, CT, "co0", "oh0", "ow0")
+        if co_tail:
+            c.w(d2, f"co0: T.let = grp * {sh.Fg} + {cob_full * CT}")
+            self._microkernel(c, d2, co_tail, src, "co0")
+            self._epilogue(c, d2, co_tail, "co0", "oh0", "ow0")
+        allocs = [f"acc = T.alloc_buffer(({CT}, {RT}, {VW}), \"{self.adt}\", scope=\"local\")"] + self.allocs
+        c.lines[body_start:body_start] = ["    " * 2 + a for a in allocs]
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+@functools.lru_cache(maxsize=512)
+def window_group(op) -> WindowGroup | None:
+    """``fuse_window(op)``, cached per op."""
+    return fuse_window(op)
+
+
+def _index_bits(binding) -> int:
+    """32-bit indices unless a tensor (or the padded workspace, up to ~2x the input) may pass 2**31 elements."""
+    biggest = max((math.prod(s) for s in binding.shapes.values()), default=1)
+    return 64 if 2 * biggest > _INT32_LIMIT else 32
+
+
+_SOURCES: dict = {}
+
+
+def window_source(group: WindowGroup, binding, config: WindowConfig | Mapping | None = None,
+                  caps=None) -> WindowSource:
+    """The kernel source a call with these sizes uses (``config`` legalized, or the default), cached per
+    (group, sizes, config)."""
+    cfg = as_window_config(config)
+    key = (group, tuple(sorted((d.name, int(v)) for d, v in binding.dims.items())), cfg,
+           getattr(caps, "vector_bits", None))
+    hit = _SOURCES.get(key)
+    if hit is not None:
+        return hit
+    if cfg is None:
+        cfg = default_window_config(group, binding, caps)
+    else:
+        cfg = legalize_window_config(cfg, group, binding)
+    src = render_window(group, cfg, binding=binding, index_bits=_index_bits(binding))
+    if len(_SOURCES) > 4096:
+        _SOURCES.clear()
+    _SOURCES[key] = src
+    return src
+
+
+def window_kernel(group: WindowGroup, binding, config: WindowConfig | Mapping | None = None, cache=None,
+                  caps=None):
+    """(compiled function, its :class:`WindowSource`) for a call with these sizes; ``cache`` is a
+    :class:`~opgen.targets.tvm.compile.KernelCache` (a process-wide in-memory one when None)."""
+    src = window_source(group, binding, config, caps)
+    return (cache if cache is not None else _default_cache()).get(src.text), src
+
+
+@functools.lru_cache(maxsize=1)
+def _default_cache():
+    from .compile import KernelCache
+
+    return KernelCache(None)
+
+
+def run_window(group: WindowGroup, inputs: Mapping, binding, config: WindowConfig | Mapping | None = None,
+               cache=None) -> dict:
+    """Run the window kernel: ``{output name: fresh tensor}``. Inputs are made contiguous and converted to their
+    declared dtypes; ``cache`` is a :class:`~opgen.targets.tvm.compile.KernelCache` (a process-wide in-memory
+    one when None)."""
+    import torch
+
+    from opgen.ir.dtypes import to_torch
+
+    fn, src = window_kernel(group, binding, config, cache)
+    args = []
+    outs = {}
+    for name in src.tensors:
+        t = group.op.tensor(name)
+        dtype = to_torch(t.dtype)
+        if t.kind == "output":
+            x = torch.empty(binding.shapes[name], dtype=dtype)
+            outs[name] = x
+        else:
+            if name not in inputs:
+                raise ValueError(f"op {group.op.name}: missing input {name!r}")
+            x = inputs[name]
+            if x.device.type != "cpu":
+                raise ValueError(f"op {group.op.name}: the tvm target runs on CPU tensors; input {name!r} is on "
+                                 f"{x.device}")
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            if not x.is_contiguous():
+                x = x.contiguous()
+        args.append(x)
+    args += [binding.dims[d] for d in src.scalars]
+    fn(*args)
+    return outs
