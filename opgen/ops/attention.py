@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import torch
 
-from opgen.ir import DType, Expr, OpBuilder, accum_dtype, dims, exp, load, log, promote, where
-from opgen.attention_eager import eager_attention
-from opgen.ir.errors import FallbackWarning, UnsupportedConstruct
+from opgen.attention_op import eager_fallback, prepare_mods
+from opgen.ir import DType, Expr, OpBuilder, dims, exp, load, log, where
 from opgen.ir.symbols import Dim, make_axes
-from opgen.runtime import default_session
 from opgen.trace import trace_mods
 
 from . import _args
@@ -116,26 +113,9 @@ def attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enable_gqa=Fal
                 check(q.shape[2], k.shape[2])
             except _args.ArgumentError as exc:
                 raise _args.ArgumentError(f"{who}: argument '{name}': {exc}") from None
-    try:
-        traced = trace(who, score_mod, mask_mod, accum_dtype(promote(_args.ir_dtype(q), _args.ir_dtype(k))))
-    except UnsupportedConstruct as exc:
-        try:
-            out = eager_attention(q, k, v, score_mod, mask_mod, float(scale), bool(enable_gqa))
-        except Exception:  # noqa: BLE001 - the mod fails on index tensors too: the trace error says why
-            raise exc from None
-        why = str(exc).rstrip(".")
-        warnings.warn(f"{why}. Fell back to dense eager attention (the mods called on index tensors, O(L x S) "
-                      f"memory, no generated kernel)", FallbackWarning, stacklevel=2)
-        return out
-    caps = tuple((_args.ir_dtype(t) if t.is_floating_point() or t.dtype == torch.bool else _int_dtype(t), d)
-                 for t, d in zip(traced.captures, traced.capture_dims))
-    op = declare_attention(_args.ir_dtype(q), _args.ir_dtype(k), _args.ir_dtype(v), float(scale),
-                           bool(enable_gqa), traced.score, traced.mask, caps)
-    inputs = {"q": q, "k": k, "v": v}
-    for n, t in enumerate(traced.captures):
-        inputs[f"capture{n}"] = t.to(q.device) if t.device != q.device else t
-    return default_session().run(op, inputs, who=who)["out"]
+    spec, captures, unsupported = prepare_mods(who, score_mod, mask_mod, q.dtype, k.dtype)
+    if unsupported:  # a mod the tracer has no IR for: dense eager attention with a FallbackWarning, or the error
+        return eager_fallback(unsupported, q, k, v, score_mod, mask_mod, float(scale), bool(enable_gqa))
+    captures = [t if t.device == q.device else t.to(q.device) for t in captures]
+    return torch.ops.opgen.attention(q, k, v, captures, spec, float(scale), bool(enable_gqa))[0]
 
-
-def _int_dtype(t: torch.Tensor) -> DType:
-    return DType.i32 if t.dtype == torch.int32 else DType.i64

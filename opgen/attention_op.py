@@ -1,0 +1,435 @@
+"""``torch.ops.opgen.attention``: one custom op for every FlexAttention-style score/mask mod.
+
+The mods are traced once (:mod:`opgen.trace`) into IR expressions; their JSON (:mod:`opgen.ir.serialize`) is the
+op's ``spec`` string argument, so ``torch.compile`` sees a constant and one registered op serves every mod::
+
+    opgen::attention(Tensor q, Tensor k, Tensor v, Tensor[] captures, str spec, float scale, bool enable_gqa)
+        -> (Tensor out, Tensor lse)
+    opgen::attention_backward(Tensor q, Tensor k, Tensor v, Tensor[] captures, Tensor out, Tensor lse,
+                              Tensor dout, str spec, float scale, bool enable_gqa) -> (Tensor dq, Tensor dk, Tensor dv)
+
+``out`` is ``[B, HQ, L, EV]`` in q's dtype; ``lse`` is ``[B, HQ, L]`` in the accumulation dtype (``-inf`` on
+fully masked rows, whose ``out`` row is 0). Gradients flow to q, k and v through ``attention_backward``
+(:meth:`opgen.runtime.Session.attention_backward`: the target's flash backward, else the reference).
+
+Limits (documented, checked):
+
+* **captured tensors get no gradient** (ALiBi slopes, bias tables, document ids are constants of the op). A
+  captured tensor that requires grad raises :class:`~opgen.ir.ArgumentError` naming it; pass ``t.detach()``
+  (or a buffer) instead.
+* ``lse`` is **not differentiable** (it is marked so: ``lse.requires_grad`` is False); use it as a statistic.
+* Under ``torch.compile``, :func:`prepare_mods` runs once per compiled frame (it is marked
+  ``assume_constant_result``): create mod objects *outside* the compiled function (e.g. in a module's
+  ``__init__``); captured tensors are read by reference, so in-place updates are seen, but rebinding a global or
+  an attribute the mod reads to a *new* tensor is not seen until a recompile (pass a new mod object instead).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import types
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from opgen.attention_eager import eager_attention
+from opgen.ir import ArgumentError, DType, Expr, accum_dtype, as_dtype, promote
+from opgen.ir.dtypes import to_torch
+from opgen.ir.errors import FallbackWarning, UnsupportedConstruct
+from opgen.ir.serialize import expr_from_obj, expr_to_obj
+from opgen.ir.symbols import Dim
+from opgen.runtime import default_session
+
+WHO = "torch.ops.opgen.attention"
+SPEC_FORMAT = "opgen.attention_spec"
+SPEC_VERSION = 1
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------------ spec
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The parsed ``spec`` argument: traced score and mask expressions and the captured inputs' dtypes/dims."""
+
+    score_dtype: DType
+    score: Expr
+    mask: Expr | None
+    captures: tuple[tuple[DType, tuple[Dim, ...]], ...]
+
+
+def spec_to_json(score_dtype: DType, score: Expr, mask: Expr | None,
+                 captures: Sequence[tuple[DType, Sequence[Dim]]]) -> str:
+    """The ``spec`` string of traced mods (deterministic: the same mods give the same string)."""
+    obj = {"format": SPEC_FORMAT, "version": SPEC_VERSION, "score_dtype": as_dtype(score_dtype).value,
+           "score": expr_to_obj(score), "mask": None if mask is None else expr_to_obj(mask),
+           "captures": [{"dtype": as_dtype(dt).value, "dims": [str(d) for d in dims_]} for dt, dims_ in captures]}
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+@functools.lru_cache(maxsize=256)
+def parse_spec(spec: str) -> AttentionSpec:
+    """Parse (and cache) a ``spec`` string written by :func:`spec_to_json`."""
+    try:
+        obj = json.loads(spec)
+    except (TypeError, ValueError) as exc:
+        raise ArgumentError(f"{WHO}: argument 'spec' is not valid JSON ({exc}); build it with "
+                            f"opgen.attention_op.prepare_mods") from None
+    if not isinstance(obj, dict) or obj.get("format") != SPEC_FORMAT or obj.get("version") != SPEC_VERSION:
+        raise ArgumentError(f"{WHO}: argument 'spec' is not an attention spec of format {SPEC_FORMAT!r} version "
+                            f"{SPEC_VERSION}; build it with opgen.attention_op.prepare_mods")
+    try:
+        caps = tuple((DType(c["dtype"]), tuple(Dim(d) for d in c["dims"])) for c in obj["captures"])
+        mask = None if obj["mask"] is None else expr_from_obj(obj["mask"])
+        return AttentionSpec(DType(obj["score_dtype"]), expr_from_obj(obj["score"]), mask, caps)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArgumentError(f"{WHO}: argument 'spec' is malformed: {exc}") from None
+
+
+def _trace(who: str, score_mod: Callable | None, mask_mod: Callable | None, score_dtype: DType):
+    from opgen.ops.attention import trace  # lazy: opgen.ops.attention imports this module
+
+    return trace(who, score_mod, mask_mod, score_dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_of(score_dtype: DType, score: Expr, mask: Expr | None,
+             captures: tuple[tuple[DType, tuple[Dim, ...]], ...]) -> str:
+    return spec_to_json(score_dtype, score, mask, captures)
+
+
+def _score_dtype(q_dtype: Any, k_dtype: Any) -> DType:
+    return accum_dtype(promote(as_dtype(q_dtype), as_dtype(k_dtype)))
+
+
+@torch._dynamo.assume_constant_result
+def prepare_mods(who: str, score_mod: Callable | None, mask_mod: Callable | None,
+                 q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[str, tuple[Tensor, ...], str]:
+    """Trace ``score_mod`` / ``mask_mod`` for q and k of these dtypes into ``(spec, captures, unsupported)``: the
+    op's ``spec`` string, the captured tensors in capture order (the op's ``captures``), and ``""``; or, when a
+    mod uses a construct the tracer has no IR for (:class:`~opgen.ir.errors.UnsupportedConstruct`),
+    ``("", (), message)``: the caller then runs :func:`eager_fallback`. A return value rather than an exception,
+    so that the fallback also compiles with ``fullgraph=True``; under ``torch.compile`` (where this runs once, at
+    compile time) the :class:`~opgen.ir.errors.FallbackWarning` is issued here, since ``warnings.warn`` in
+    compiled code would be a graph break. Other tracing errors raise.
+
+    Eager calls are memoized on the mods' observable state (identity of the tensors they can reach, values of
+    the numbers and strings they read), so a mod is traced again only when something it reads changed. Under
+    ``torch.compile`` this runs once per compiled frame and its result is a constant of the graph.
+    """
+    sd = _score_dtype(q_dtype, k_dtype)
+    key = _cache_key(score_mod, mask_mod, sd)
+    hit = _PREPARED.get(key) if key is not None else None
+    if hit is not None:
+        _PREPARED.move_to_end(key)
+        return hit[0], hit[1], ""
+    try:
+        traced = _trace(who, score_mod, mask_mod, sd)
+    except UnsupportedConstruct as exc:
+        if torch.compiler.is_compiling():
+            warnings.warn(f"{str(exc).rstrip('.')}{_inside_compile_hint(score_mod, mask_mod, str(exc))}. "
+                          f"{_FELL_BACK}, compiled into the graph", FallbackWarning, stacklevel=3)
+        return "", (), str(exc)
+    caps = tuple((as_dtype(t.dtype), d) for t, d in zip(traced.captures, traced.capture_dims))
+    spec = _spec_of(sd, traced.score, traced.mask, caps)
+    captures = tuple(traced.captures)
+    if key is not None and all(id(t) in key[-1] for t in captures):
+        # the entry holds the mods and every tensor in the key, so that no id in the key can be reused
+        _PREPARED[key] = (spec, captures, (score_mod, mask_mod), tuple(key[-1].values()))
+        if len(_PREPARED) > _MAX_PREPARED:
+            _PREPARED.popitem(last=False)
+    return spec, captures, ""
+
+
+_FELL_BACK = "Fell back to dense eager attention (the mods called on index tensors, O(L x S) memory, no generated " \
+             "kernel)"
+
+
+def _inside_compile_hint(score_mod: Any, mask_mod: Any, message: str) -> str:
+    """Under torch.compile, a mod object built inside the compiled function reaches the tracer without its
+    attributes (dynamo has not materialized it): say so, since the AttributeError alone is puzzling."""
+    unbuilt = [m for m in (score_mod, mask_mod) if dataclasses.is_dataclass(m) and not isinstance(m, type)
+               and not all(hasattr(m, f.name) for f in dataclasses.fields(m))]
+    if unbuilt or "AttributeError" in message:
+        return (" (a mod object created inside a torch.compile'd function is not visible to opgen's tracer: "
+                "create score_mod / mask_mod objects outside it, e.g. in the module's __init__)")
+    return ""
+
+
+def eager_fallback(unsupported: str, q: Tensor, k: Tensor, v: Tensor, score_mod: Callable | None,
+                   mask_mod: Callable | None, scale: float, enable_gqa: bool) -> Tensor:
+    """Dense eager attention for mods :func:`prepare_mods` could not trace (``unsupported`` is its message):
+    warns with :class:`~opgen.ir.errors.FallbackWarning` when it works; when the mods fail on index tensors too,
+    raises :class:`~opgen.ir.errors.UnsupportedConstruct` with the tracer's message (which says what to change)."""
+    try:
+        out = eager_attention(q, k, v, score_mod, mask_mod, float(scale), bool(enable_gqa))
+    except Exception:  # noqa: BLE001 - the mod fails on index tensors too: the trace error says why
+        raise UnsupportedConstruct(unsupported) from None
+    if not torch.compiler.is_compiling():  # (prepare_mods warned at compile time)
+        warnings.warn(f"{unsupported.rstrip('.')}. {_FELL_BACK}", FallbackWarning, stacklevel=3)
+    return out
+
+
+# ----------------------------------------------------------------------------- memo of prepare_mods (eager)
+
+_PREPARED: OrderedDict = OrderedDict()
+_MAX_PREPARED = 64
+_MAX_STATE_NODES = 256
+_CONSTANT_TYPES = (types.ModuleType, type, types.BuiltinFunctionType, torch.dtype, torch.device)
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _cache_key(score_mod: Any, mask_mod: Any, sd: DType) -> tuple | None:
+    """``(state of score_mod, state of mask_mod, dtype, reachable tensors by id)``; None when a mod reads
+    something whose state cannot be summarized (it is then traced on every call)."""
+    tensors: dict[int, Tensor] = {}
+    budget = [_MAX_STATE_NODES]
+    try:
+        key = (_state(score_mod, tensors, budget, set()), _state(mask_mod, tensors, budget, set()), sd.value)
+        hash(key)
+    except (_Uncacheable, TypeError, RecursionError):
+        return None
+    return (*key, _TensorsById(tensors))
+
+
+class _TensorsById(dict):
+    """The tensors a mod can reach, by id; hashed and compared by the set of ids (tensors have no value hash)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, dict) and self.keys() == other.keys()
+
+
+def _state(x: Any, tensors: dict[int, Tensor], budget: list[int], active: set[int]) -> Any:
+    """A hashable snapshot of what a mod can read through ``x`` (tensors by identity, scalars by value)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Uncacheable
+    if x is None or isinstance(x, (bool, int, float, str, bytes, complex)):
+        return (type(x).__name__, x)
+    if isinstance(x, Tensor):
+        tensors[id(x)] = x
+        return ("tensor", id(x))
+    if isinstance(x, _CONSTANT_TYPES) or callable(getattr(x, "_dynamo_marked_constant", None)):
+        return ("const", id(x))
+    if id(x) in active:  # a cycle: the object is already being summarized
+        return ("cycle", id(x))
+    active.add(id(x))
+    try:
+        return _state_of_container(x, tensors, budget, active)
+    finally:
+        active.discard(id(x))
+
+
+def _state_of_container(x: Any, tensors: dict[int, Tensor], budget: list[int], active: set[int]) -> Any:
+    rec = functools.partial(_state, tensors=tensors, budget=budget, active=active)
+    if isinstance(x, (tuple, list)):
+        return (type(x).__name__, tuple(rec(v) for v in x))
+    if isinstance(x, (set, frozenset)):
+        return (type(x).__name__, frozenset(rec(v) for v in x))
+    if isinstance(x, dict):
+        return ("dict", tuple(sorted(((repr(k), rec(v)) for k, v in x.items()), key=lambda kv: kv[0])))
+    if isinstance(x, types.FunctionType):
+        cells = tuple(rec(c.cell_contents) for c in (x.__closure__ or ()) if _cell_filled(c))
+        names = _code_names(x.__code__)
+        glb = tuple((n, rec(x.__globals__[n])) for n in names if n in x.__globals__)
+        return ("fn", id(x.__code__), rec(x.__defaults__), rec(x.__kwdefaults__), cells, glb)
+    if isinstance(x, types.MethodType):
+        return ("method", rec(x.__func__), rec(x.__self__))
+    if isinstance(x, functools.partial):
+        return ("partial", rec(x.func), rec(x.args), rec(x.keywords))
+    attrs = getattr(x, "__dict__", None)
+    slots = [s for c in type(x).__mro__ for s in getattr(c, "__slots__", ()) if isinstance(s, str)]
+    if attrs is None and not slots:
+        raise _Uncacheable
+    fields = dict(attrs or {})
+    fields.update({s: getattr(x, s) for s in slots if s not in ("__dict__", "__weakref__") and hasattr(x, s)})
+    call = getattr(type(x), "__call__", None)
+    return ("obj", type(x).__qualname__, id(type(x)), rec(fields),
+            rec(call) if isinstance(call, types.FunctionType) else None)
+
+
+def _cell_filled(c: types.CellType) -> bool:
+    try:
+        c.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_names(code: types.CodeType) -> tuple[str, ...]:
+    """Global names a function (and the lambdas / comprehensions inside it) may read."""
+    names = list(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names.extend(_code_names(c))
+    return tuple(dict.fromkeys(names))
+
+
+# ------------------------------------------------------------------------------------------- checking args
+
+def _check_tensors(q: Tensor, k: Tensor, v: Tensor, captures: Sequence[Tensor], spec: AttentionSpec,
+                   enable_gqa: bool) -> None:
+    """Ranks, dtypes and devices (metadata only: runs in the fake kernel too)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ArgumentError(f"{WHO}: argument '{name}' expected a 4-D tensor, got {x.dim()}-D of shape "
+                                f"{tuple(x.shape)}")
+        if x.dtype not in _FLOAT:
+            raise ArgumentError(f"{WHO}: argument '{name}' expected a floating-point tensor (float16, bfloat16, "
+                                f"float32 or float64), got {x.dtype}")
+        if x.device != q.device:
+            raise ArgumentError(f"{WHO}: argument '{name}' is on {x.device} but 'q' is on {q.device}")
+    sd = _score_dtype(q.dtype, k.dtype)
+    if sd != spec.score_dtype:
+        raise ArgumentError(f"{WHO}: argument 'spec' was traced for {spec.score_dtype} scores but q ({q.dtype}) "
+                            f"and k ({k.dtype}) give {sd} scores; trace the mods for these dtypes "
+                            f"(opgen.attention_op.prepare_mods)")
+    if len(captures) != len(spec.captures):
+        raise ArgumentError(f"{WHO}: argument 'captures' has {len(captures)} tensors but the spec's mods capture "
+                            f"{len(spec.captures)}")
+    for n, (c, (dt, dims_)) in enumerate(zip(captures, spec.captures)):
+        if as_dtype(c.dtype) != dt or c.dim() != len(dims_):
+            raise ArgumentError(f"{WHO}: argument 'captures[{n}]' is a {c.dim()}-D {c.dtype} tensor but the spec "
+                                f"expects a {len(dims_)}-D {to_torch(dt)} tensor")
+        if c.device != q.device:
+            raise ArgumentError(f"{WHO}: argument 'captures[{n}]' is on {c.device} but 'q' is on {q.device}; move "
+                                f"captured tensors to q's device")
+    shapes = lambda: f"(q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"  # noqa: E731
+    for name, x in (("k", k), ("v", v)):
+        _check(x.shape[0] == q.shape[0], lambda: f"{WHO}: argument '{name}' must have q's batch size {shapes()}")
+    _check(k.shape[3] == q.shape[3], lambda: f"{WHO}: argument 'k' must have q's head dim {shapes()}")
+    _check(v.shape[1] == k.shape[1], lambda: f"{WHO}: argument 'v' must have k's number of heads {shapes()}")
+    _check(v.shape[2] == k.shape[2], lambda: f"{WHO}: argument 'v' must have k's length {shapes()}")
+    if enable_gqa:
+        _check(q.shape[1] % k.shape[1] == 0,
+               lambda: f"{WHO}: argument 'k' has {k.shape[1]} heads, which must divide q's {q.shape[1]} {shapes()}")
+    else:
+        _check(k.shape[1] == q.shape[1], lambda: f"{WHO}: argument 'k' has {k.shape[1]} heads but q has "
+                                                 f"{q.shape[1]}; they must match or enable_gqa be set {shapes()}")
+
+
+def _check(cond: Any, message: Callable[[], str]) -> None:
+    """``torch._check`` raising :class:`ArgumentError` (works on symbolic sizes inside the fake kernel)."""
+    torch._check_with(ArgumentError, cond, message)
+
+
+def check_captures_need_no_grad(captures: Sequence[Tensor], who: str = WHO) -> None:
+    """Captured tensors are constants of the op: raise when one requires grad (instead of silent zeros)."""
+    for n, c in enumerate(captures):
+        if c.requires_grad:
+            raise ArgumentError(
+                f"{who}: argument 'captures[{n}]' (a {c.dim()}-D {str(c.dtype).removeprefix('torch.')} tensor of "
+                f"shape {tuple(c.shape)} captured by score_mod / mask_mod) requires grad, but captured tensors get "
+                f"no gradient from opgen attention; capture t.detach() (or a buffer) instead")
+
+
+def _declare(q: Tensor, k: Tensor, v: Tensor, captures: Sequence[Tensor], spec: str, scale: float,
+             enable_gqa: bool):
+    from opgen.ops.attention import declare_attention  # lazy: opgen.ops.attention imports this module
+
+    parsed = parse_spec(spec)
+    _check_tensors(q, k, v, captures, parsed, enable_gqa)
+    return declare_attention(as_dtype(q.dtype), as_dtype(k.dtype), as_dtype(v.dtype), float(scale),
+                             bool(enable_gqa), parsed.score, parsed.mask, parsed.captures)
+
+
+def _inputs(q: Tensor, k: Tensor, v: Tensor, captures: Sequence[Tensor]) -> dict:
+    return {"q": q, "k": k, "v": v, **{f"capture{n}": c for n, c in enumerate(captures)}}
+
+
+def _fresh(x: Tensor, dtype: torch.dtype, inputs: Sequence[Tensor]) -> Tensor:
+    """A contiguous result of ``dtype`` that aliases no input (custom ops must not return views of inputs)."""
+    x = x.to(dtype).contiguous()
+    if any(x.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs if t.numel()):
+        x = x.clone()
+    return x
+
+
+def _autograd_dispatch():
+    """Undo the autograd-key exclusion a custom op's kernel runs under (``_AutoDispatchBelowAutograd``), so that
+    code inside the kernel that uses ``torch.autograd`` (the reference attention backward) records a graph."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for k in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        if exclude.has(k):
+            exclude = exclude.remove(k)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+# ------------------------------------------------------------------------------------------------- the ops
+
+@torch.library.custom_op("opgen::attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor, captures: list[Tensor], spec: str, scale: float,
+                 enable_gqa: bool) -> tuple[Tensor, Tensor]:
+    """Attention with the traced mods of ``spec``; returns ``(out [B, HQ, L, EV], lse [B, HQ, L])``."""
+    op = _declare(q, k, v, captures, spec, scale, enable_gqa)
+    with torch.no_grad():
+        res = default_session().run(op, _inputs(q, k, v, captures), who=WHO)
+    ins = (q, k, v, *captures)
+    return (_fresh(res["out"], to_torch(op.tensor("out").dtype), ins),
+            _fresh(res["lse"], to_torch(op.tensor("lse").dtype), ins))
+
+
+@attention_op.register_fake
+def _(q, k, v, captures, spec, scale, enable_gqa):
+    op = _declare(q, k, v, captures, spec, scale, enable_gqa)
+    b, hq, length = q.shape[0], q.shape[1], q.shape[2]
+    out = q.new_empty((b, hq, length, v.shape[3]), dtype=to_torch(op.tensor("out").dtype))
+    return out, q.new_empty((b, hq, length), dtype=to_torch(op.tensor("lse").dtype))
+
+
+@torch.library.custom_op("opgen::attention_backward", mutates_args=())
+def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, captures: list[Tensor], out: Tensor, lse: Tensor,
+                          dout: Tensor, spec: str, scale: float, enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of :func:`attention_op` for the output gradient ``dout`` (captures get none)."""
+    op = _declare(q, k, v, captures, spec, scale, enable_gqa)
+    with _autograd_dispatch():  # the reference fallback differentiates the interpreter with torch.autograd
+        g = default_session().attention_backward(op, _inputs(q, k, v, captures), out, lse, dout, who=WHO)
+    ins = (q, k, v, *captures, out, lse, dout)
+    return _fresh(g["q"], q.dtype, ins), _fresh(g["k"], k.dtype, ins), _fresh(g["v"], v.dtype, ins)
+
+
+@attention_backward_op.register_fake
+def _(q, k, v, captures, out, lse, dout, spec, scale, enable_gqa):
+    _declare(q, k, v, captures, spec, scale, enable_gqa)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, captures, spec, scale, enable_gqa = inputs
+    check_captures_need_no_grad(captures)
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, *captures)
+    ctx.spec, ctx.scale, ctx.enable_gqa = spec, scale, enable_gqa
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, *captures = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = attention_backward_op(q, k, v, captures, out, lse, grad_out.contiguous(), ctx.spec, ctx.scale,
+                                       ctx.enable_gqa)
+    return dq, dk, dv, [None] * len(captures), None, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(f"{WHO}: double backward (gradients of attention gradients) is not supported")
+
+
+attention_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
