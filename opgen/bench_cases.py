@@ -147,9 +147,16 @@ def _attention_cases(repeats: int, quick: bool) -> list[CaseResult]:
     return attention_cases(repeats, quick)
 
 
+def _conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    from .bench_conv import conv_cases
+
+    return conv_cases(repeats, quick)
+
+
 SUITES: dict[str, Callable[[int, bool], list[CaseResult]]] = {
     "linear_scan": linear_scan_cases,
     "selective_scan": selective_scan_cases,
     "chunk_gla": chunk_gla_cases,
     "attention": _attention_cases,
+    "conv": _conv_cases,
 }

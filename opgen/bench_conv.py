@@ -1,0 +1,32 @@
+"""The convolution cases of ``opgen bench``: opgen's window-reduction kernels against ``F.conv2d`` /
+``F.conv1d`` (oneDNN on CPU) in one process (see :mod:`opgen.bench`)."""
+from __future__ import annotations
+
+from .bench import CaseResult, Impl, measure
+
+
+def conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    """Depthwise 31x31 and 7x7, dense 3x3 and causal conv1d, fp32 forward."""
+    import torch
+    import torch.nn.functional as F
+
+    import opgen
+
+    out = []
+    c, side = (32, 28) if quick else (256, 56)
+    for k in (31, 7):
+        x, w = torch.randn(1, c, side, side), torch.randn(c, 1, k, k)
+        impls = [Impl("opgen", lambda x=x, w=w, k=k: opgen.ops.conv2d(x, w, padding=k // 2, groups=c)),
+                 Impl("F.conv2d", lambda x=x, w=w, k=k: F.conv2d(x, w, padding=k // 2, groups=c))]
+        out.append(measure("conv2d", f"depthwise {k}x{k}, C={c}, {side}x{side}, N=1 fp32", impls, repeats))
+    ch = 16 if quick else 64
+    x, w = torch.randn(1, ch, side, side), torch.randn(ch, ch, 3, 3)
+    impls = [Impl("opgen", lambda: opgen.ops.conv2d(x, w, padding=1)),
+             Impl("F.conv2d", lambda: F.conv2d(x, w, padding=1))]
+    out.append(measure("conv2d", f"dense 3x3, {ch}->{ch}, {side}x{side}, N=1 fp32", impls, repeats))
+    b, d, length, width = (2, 128, 512, 4) if quick else (2, 1024, 2048, 4)
+    x, w = torch.randn(b, d, length), torch.randn(d, width)
+    impls = [Impl("opgen", lambda: opgen.ops.causal_conv1d(x, w)),
+             Impl("F.conv1d, pad + slice", lambda: F.conv1d(x, w[:, None], padding=width - 1, groups=d)[..., :length])]
+    out.append(measure("causal_conv1d", f"B={b} D={d} L={length} W={width} fp32", impls, repeats))
+    return out
