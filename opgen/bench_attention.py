@@ -88,6 +88,8 @@ def attention_cases(repeats: int, quick: bool) -> list[CaseResult]:
     q, k, v = (torch.randn(b, h, side * side, d) for _ in range(3))
     out.append(_mask_case("attention", f"neighborhood 2-D 7x7 on {side}x{side} tokens, B={b} H={h} D={d} fp32",
                           q, k, v, masks.neighborhood_2d(side, side, 7), repeats, with_flex=not quick))
+    length, window = (512, 64) if quick else (4096, 256)
+    out.append(_fwd_bwd_case(b, h, d, length, masks.sliding_window(window), repeats, with_flex=not quick))
     length = 256 if quick else 2048
     q, k, v = (torch.randn(b, h, length, d) for _ in range(3))
     impls = [Impl("opgen", lambda: opgen.ops.attention(q, k, v, mask_mod=masks.causal)),
@@ -95,3 +97,41 @@ def attention_cases(repeats: int, quick: bool) -> list[CaseResult]:
     out.append(measure("attention", f"dense causal L={length}, B={b} H={h} D={d} fp32", impls, repeats))
     return out
 
+
+def _fwd_bwd_case(b: int, h: int, d: int, length: int, mask_mod, repeats: int, with_flex: bool) -> CaseResult:
+    """Forward + backward (the gradient of q is compared) against autograd through SDPA with a boolean mask and
+    through compiled FlexAttention."""
+    import torch
+    import torch.nn.functional as F
+
+    import opgen
+
+    leaves = [torch.randn(b, h, length, d).requires_grad_() for _ in range(3)]
+    dout = torch.randn(b, h, length, d)
+    dense = _dense_mask(mask_mod, length, length)
+
+    def step(fn):
+        def run():
+            for x in leaves:
+                x.grad = None
+            with torch.enable_grad():
+                fn(*leaves).backward(dout)
+            return leaves[0].grad
+        return run
+
+    impls = [Impl("opgen", step(lambda q, k, v: opgen.ops.attention(q, k, v, mask_mod=mask_mod))),
+             Impl("SDPA, boolean mask (autograd)", step(lambda q, k, v: F.scaled_dot_product_attention(
+                 q, k, v, attn_mask=dense)))]
+    if with_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            block = create_block_mask(mask_mod, None, None, length, length, device="cpu")
+            flex = torch.compile(flex_attention, fullgraph=True)
+            run = step(lambda q, k, v: flex(q, k, v, block_mask=block))
+            run()
+            impls.append(Impl("compiled FlexAttention (autograd)", run))
+        except Exception:  # noqa: BLE001 - flex backward unavailable on this build: report without it
+            pass
+    return measure("attention", f"sliding window fwd+bwd, L={length}, B={b} H={h} D={d} fp32", impls,
+                   max(3, repeats // 2))
