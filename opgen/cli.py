@@ -101,9 +101,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     rows = run_demo(size=args.size, repeats=args.repeats, only=args.op or None, progress=not args.no_progress,
                     trials=args.trials)
     print(format_table(rows))
-    print("\nscans run fused kernels (tvm on CPU, triton on CUDA) with the tuned config found in the store; "
-          "backend 'reference' is opgen's torch interpreter of the IR (the oracle), used until the convolution and "
-          "attention kernels land.")
+    print("\nscans, attention and convolutions run generated kernels (tvm on CPU, triton on CUDA), scans with the "
+          "tuned config found in the store; backend 'reference' is opgen's torch interpreter of the IR (the "
+          "oracle), used for what no kernel covers yet.")
     return 0
 
 

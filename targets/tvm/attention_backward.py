@@ -827,16 +827,12 @@ def attention_backward(group: AttentionGroup, inputs: Mapping[str, Any], out, ls
     return {"q": dq, "k": dk, "v": dv}
 
 
-_CACHE = None
-
-
+@functools.lru_cache(maxsize=1)
 def _default_cache():
-    global _CACHE
-    if _CACHE is None:
-        from .compile import KernelCache
+    """A memory-only kernel cache for calls that pass none (the target passes its own)."""
+    from .compile import KernelCache
 
-        _CACHE = KernelCache()
-    return _CACHE
+    return KernelCache()
 
 
 __all__ = ["AttentionBackwardConfig", "BackwardKernel", "BackwardSources", "as_backward_config",
