@@ -15,7 +15,11 @@ from .key import KeyParts, target_fingerprint
 from .problem import ProblemSpec
 
 #: dims each op's ``--shape`` must give
-SHAPE_DIMS = {"linear_scan": ("C", "L"), "selective_scan": ("B", "D", "N", "L"), "chunk_gla": ("B", "T", "H", "K", "V")}
+SHAPE_DIMS = {"linear_scan": ("C", "L"), "selective_scan": ("B", "D", "N", "L"), "chunk_gla": ("B", "T", "H", "K", "V"),
+              "attention": ("B", "H", "L", "D")}
+
+#: the mods of the tuned attention problem (the library example: ALiBi scores, causal 256-key sliding window)
+ATTENTION_WINDOW = 256
 
 
 def _inputs(op_name: str, dims: Mapping[str, int], dtype, gen) -> tuple[Any, dict]:
@@ -40,7 +44,23 @@ def _inputs(op_name: str, dims: Mapping[str, int], dtype, gen) -> tuple[Any, dic
         op = declare_chunk_gla(dt, dt, dt, dt, k ** -0.5, None, True)
         g = torch.nn.functional.logsigmoid(r(b, t, h, k).float()).to(dtype) / 16
         return op, {"q": r(b, t, h, k), "k": r(b, t, h, k), "v": r(b, t, h, v), "g": g}
+    if op_name == "attention":
+        return _attention_inputs(dims, dt, r)
     raise ValueError(f"no tuning problem for op {op_name!r}; tunable: {sorted(SHAPE_DIMS)}")
+
+
+def _attention_inputs(dims: Mapping[str, int], dt, r) -> tuple[Any, dict]:
+    """The library's attention example (ALiBi, sliding window) at ``dims``, declared as a user call would."""
+    from opgen import masks, scores
+    from opgen.ir import accum_dtype
+    from opgen.ops.attention import declare_attention, trace
+
+    b, h, n, d = dims["B"], dims["H"], dims["L"], dims["D"]
+    slopes = scores.alibi_slopes(h)
+    t = trace("opgen tune attention", scores.alibi(slopes), masks.sliding_window(ATTENTION_WINDOW), accum_dtype(dt))
+    caps = tuple((accum_dtype(dt), c) for c in t.capture_dims)
+    op = declare_attention(dt, dt, dt, float(1.0 / d ** 0.5), False, t.score, t.mask, caps)
+    return op, {"q": r(b, h, n, d), "k": r(b, h, n, d), "v": r(b, h, n, d), "capture0": slopes}
 
 
 def _target(backend: str, cache_dir: str | None):
@@ -142,6 +162,18 @@ def baseline_ms(problem: LibraryProblem, repeats: int = 5) -> tuple[float, str]:
         name = "torch reference loop"
         fn = lambda: _ss_loop(x["u"], x["delta"] + x["delta_bias"][:, None], x["A"], x["B"], x["C"], x["D"],  # noqa
                               x["z"])
+    elif problem.op_name == "attention":
+        import torch.nn.functional as F
+
+        from opgen import masks, scores
+
+        n, heads = x["q"].shape[2], x["q"].shape[1]
+        i, j = torch.arange(n).view(1, 1, n, 1), torch.arange(n).view(1, 1, 1, n)
+        bias = scores.alibi(x["capture0"])(torch.zeros(()), 0, torch.arange(heads).view(1, heads, 1, 1), i, j)
+        keep = masks.sliding_window(ATTENTION_WINDOW)(0, 0, i, j)
+        bias = bias.masked_fill(~keep, float("-inf"))
+        name, fn = "SDPA with a dense bias + boolean mask", lambda: F.scaled_dot_product_attention(
+            x["q"], x["k"], x["v"], attn_mask=bias)
     else:
         def fn():
             q, k, v, g = x["q"], x["k"], x["v"], x["g"]
@@ -212,6 +244,10 @@ def make_problem(**kwargs) -> LibraryProblem:
 def _space(target, op, binding) -> tuple[Space, Callable[[Mapping[str, Any]], Any]]:
     """The backend's schedule space as an :class:`opgen.schedules.Space`, and a config converter."""
     if target.name == "tvm":
+        from opgen.targets.tvm.attention_call import attention_group
+
+        if attention_group(op) is not None:
+            return _tvm_attention_space(target, op, binding)
         from opgen.targets.tvm.scan import ScanConfig
         from opgen.targets.tvm.target import check_config, default_config, space
 
@@ -236,6 +272,25 @@ def _space(target, op, binding) -> tuple[Space, Callable[[Mapping[str, Any]], An
         configs.insert(0, default)
     return (Space(f"triton/{op.name}", (Knob("config", tuple(configs)),), {"config": default}),
             lambda cfg: json.loads(cfg["config"]))
+
+
+def _tvm_attention_space(target, op, binding) -> tuple[Space, Callable[[Mapping[str, Any]], Any]]:
+    """The forward attention kernel's knobs (tile sizes, register blocks, vector width, fast math)."""
+    from opgen.targets.tvm.attention import (AttentionConfig, attention_space, check_attention_config,
+                                             default_attention_config)
+    from opgen.targets.tvm.attention_call import attention_group
+
+    group = attention_group(op)
+    dtype = op.tensor(group.q).dtype
+    sizes = {str(d): v for d, v in binding.dims.items()}
+    default = default_attention_config(group, sizes, target.caps(), dtype).to_json()
+    knobs = []
+    for k in attention_space(group, target.caps()).knobs:
+        choices = tuple(k.values)
+        knobs.append(Knob(k.name, choices if default[k.name] in choices else choices + (default[k.name],)))
+    return (Space(f"tvm/{op.name}", tuple(knobs), default,
+                  lambda cfg: check_attention_config(AttentionConfig(**cfg), dtype)),
+            lambda cfg: AttentionConfig(**cfg))
 
 
 def _group(op):

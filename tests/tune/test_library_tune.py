@@ -38,3 +38,22 @@ def test_tune_cli_then_lookup(tmp_path, monkeypatch, capsys):
 def test_bad_shape_is_reported(capsys):
     assert main(["tune", "selective_scan", "--shape", "B=2,D=8"]) == 2
     assert "needs B, D, N, L" in capsys.readouterr().err
+
+
+def test_attention_problem_space_checks_and_call_time_lookup(tmp_path):
+    """The attention kernel's knobs form a tuning space with constraints; configs build and match the reference;
+    nothing is looked up before anything was tuned."""
+    pytest.importorskip("tvm")
+    from opgen.targets.tvm.attention import AttentionConfig
+    from opgen.tune.library import LibraryProblem, lookup_config
+
+    problem = LibraryProblem("attention", {"B": 1, "H": 2, "L": 45, "D": 16}, "tvm", cache_dir=str(tmp_path))
+    space = problem.space()
+    assert {"block_m", "block_n", "qk_rows", "pv_rows"} <= {k.name for k in space.knobs}
+    assert space.infeasible(space.default) is None
+    bad = dict(space.default, block_m=space.default["vector"] * 2 + 1)
+    assert space.infeasible(bad) is not None, "a block_m that is not a multiple of the vector must be rejected"
+    out = problem.build(dict(space.default, block_m=16, block_n=16))()
+    torch.testing.assert_close(out["out"], problem.reference()["out"], rtol=2e-5, atol=2e-5)
+    assert lookup_config(problem.op, problem.binding, problem.target, cache_dir=str(tmp_path)) is None
+    assert isinstance(problem._to_config(space.default), AttentionConfig)
