@@ -7,6 +7,16 @@ Scan's adjoint is a *reverse* affine scan of the adjoint with the coefficient sh
 are scattered back to each tensor through its index: plain axes map directly, axes missing from the index are
 summed, constant indices (a final-state read) select one position, and ``axis // D`` indices (grouped
 projections) sum over the group.
+
+Window reductions (convolutions, reads ``x.pad[..., o*s + k*d - p]``): a window index is solved for its output
+axis, ``o = (u + p - k*d) / s``, so a data gradient is the transposed window reduction
+``dx[..., u] = sum_k dy.pad[..., (u + p - k*d) / s] * w[..., k]`` (the adjoint read with the zero padding its new
+range needs; stride ``s > 1`` adds the predicate ``(u + p - k*d) % s == 0``). A grouped channel
+``(co // F) * C + ci`` is split as ``co = (u // C) * F + f``, ``ci = u % C``. Weight indices are plain axes, so
+a weight gradient is the correlation ``dw[co, ci, k] = sum_{n, o} dy[n, co, o] * x.pad[n, chan, o*s + k*d - p]``.
+Nodes no requested gradient reads are dropped, and an adjoint that passes through unchanged (a bias add) is
+reused rather than copied, so a single stride-1 data or dense weight gradient is a plain window reduction
+(:func:`~opgen.ir.passes.window.fuse_window` recognizes it).
 """
 from __future__ import annotations
 
@@ -19,7 +29,8 @@ import sympy
 from ..builder import OpBuilder, TensorRef
 from ..dtypes import accum_dtype
 from ..errors import IRError
-from ..expr import Access, Expr, ExprOp, const, index, load, substitute, where
+from ..expr import Access, Expr, ExprOp, const, free_symbols, index, load, loads, substitute, where
+from ..index import affine, bounds, proved
 from ..nodes import SUM, Affine, Map, Reduce, Scan
 from ..op import Op
 from ..symbols import Axis, axes_in
@@ -38,32 +49,53 @@ class _Grad:
         self.adj: dict[str, list[TensorRef]] = {}
         self.counter = itertools.count()
         self.ext = dict(op.extents)
+        self.shapes: dict[str, tuple] = {}
 
     def fresh_axis(self, extent) -> Axis:
-        return self.bld.axis(f"g{next(self.counter)}", extent)
+        a = self.bld.axis(f"g{next(self.counter)}", extent)
+        self.ext[a] = sympy.sympify(extent)
+        return a
 
     def needs(self, tensor: str) -> bool:
         t = self.op.tensor(tensor)
         return t.dtype.is_float and (t.kind != "input" or tensor in self.wrt)
 
-    # scatter an adjoint contribution c (over frame axes) to the tensor read by `acc` ----------------------
-    def scatter(self, acc: Access, frame: tuple[Axis, ...], c: Expr) -> None:
+    # scatter an adjoint contribution g * dv (over frame axes) to the tensor read by `acc` -----------------
+    def scatter(self, acc: Access, frame: tuple[Axis, ...], g: Expr, dv: Expr | None = None) -> None:
+        """Add ``g * dv`` (an Expr over ``frame``) to the adjoint of ``acc.tensor`` at ``acc.index``.
+
+        Each index is inverted: a plain axis becomes an output axis; a constant selects one position; ``a // D``
+        sums over the group; a grouped channel ``(co // F) * C + ci`` is split as ``co = (u // C) * F + f``,
+        ``ci = u % C`` (f summed); a window index ``o*s + k*d + c`` (a convolution's sliding read, padded or not)
+        is solved for its output axis, ``o = (u - k*d - c) / s``, giving the transposed window reduction: every
+        read that depended on ``o`` gets the zero padding that makes positions outside its tensor read 0, and a
+        stride ``|s| > 1`` adds the predicate ``(u - k*d - c) % s == 0``.
+        """
         t = self.op.tensor(acc.tensor)
-        if acc.pad is not None and any(lo != 0 or hi != 0 for lo, hi in acc.pad):
-            raise IRError(f"grad of {self.op.name}: padded reads of {acc.tensor} (window reductions) are not "
-                          f"differentiated yet")
+        dv = _drop_ones(dv) if dv is not None else None
+        if dv is not None and dv.op is ExprOp.CONST and dv.arg == 1:
+            dv = None
+        c = g * dv if dv is not None else g
         out_axes, subst, preds, extra = [], {}, [], []
-        used = set()
+        used: set[Axis] = set()
+        windowed: dict[Axis, tuple[sympy.Expr, Axis]] = {}   # eliminated output axis -> (its value, its extent src)
+        frame_set = set(frame)
+
+        def occurs_once(a: Axis, k: int) -> bool:
+            return all(a not in axes_in(ie) for j, ie in enumerate(acc.index) if j != k)
+
         for k, ie in enumerate(acc.index):
             ax = axes_in(ie)
-            if isinstance(ie, Axis) and ie in frame and ie not in used:
+            if isinstance(ie, Axis) and ie in frame_set and ie not in used:
                 out_axes.append(ie)
                 used.add(ie)
-            elif not ax:
+                continue
+            if not ax:
                 x = self.fresh_axis(t.shape[k])
                 out_axes.append(x)
                 preds.append(sympy.Eq(x, ie))
-            elif isinstance(ie, sympy.floor) and len(ax) == 1:
+                continue
+            if isinstance(ie, sympy.floor) and len(ax) == 1:
                 (a,) = ax
                 num, den = sympy.fraction(sympy.together(ie.args[0]))
                 if num != a or a in used or axes_in(den):
@@ -73,17 +105,102 @@ class _Grad:
                 out_axes.append(x)
                 extra.append(r)
                 used.add(a)
-            else:
-                raise IRError(f"grad of {self.op.name}: cannot scatter the gradient through index {ie} of "
-                              f"{acc.tensor} (supported: axes, constants, axis // dim)")
-        c = substitute(c, subst) if subst else c
+                continue
+            win = _window_axis(ie, frame, used, lambda a: occurs_once(a, k))
+            if win is not None:
+                o, a_coef = win
+                u = self.fresh_axis(t.shape[k])
+                rest = sympy.expand(ie - a_coef * o)
+                num = sympy.expand(u - rest)
+                if abs(a_coef) == 1:
+                    val = sympy.expand(num * a_coef)
+                else:
+                    val = sympy.floor(num / a_coef)
+                    preds.append(sympy.Eq(sympy.Mod(num, abs(a_coef)), 0))
+                subst[o] = val
+                windowed[o] = (val, o)
+                out_axes.append(u)
+                used.add(o)
+                continue
+            grp = _grouped_channel(ie, frame_set - used)
+            if grp is not None and all(occurs_once(a, k) for a in (grp[0], grp[1])):
+                co, ci, C, Fg = grp
+                u = self.fresh_axis(t.shape[k])
+                blk = sympy.floor(u / C)
+                if Fg == 1:
+                    subst[co] = blk
+                else:
+                    f = self.fresh_axis(Fg)
+                    subst[co] = blk * Fg + f
+                    extra.append(f)
+                subst[ci] = u - C * blk
+                out_axes.append(u)
+                used |= {co, ci}
+                continue
+            raise IRError(f"grad of {self.op.name}: cannot scatter the gradient through index {ie} of "
+                          f"{acc.tensor} (supported: axes, constants, axis // dim, (co // F) * C + ci, "
+                          f"affine window indices o*s + k*d + c)")
+        if windowed:
+            # a read that depended on an eliminated output axis o is zero outside o's range only if it is the
+            # adjoint itself (padded below); anything else that depends on o needs o's bounds as a predicate
+            if not _zero_outside(g, set(windowed)) or (dv is not None and set(windowed) & _expr_axes(dv)):
+                for o, (val, _) in windowed.items():
+                    preds += [sympy.Ge(val, 0), sympy.Le(val, self.ext[o] - 1)]
+            c = self.substitute_padded(c, subst, set(windowed))
+        elif subst:
+            c = substitute(c, subst)
         pred = index(sympy.And(*preds)) if preds else None
         rest = tuple(a for a in frame if a not in used) + tuple(extra)
+        if (not rest and pred is None and c.op is ExprOp.LOAD and c.arg.pad is None
+                and tuple(c.arg.index) == tuple(out_axes) and len(set(out_axes)) == len(out_axes)
+                and c.dtype == accum_dtype(t.dtype)):
+            # the adjoint passes through unchanged (a bias add, an identity epilogue): reuse it, no copy node
+            ref = TensorRef(c.arg.tensor, len(out_axes), c.dtype)
+            self.adj.setdefault(acc.tensor, []).append(_Contribution(ref, tuple(out_axes)))
+            return
         if rest:
             ref = self.bld.reduce(rest, c, where=pred, axes=tuple(out_axes))
         else:
             ref = self.bld.map(where(pred, c, 0.0) if pred is not None else c, tuple(out_axes))
+        self.shapes[ref.name] = tuple(self.ext[a] for a in out_axes)
         self.adj.setdefault(acc.tensor, []).append(_Contribution(ref, tuple(out_axes)))
+
+    def shape_of(self, name: str) -> tuple[sympy.Expr, ...]:
+        if name in self.shapes:
+            return self.shapes[name]
+        if name.startswith("grad_") and name not in {t.name for t in self.op.tensors}:
+            return self.op.tensor(name[5:]).shape
+        return self.op.tensor(name).shape
+
+    def substitute_padded(self, e: Expr, mapping: dict, moved: set[Axis]) -> Expr:
+        """``substitute(e, mapping)``, giving every index that depended on an axis of ``moved`` the zero padding
+        its new range needs (positions outside the tensor then read 0)."""
+        memo: dict[Expr, Expr] = {}
+        for n in e.walk():
+            if n.op is ExprOp.INDEX:
+                memo[n] = index(n.arg.xreplace(mapping))
+            elif n.op is ExprOp.LOAD:
+                a = n.arg
+                idx = tuple(i.xreplace(mapping) for i in a.index)
+                pads = []
+                shape = None
+                for k, (old, new) in enumerate(zip(a.index, idx)):
+                    lo_p, hi_p = (sympy.sympify(p).xreplace(mapping) for p in a.padding(k))
+                    if axes_in(old) & moved:
+                        shape = shape if shape is not None else self.shape_of(a.tensor)
+                        lo, hi = bounds(new, self.ext)
+                        if not proved(sympy.Ge(lo, -lo_p)):
+                            lo_p = _max0(lo_p, -lo)
+                        if not proved(sympy.Le(hi, shape[k] - 1 + hi_p)):
+                            hi_p = _max0(hi_p, hi - (shape[k] - 1))
+                    pads.append((lo_p, hi_p))
+                padded = any(lo != 0 or hi != 0 for lo, hi in pads)
+                memo[n] = Expr(ExprOp.LOAD, n.dtype, (), Access(a.tensor, idx, tuple(pads) if padded else None))
+            elif n.src:
+                memo[n] = Expr(n.op, n.dtype, tuple(memo[s] for s in n.src), n.arg)
+            else:
+                memo[n] = n
+        return memo[e]
 
     def total(self, name: str, axes: tuple[Axis, ...]) -> Expr | None:
         """The summed adjoint of tensor ``name`` read at ``axes`` (None when nothing flows into it)."""
@@ -103,7 +220,7 @@ class _Grad:
                 continue
             dv = derivative(e, leaf)
             if dv is not None:
-                self.scatter(leaf.arg, frame, g * dv)
+                self.scatter(leaf.arg, frame, g, dv)
 
     # node rules ---------------------------------------------------------------------------------------
     def node(self, n) -> None:
@@ -175,11 +292,27 @@ class _Grad:
             outs = {}
             for name in self.wrt:
                 t = self.op.tensor(name)
-                axes = tuple(self.fresh_axis(s) for s in t.shape)
+                parts = self.adj.get(name, [])
+                if len(parts) == 1 and parts[0].axes is not None:
+                    axes = parts[0].axes      # one contribution: the output is a pointwise copy on its axes
+                else:
+                    axes = tuple(self.fresh_axis(s) for s in t.shape)
                 total = self.total(name, axes)
                 val = total if total is not None else const(0.0, accum_dtype(t.dtype))
                 outs[f"grad_{name}"] = bld.map(val, axes, name=f"grad_{name}", dtype=t.dtype)
+            _prune(bld, {r.name for r in outs.values()})
             return bld.build(outs)
+
+
+def _prune(bld: OpBuilder, live: set[str]) -> None:
+    """Drop nodes nothing downstream reads (recomputed forward nodes a gradient does not need)."""
+    keep = []
+    for n in reversed(bld._nodes):
+        if n.out in live:
+            keep.append(n)
+            for e in n.exprs():
+                live |= {a.tensor for a in loads(e)}
+    bld._nodes[:] = list(reversed(keep))
 
 
 class _Contribution:
@@ -212,6 +345,88 @@ def _padded_read(name: str, axes: tuple[Axis, ...], t: Axis, to, op: Op, steps) 
     dt = accum_dtype(tt.dtype)
     pad = tuple((1, 1) if a == t else (0, 0) for a in axes)
     return load(name, tuple(to if a == t else a for a in axes), dt, pad)
+
+
+def _drop_ones(e: Expr) -> Expr:
+    """``e`` without multiplications by the constant 1 (the derivative of a product leaves ``1.0 * w``)."""
+    if e.op is ExprOp.MUL:
+        a, b = _drop_ones(e.lhs), _drop_ones(e.rhs)
+        for one, other in ((a, b), (b, a)):
+            if one.op is ExprOp.CONST and one.arg == 1 and one.dtype == other.dtype:
+                return other
+        return e if (a is e.lhs and b is e.rhs) else Expr(ExprOp.MUL, e.dtype, (a, b))
+    return e
+
+
+def _expr_axes(e: Expr) -> set[Axis]:
+    return {s for s in free_symbols(e) if isinstance(s, Axis)}
+
+
+def _max0(old: sympy.Expr, need: sympy.Expr) -> sympy.Expr:
+    """The larger of an existing pad and the pad a new index range needs (never below 0)."""
+    return sympy.Max(sympy.Integer(0), sympy.sympify(old), sympy.expand(need))
+
+
+def _window_axis(ie: sympy.Expr, frame: tuple[Axis, ...], used: set[Axis], once) -> tuple[Axis, int] | None:
+    """The axis to solve an affine index for (the first frame axis, i.e. an output axis of the node before its
+    reduction axes, with a nonzero integer coefficient that occurs in no other index) and its coefficient."""
+    ax = axes_in(ie)
+    if not ax or not ax <= set(frame):
+        return None
+    dec = affine(ie, ax)
+    if dec is None:
+        return None
+    coeffs, _ = dec
+    for a in frame:
+        c = sympy.sympify(coeffs.get(a, 0))
+        if a in ax and a not in used and c.is_Integer and c != 0 and once(a):
+            return a, int(c)
+    return None
+
+
+def _grouped_channel(ie: sympy.Expr, avail: set[Axis]):
+    """``ie == (co // F) * C + ci`` (or ``co * C + ci``) over available axes: (co, ci, C, F), else None."""
+    ax = axes_in(ie)
+    if len(ax) != 2 or not ax <= avail:
+        return None
+    for ci in ax:
+        (co,) = ax - {ci}
+        rest = sympy.expand(ie - ci)
+        if rest.has(ci) or rest == 0:
+            continue
+        C, Fg, seen = sympy.Integer(1), None, False
+        ok = True
+        for f in sympy.Mul.make_args(rest):
+            if f == co and not seen:
+                seen, Fg = True, sympy.Integer(1)
+            elif isinstance(f, sympy.floor) and not seen:
+                num, den = sympy.fraction(sympy.together(f.args[0]))
+                if num != co or axes_in(den):
+                    ok = False
+                    break
+                seen, Fg = True, den
+            elif axes_in(f):
+                ok = False
+                break
+            else:
+                C = C * f
+        if ok and seen and (C.is_positive or (C.is_Integer and C > 0)):
+            return co, ci, C, Fg
+    return None
+
+
+def _zero_outside(g: Expr, moved: set[Axis]) -> bool:
+    """Whether ``g`` is zero once its reads at an axis of ``moved`` (padded by the transposition) fall outside
+    their tensors: a sum of terms each with such a read as a factor."""
+    if g.op is ExprOp.LOAD:
+        return any(isinstance(i, Axis) and i in moved for i in g.arg.index)
+    if g.op is ExprOp.ADD:
+        return all(_zero_outside(s, moved) for s in g.src)
+    if g.op is ExprOp.MUL:
+        return any(_zero_outside(s, moved) for s in g.src)
+    if g.op in (ExprOp.CAST, ExprOp.NEG):
+        return _zero_outside(g.operand, moved)
+    return False
 
 
 def grad_op(op: Op, wrt: Sequence[str]) -> Op:
