@@ -56,3 +56,19 @@ def _bounds(pred, bm: int, bn: int) -> list[str]:
         return ["  key-tile loop bounds: from the table (the predicate is not a conjunction of affine inequalities)"]
     first, stop = bounds
     return [f"  key-tile loop bounds for query tile t: [{first}, {stop})"]
+
+
+def attention_source(op: Op, stage: str, length: int = 1024, head_dim: int = 64) -> str:
+    """The generated kernel source of ``op``: the TVM forward (``stage == "tvm"``) at head dim ``head_dim``, or
+    the Triton module (``"triton"``; sizes are launch arguments there)."""
+    group = fuse_attention(op)
+    if stage == "triton":
+        from opgen.targets.triton.attention import render
+
+        return f"# triton attention module of {op.name}\n" + render(group).source
+    from opgen.targets.tvm.attention import default_attention_config, render_attention_forward
+
+    dtype = op.tensor(group.q).dtype
+    cfg = default_attention_config(group, {"L": length, "S": length}, None, dtype)
+    return (f"# tvm attention forward of {op.name}, head dim {head_dim}, default config {cfg.to_json()}\n"
+            + render_attention_forward(group, cfg, dtype, (head_dim, head_dim)))

@@ -28,10 +28,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.stage == "fused":
         print(_fused(op))
         return 0
-    if args.stage == "plan" and entry.name == "attention":
-        from opgen.attention_plan import attention_plan
+    if args.stage in ("plan", "tvm", "triton") and entry.name == "attention":
+        from opgen.attention_plan import attention_plan, attention_source
 
-        print(attention_plan(op))
+        print(attention_plan(op) if args.stage == "plan" else attention_source(op, args.stage))
         return 0
     if args.stage in ("plan", "tvm", "triton"):
         text = _lowered(entry, args.stage)
@@ -49,6 +49,19 @@ def _fused(op) -> str:
     lines = [f"op {op.name}: " + ", ".join(f"{k} {v.value}" for k, v in classify(op).items())]
     group = fuse_scan(op)
     if group is None:
+        from opgen.ir import IRError
+        from opgen.ir.passes.attention import fuse_attention
+        from opgen.ir.passes.window import fuse_window
+
+        try:
+            lines.append(fuse_attention(op).describe())
+            return "\n".join(lines)
+        except IRError:
+            pass
+        window = fuse_window(op)
+        if window is not None:
+            lines.append(window.describe())
+            return "\n".join(lines)
         lines.append("no fused kernel group yet for this op: it runs node by node on the reference backend")
     else:
         lines.append(group.describe())
