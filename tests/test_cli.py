@@ -44,3 +44,16 @@ def test_show_lowered_stages_of_scans(name, stage, capsys):
 def test_show_lowered_stage_of_an_op_without_kernels(capsys):
     assert main(["show", "conv2d", "--stage", "tvm"]) == 1
     assert "reference backend" in capsys.readouterr().out
+
+
+def test_show_attention_plan_prints_tile_classes(capsys):
+    assert main(["show", "attention", "--stage", "plan"]) == 0
+    out = capsys.readouterr().out
+    # the library example's mask is a causal 256-key sliding window: at L=4096 with 64 x 64 tiles each query
+    # tile visits at most 5 key tiles (4 full + 1 partial diagonal, plus a partial far edge)
+    assert "full 186, partial 124, empty 3786" in out
+    assert "key-tile loop bounds for query tile t: [Max(0, t - 4), t + 1)" in out
+    for label in ("causal", "neighborhood_2d 64x64 kernel 7", "swin_window 64x64 window 8 shift 4"):
+        assert label in out
+    assert main(["show", "conv2d", "--stage", "fused"]) == 0
+    assert "window group" in capsys.readouterr().out
