@@ -57,8 +57,9 @@ def _run_backward(op: Op, inputs: dict, grads: dict, who: str) -> list[Tensor]:
             g = torch.zeros(shape[t.name], dtype=to_torch(t.dtype), device=ref.device)
         full_grads[f"grad_{t.name}"] = g.contiguous()
     res = default_session().run(back, {**present, **full_grads}, who=who + " (backward)")
-    empty = next(iter(present.values())).new_empty(0)
-    return [res[f"grad_{k}"] if v is not None else empty for k, v in inputs.items()]
+    ref = next(iter(present.values()))
+    # a fresh empty tensor per absent input: custom ops may not return one tensor twice (aliasing)
+    return [res[f"grad_{k}"] if v is not None else ref.new_empty(0) for k, v in inputs.items()]
 
 
 def _none_if_empty(gs: Sequence[Tensor], given: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:

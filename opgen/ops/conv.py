@@ -8,7 +8,6 @@ import torch
 
 from opgen.ir import DType, OpBuilder, dims, silu
 from opgen.ir.symbols import make_axes
-from opgen.runtime import default_session
 
 from . import _args
 
@@ -45,12 +44,9 @@ def causal_conv1d(x, weight, bias=None, activation=None):
     if activation not in (None, "silu", "swish"):
         raise _args.ArgumentError(f"{who}: argument 'activation' expected None, 'silu' or 'swish', "
                                   f"got {_args.describe(activation)}")
-    op = declare_causal_conv1d(_args.ir_dtype(x), _args.ir_dtype(weight), _args.ir_dtype(bias),
-                               "silu" if activation else None)
-    inputs = {"x": x, "weight": weight}
-    if bias is not None:
-        inputs["bias"] = bias
-    return default_session().run(op, inputs, who=who)["out"]
+    import opgen.conv_ops  # noqa: F401  (registers torch.ops.opgen.causal_conv1d)
+
+    return torch.ops.opgen.causal_conv1d(x, weight, bias, activation is not None)
 
 
 # -------------------------------------------------------------------------------------------------- conv2d
@@ -135,12 +131,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             raise _args.ArgumentError(f"{who}: argument 'weight' has a kernel {axis} of {k} (dilation {d}, spanning "
                                       f"{d * (k - 1) + 1}) larger than the padded input {axis} {size} + {lo + hi} "
                                       f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")
-    op = declare_conv2d(_args.ir_dtype(x), _args.ir_dtype(weight), _args.ir_dtype(bias), (sh, sw), pads,
-                        (dh, dw), groups)
-    inputs = {"x": x, "weight": weight}
-    if bias is not None:
-        inputs["bias"] = bias
-    return default_session().run(op, inputs, who=who)["out"]
+    import opgen.conv_ops  # noqa: F401  (registers torch.ops.opgen.conv2d)
+
+    return torch.ops.opgen.conv2d(x, weight, bias, [sh, sw], list(pads), [dh, dw], groups)
 
 
 # ----------------------------------------------------------------------------------------------- long_conv
@@ -169,5 +162,6 @@ def long_conv(u, k):
     if k.shape[1] > u.shape[2]:
         raise _args.ArgumentError(f"{who}: argument 'k' has shape {tuple(k.shape)}: its length {k.shape[1]} "
                                   f"exceeds the sequence length L = {u.shape[2]} of u {tuple(u.shape)}")
-    op = declare_long_conv(_args.ir_dtype(u), _args.ir_dtype(k))
-    return default_session().run(op, {"u": u, "k": k}, who=who)["y"]
+    import opgen.conv_ops  # noqa: F401  (registers torch.ops.opgen.long_conv)
+
+    return torch.ops.opgen.long_conv(u, k)
