@@ -486,3 +486,7 @@ def test_attention_gqa(L, use_causal, dtype):
     )
     got2 = ops.attention(q, k, v, enable_gqa=True, score_mod=opgen.scores.alibi(slopes), **kwargs)
     _check(got2, ref2, dtype, f"GQA + alibi L={L}", seed)
+
+
+# semantics against independent formulations, on the reference interpreter (kernels: tests/targets)
+pytestmark = pytest.mark.usefixtures("reference_backend")

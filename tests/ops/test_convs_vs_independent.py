@@ -251,3 +251,7 @@ def test_long_conv_impulse_response():
     exp[..., s0 : s0 + Lk] = k
     got = ops.long_conv(u, k)
     _check(got, exp, torch.float64, "long_conv impulse", seed)
+
+
+# semantics against independent formulations, on the reference interpreter (kernels: tests/targets)
+pytestmark = pytest.mark.usefixtures("reference_backend")

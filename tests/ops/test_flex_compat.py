@@ -50,3 +50,7 @@ def test_matches_torch_flex_attention(name):
     out = opgen.ops.attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod)
     assert out.shape == ref.shape and out.dtype == torch.float64
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+# semantics against independent formulations, on the reference interpreter (kernels: tests/targets)
+pytestmark = pytest.mark.usefixtures("reference_backend")
