@@ -645,3 +645,19 @@ def render_value(e: Expr, buffers: Mapping[str, str], symbols: Mapping[sympy.Sym
     leaf = Scope("value", None, axes, leaf=True)
     ref = em.emit(e, leaf)
     return leaf.lets, ref.text
+
+
+@dataclass
+class Code:
+    """Lines of generated TVMScript, indented four spaces per depth (shared by every kernel renderer)."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def w(self, depth: int, text: str) -> None:
+        """Append ``text`` at ``depth``."""
+        self.lines.append("    " * depth + text)
+
+    def block(self, depth: int, lines: list[str]) -> None:
+        """Append each of ``lines`` at ``depth``."""
+        for ln in lines:
+            self.w(depth, ln)
