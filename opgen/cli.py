@@ -1,4 +1,5 @@
-"""The ``opgen`` command line: ``list``, ``show``, ``demo``."""
+"""The ``opgen`` command line: ``list``, ``show``, ``demo``, ``bench``, ``records`` (``tune`` and ``tune-worker``
+live in :mod:`opgen.tune_cli`)."""
 from __future__ import annotations
 
 import argparse
@@ -144,54 +145,42 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_shape(text: str) -> dict[str, int]:
-    dims = {}
-    for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        if not name.strip() or not value.strip().isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(f"--shape expects NAME=INT pairs like B=2,D=256,N=16,L=512; got {part!r}")
-        dims[name.strip()] = int(value)
-    return dims
-
-
-def _cmd_tune(args: argparse.Namespace) -> int:
-    import torch
-
+def _cmd_records_export(args: argparse.Namespace) -> int:
     from opgen.config import from_env
-    from opgen.tune.library import LibraryProblem, baseline_ms
-    from opgen.tune.tuner import TuneError, tune
+    from opgen.tune.records import RecordsError, export_records, write_records
 
     cfg = from_env()
-    backend = args.backend or ("triton" if torch.cuda.is_available() else "tvm")
+    source = args.storage or cfg.tune_storage or None
     try:
-        problem = LibraryProblem(args.op, args.shape, backend, dtype=args.dtype, cache_dir=str(cfg.cache_dir))
-    except (ValueError, RuntimeError) as exc:
-        print(f"opgen tune: {exc}", file=sys.stderr)
+        records = export_records(source, op=args.op, cache_dir=cfg.cache_dir)
+        write_records(args.file, records)
+    except (RecordsError, OSError, ValueError) as exc:
+        print(f"opgen records export: {exc}", file=sys.stderr)
         return 2
+    where = source or f"{cfg.cache_dir}/tune"
+    print(f"exported {len(records)} record{'s' if len(records) != 1 else ''} from {where} to {args.file}")
+    return 0
+
+
+def _cmd_records_import(args: argparse.Namespace) -> int:
+    from opgen.config import from_env
+    from opgen.tune.records import RecordsError, import_records, pinned_path
+
+    cfg = from_env()
     try:
-        res = tune(problem, trials=args.trials, seconds=args.seconds, storage=args.storage or cfg.tune_storage,
-                   cache_dir=cfg.cache_dir, progress=not args.no_progress, timeout=args.timeout)
-    except TuneError as exc:
-        print(f"opgen tune: {exc}", file=sys.stderr)
-        return 1
-    torch_ms, torch_name = baseline_ms(problem)
-    print(res.summary())
-    rows = [("op", "shape", "backend", "best config", "best ms", "default ms", "vs default", torch_name,
-             "vs torch")]
-    best = res.best_time_ms
-    shape = ",".join(f"{k}={v}" for k, v in args.shape.items())
-    rows.append((args.op, shape, backend, str(res.best_config), f"{best:.4f}" if best else "-",
-                 f"{res.default_time_ms:.4f}" if res.default_time_ms else "-",
-                 f"{res.default_time_ms / best:.2f}x" if best and res.default_time_ms else "-", f"{torch_ms:.4f}",
-                 f"{torch_ms / best:.2f}x" if best else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    return 0 if best else 1
+        added, replaced, unchanged = import_records(args.file, cache_dir=cfg.cache_dir)
+    except (RecordsError, OSError) as exc:
+        print(f"opgen records import: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {args.file}: {added} added, {replaced} replaced, {unchanged} unchanged; pinned file "
+          f"{pinned_path(cfg.cache_dir)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    from opgen.tune_cli import add_tune_parsers
+
     p = argparse.ArgumentParser(prog="opgen", description="Operator generator and autotuner for scans, "
                                 "convolutions and attention variants.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -210,17 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.add_argument("--trials", type=int, default=6, help="tuning trials per tunable op before timing (0: none)")
     d.set_defaults(func=_cmd_demo)
-    t = sub.add_parser("tune", help="tune an op at one shape with Optuna (child-process measurement, checked)")
-    t.add_argument("op")
-    t.add_argument("--shape", type=_parse_shape, required=True, help="e.g. B=2,D=256,N=16,L=512")
-    t.add_argument("--backend", choices=("tvm", "triton"), help="default: triton with a GPU, else tvm")
-    t.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
-    t.add_argument("--trials", type=int, default=30)
-    t.add_argument("--seconds", type=float, default=None, help="time budget (whichever of trials/seconds ends first)")
-    t.add_argument("--timeout", type=float, default=120.0, help="seconds for one config (compile + check + time)")
-    t.add_argument("--storage", help="Optuna storage URL (default: the embedded journal in the cache dir)")
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=_cmd_tune)
+    add_tune_parsers(sub)
+    r = sub.add_parser("records", help="export tuned configs to a JSON file, or import (pin) them from one")
+    rsub = r.add_subparsers(dest="records_command", required=True)
+    re_ = rsub.add_parser("export", help="write the best config of every tuned study to FILE")
+    re_.add_argument("file", metavar="FILE")
+    re_.add_argument("--storage", help="Optuna storage URL or journal file (default: OPGEN_TUNE_STORAGE, else "
+                     "every journal in the cache dir)")
+    re_.add_argument("--op", help="only this op")
+    re_.set_defaults(func=_cmd_records_export)
+    ri = rsub.add_parser("import", help="pin the records of FILE: lookups use them before the tuning store")
+    ri.add_argument("file", metavar="FILE")
+    ri.set_defaults(func=_cmd_records_import)
     b = sub.add_parser("bench", help="measure ops against their baselines in one process (medians, ratios)")
     b.add_argument("op", nargs="*", help="ops to measure (default: all with cases)")
     b.add_argument("--repeats", type=int, default=10)

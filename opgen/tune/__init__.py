@@ -9,6 +9,8 @@ One job per module:
 - :mod:`~opgen.tune.measure` build, check and time one config in a child process with a timeout
 - :mod:`~opgen.tune.tuner`   :func:`tune`: the study loop, warm start, repeat cache, budgets, progress bar
 - :mod:`~opgen.tune.lookup`  :func:`best_config` for call-time lookup (cached, never creates a study)
+- :mod:`~opgen.tune.records` pinned records: export best configs to versioned JSON, import them (data only)
+- :mod:`~opgen.tune.report`  :func:`write_report`: history and importance PNGs plus a markdown table of a study
 - :mod:`~opgen.tune.testing` a pure-torch problem with planted failures, for tests and demos
 
 ``import opgen.tune`` is light: optuna and torch load when a submodule that needs them is used.
@@ -25,7 +27,11 @@ _LAZY = {
     "Measurer": "measure", "MeasureOptions": "measure", "Result": "measure", "Status": "measure",
     "tune": "tuner", "TuneResult": "tuner", "TuneError": "tuner", "problem_key": "tuner",
     "best_config": "lookup", "clear_cache": "lookup",
+    "Record": "records", "RecordsError": "records", "RecordsWarning": "records", "export_records": "records",
+    "import_records": "records", "read_records": "records", "write_records": "records",
+    "pinned_config": "records", "pinned_path": "records",
     "open_storage": "store", "default_store_path": "store", "StoreRecoveredWarning": "store",
+    "write_report": "report", "Report": "report", "ReportError": "report",
 }
 
 

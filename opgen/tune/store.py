@@ -44,7 +44,7 @@ def default_store_path(cache_dir: str | os.PathLike, key: StudyKey) -> Path:
 
 
 def open_storage(storage: Any = None, *, cache_dir: str | os.PathLike | None = None, key: StudyKey | None = None,
-                 create: bool = True) -> Any:
+                 create: bool = True, heartbeat_interval: float | None = None, grace_period: float | None = None) -> Any:
     """An Optuna storage object.
 
     ``storage``: None (the embedded journal of ``key``'s op under ``cache_dir``), an Optuna storage object
@@ -61,7 +61,7 @@ def open_storage(storage: Any = None, *, cache_dir: str | os.PathLike | None = N
     if text.startswith("journal:"):
         return open_journal(Path(text[len("journal:"):].removeprefix("//")), create=create)
     if "://" in text:
-        return _open_rdb(text)
+        return _open_rdb(text, heartbeat_interval or HEARTBEAT_INTERVAL, grace_period or GRACE_PERIOD)
     if text.endswith(".journal"):
         return open_journal(Path(text), create=create)
     raise ValueError(f"unknown storage {text!r}: give a URL such as sqlite:///tune.db or "
@@ -79,13 +79,22 @@ def describe(storage: Any) -> str:
     return type(storage).__name__
 
 
-def _open_rdb(url: str) -> Any:
+def _open_rdb(url: str, heartbeat_interval: float, grace_period: float) -> Any:
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    if url.startswith("postgresql"):
+        driver = url.split("://", 1)[0].partition("+")[2] or "psycopg2"
+        try:
+            __import__(driver)
+        except ImportError:
+            raise ValueError(f"the storage {url.split('@')[-1]!r} needs the PostgreSQL driver {driver!r}, which is "
+                             "not installed: pip install 'opgen[postgres]'") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+        return RDBStorage(url, heartbeat_interval=int(max(1, heartbeat_interval)),
+                          grace_period=int(max(1, grace_period)),
+                          engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
 
 

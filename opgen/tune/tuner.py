@@ -128,8 +128,12 @@ def _alive(owner: Mapping[str, Any]) -> bool:
     return start is None or _start_token(pid) in (None, start)
 
 
-def fail_stale_trials(storage: Any, study_id: int) -> int:
-    """Mark FAIL the RUNNING trials whose tuner process (on this host) is gone; returns how many."""
+def fail_stale_trials(storage: Any, study_id: int, retry: bool = True) -> int:
+    """Mark FAIL the RUNNING trials whose tuner process (on this host) is gone; returns how many.
+
+    With ``retry``, the config of each such trial is enqueued once more (user attr ``retry_of``), unless the
+    trial was itself a retry: a config that kills its tuner twice is not tried a third time. (RDB storages
+    do the same through their heartbeat; this covers the journal, which has none.)"""
     from optuna.trial import TrialState
 
     n = 0
@@ -145,7 +149,20 @@ def fail_stale_trials(storage: Any, study_id: int) -> int:
             n += 1
         except Exception:          # finished meanwhile by someone else
             continue
+        if retry and "retry_of" not in t.user_attrs and t.params:
+            import optuna
+
+            attrs = {k: v for k, v in t.user_attrs.items() if k in ("config", "source")}
+            storage.create_new_trial(study_id, template_trial=optuna.trial.create_trial(
+                state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+                user_attrs={**attrs, "retry_of": t.number}))
     return n
+
+
+def _has_heartbeat(store: Any) -> bool:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(store)
 
 
 # -- the measured-config cache -----------------------------------------------------------------------
@@ -244,11 +261,136 @@ def problem_key(problem: Problem | ProblemSpec, space: Space | None = None) -> S
     return study_key(problem.key_parts(), (space or problem.space()).fingerprint)
 
 
+def open_study(problem: Problem, space: Space, key: StudyKey, store: Any, *, seed: int | None = None,
+               sampler: Any = None, create: bool = True) -> Any:
+    """Create (or, with ``create=False``, only load) the study of ``key`` in ``store``, record what it tunes
+    (user attrs ``opgen.key``, ``opgen.family``, ``opgen.problem``, ``opgen.space``) and set its sampler:
+    ``sampler`` when given, else ``TPESampler(group=True)`` seeded from ``seed`` and the study's trial count (so
+    a resumed study does not replay the first run's random startup configs)."""
+    import optuna
+
+    if create:
+        study = optuna.create_study(study_name=key.name, storage=store, direction="minimize", load_if_exists=True)
+    else:
+        study = optuna.load_study(study_name=key.name, storage=store)
+    start_count = len(study.get_trials(deepcopy=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if "opgen.key" not in study.user_attrs:
+            study.set_user_attr("opgen.key", key.as_dict())
+            study.set_user_attr("opgen.family", key.family)
+            study.set_user_attr("opgen.problem", problem.spec.as_dict())
+            study.set_user_attr("opgen.space", [[k.name, list(k.choices)] for k in space.knobs])
+            study.set_metric_names(["time_ms"])
+        if sampler is None:
+            sampler_seed = None if seed is None else (int(seed) * 1_000_003 + start_count) % (2**32)
+            sampler = optuna.samplers.TPESampler(seed=sampler_seed, group=True)
+        study.sampler = sampler
+    return study
+
+
+class Objective:
+    """The trial function of a study and its after-trial callback.
+
+    A trial asks one param per knob; a config already measured in the study is answered from the stored
+    result (user attr ``dup_of``; no measurement); an infeasible config is rejected before compiling; the
+    rest is measured in the worker process. Counts are of the trials this process ran."""
+
+    def __init__(self, study: Any, problem: Problem, space: Space, measurer: Measurer, bar: Any = None) -> None:
+        self.study, self.space, self.measurer, self.bar = study, space, measurer, bar
+        self.spec = problem.spec
+        self.dims = dict(problem.key_parts().dims)
+        self.default = dict(space.default)
+        self.cache = _Cache()
+        self.cache.refresh(study)
+        self.feasible: set[str] | None = None
+        if _space_size(space) <= EXHAUSTIVE_LIMIT:
+            self.feasible = {canonical(c) for c in space.enumerate()}
+        self.counts: dict[str, int] = {}
+        self.tally = {"repeats": 0, "measured": 0, "trials": 0}
+
+    @property
+    def exhausted(self) -> bool:
+        """Every feasible config of the space has a finished measurement in the study."""
+        return self.feasible is not None and self.feasible <= set(self.cache.by_config)
+
+    def __call__(self, trial: Any) -> float:
+        trial.set_user_attr("owner", _owner())
+        cfg = suggest(trial, self.space)
+        trial.set_user_attr("config", cfg)
+        self.cache.refresh(self.study)
+        hit = self.cache.by_config.get(canonical(cfg))
+        if hit is not None:
+            self.tally["repeats"] += 1
+            trial.set_user_attr("dup_of", hit.number)
+            _record(trial, hit.status, hit.reason, hit.value if hit.status == Status.OK.value else None)
+            return hit.value
+        why = self.space.infeasible(cfg)
+        if why is not None:
+            res = Result(Status.INFEASIBLE, reason=why)
+        else:
+            best = self.cache.best()
+            self.tally["measured"] += 1
+            try:
+                res = self.measurer.measure(self.spec, cfg, best_ms=best[1].value if best else None)
+            except ProblemSetupError as exc:
+                raise TuneError(str(exc)) from None
+        trial.set_user_attr("dims", self.dims)
+        trial.set_user_attr("measure_s", round(res.seconds, 4))
+        _record(trial, res.status.value, res.reason, res.time_ms)
+        return res.time_ms if res.ok else math.inf
+
+    def after_trial(self, study: Any, ft: Any) -> None:
+        """Optuna callback: count, refresh the cache, update the bar, stop when the space is exhausted."""
+        from optuna.trial import TrialState
+
+        self.tally["trials"] += 1
+        status = ft.user_attrs.get("status") if ft.state == TrialState.COMPLETE else ft.state.name.lower()
+        self.counts[status] = self.counts.get(status, 0) + 1
+        self.cache.refresh(study)
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.progress_text(), refresh=False)
+            self.bar.update(1)
+        if self.exhausted:
+            if self.bar is not None:
+                self.bar.total = self.bar.n
+                self.bar.refresh()
+            study.stop()
+
+    def progress_text(self) -> str:
+        """``best 1.2 ms, default 3.4 ms, rejected 5`` for a progress bar."""
+        best = self.cache.best()
+        d = self.cache.by_config.get(canonical(self.default))
+        text = f"best {best[1].value:.4g} ms" if best else "best -"
+        if d is not None and d.status == Status.OK.value:
+            text += f", default {d.value:.4g} ms"
+        bad = sum(v for k, v in self.counts.items() if k != Status.OK.value)
+        return text + f", rejected {bad}"
+
+    def result(self, key: StudyKey, store: Any, seconds: float) -> "TuneResult":
+        """The :class:`TuneResult` of the study as it stands, with this process's counts."""
+        from optuna.trial import TrialState
+
+        self.cache.refresh(self.study)
+        best = self.cache.best()
+        d = self.cache.by_config.get(canonical(self.default))
+        finished = self.study.get_trials(deepcopy=False,
+                                         states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
+        return TuneResult(
+            study_name=key.name, storage=describe(store), key=key,
+            best_config=dict(sorted(_config_of(self.study, best[1].number).items())) if best else None,
+            best_time_ms=best[1].value if best else None,
+            default_config=self.default,
+            default_time_ms=d.value if d is not None and d.status == Status.OK.value else None,
+            trials=self.tally["trials"], by_status=dict(self.counts), repeats=self.tally["repeats"],
+            measured=self.tally["measured"], study_trials=len(finished), seconds=seconds, exhausted=self.exhausted)
+
+
 def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: int | None = 50,
          seconds: float | None = None, storage: Any = None, cache_dir: str | os.PathLike | None = None,
          progress: bool = True, seed: int | None = None, timeout: float = 60.0,
          warm_start: Iterable[Mapping[str, Any]] = (), measurer: Measurer | None = None,
-         options: MeasureOptions | None = None) -> TuneResult:
+         options: MeasureOptions | None = None, sampler: Any = None) -> TuneResult:
     """Tune ``problem`` over ``space`` (default: ``problem.space()``); see the module doc.
 
     ``trials`` / ``seconds``: the budget of this call (whichever comes first; either may be None, not both).
@@ -258,10 +400,10 @@ def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: 
     ``warm_start``: configs to measure early (after the default). ``measurer``: a running
     :class:`Measurer` to reuse (not closed here); by default one is started and stopped.
     ``seed``: makes the sampler reproducible (mixed with the study's trial count, so a resumed study does
-    not replay the first run's random startup configs).
+    not replay the first run's random startup configs). ``sampler``: an Optuna sampler replacing TPE
+    (experiments compare samplers with it).
     """
     import optuna
-    from optuna.trial import TrialState
 
     if trials is None and seconds is None:
         raise TuneError("give a budget: trials, seconds or both")
@@ -270,8 +412,7 @@ def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: 
     t_begin = time.perf_counter()
     problem = as_problem(problem)
     space = space or problem.space()
-    parts = problem.key_parts()
-    key = study_key(parts, space.fingerprint)
+    key = study_key(problem.key_parts(), space.fingerprint)
     if cache_dir is None and storage is None:
         from opgen.config import from_env
 
@@ -282,87 +423,20 @@ def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: 
     own_measurer = measurer is None
     bar = None
     try:
-        study = optuna.create_study(study_name=key.name, storage=store, direction="minimize", load_if_exists=True)
-        start_count = len(study.get_trials(deepcopy=False))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if "opgen.key" not in study.user_attrs:
-                study.set_user_attr("opgen.key", key.as_dict())
-                study.set_user_attr("opgen.family", key.family)
-                study.set_user_attr("opgen.problem", problem.spec.as_dict())
-                study.set_user_attr("opgen.space", [[k.name, list(k.choices)] for k in space.knobs])
-                study.set_metric_names(["time_ms"])
-            sampler_seed = None if seed is None else (int(seed) * 1_000_003 + start_count) % (2**32)
-            study.sampler = optuna.samplers.TPESampler(seed=sampler_seed, group=True)
-        fail_stale_trials(store, study._study_id)
-
-        cache = _Cache()
-        cache.refresh(study)
-        default = dict(space.default)
-        feasible: set[str] | None = None
-        if _space_size(space) <= EXHAUSTIVE_LIMIT:
-            feasible = {canonical(c) for c in space.enumerate()}
-        _enqueue_candidates(study, space, problem, key, store, default, warm_start, cache, feasible, trials)
-
+        study = open_study(problem, space, key, store, seed=seed, sampler=sampler)
+        if not _has_heartbeat(store):                   # RDB stores fail stale trials by heartbeat
+            fail_stale_trials(store, study._study_id)
         if own_measurer:
             measurer = Measurer(options or MeasureOptions(timeout=timeout))
-        counts: dict[str, int] = {}
-        tally = {"repeats": 0, "measured": 0, "trials": 0}
-        dims = dict(parts.dims)
-        spec = problem.spec
-        bar = _progress_bar(progress, trials, parts.op_name)
-
-        def objective(trial: Any) -> float:
-            trial.set_user_attr("owner", _owner())
-            cfg = suggest(trial, space)
-            trial.set_user_attr("config", cfg)
-            ck = canonical(cfg)
-            cache.refresh(study)
-            hit = cache.by_config.get(ck)
-            if hit is not None:
-                tally["repeats"] += 1
-                trial.set_user_attr("dup_of", hit.number)
-                _record(trial, hit.status, hit.reason, hit.value if hit.status == Status.OK.value else None)
-                return hit.value
-            why = space.infeasible(cfg)
-            if why is not None:
-                res = Result(Status.INFEASIBLE, reason=why)
-            else:
-                best = cache.best()
-                tally["measured"] += 1
-                try:
-                    res = measurer.measure(spec, cfg, best_ms=best[1].value if best else None)
-                except ProblemSetupError as exc:
-                    raise TuneError(str(exc)) from None
-            trial.set_user_attr("dims", dims)
-            trial.set_user_attr("measure_s", round(res.seconds, 4))
-            _record(trial, res.status.value, res.reason, res.time_ms)
-            return res.time_ms if res.ok else math.inf
-
-        def after_trial(study: Any, ft: Any) -> None:
-            tally["trials"] += 1
-            status = ft.user_attrs.get("status") if ft.state == TrialState.COMPLETE else ft.state.name.lower()
-            counts[status] = counts.get(status, 0) + 1
-            cache.refresh(study)
-            if bar is not None:
-                best = cache.best()
-                d = cache.by_config.get(canonical(default))
-                text = f"best {best[1].value:.4g} ms" if best else "best -"
-                if d is not None and d.status == Status.OK.value:
-                    text += f", default {d.value:.4g} ms"
-                bad = sum(v for k, v in counts.items() if k != Status.OK.value)
-                bar.set_postfix_str(text + f", rejected {bad}", refresh=False)
-                bar.update(1)
-            if feasible is not None and feasible <= set(cache.by_config):
-                if bar is not None:
-                    bar.total = bar.n
-                    bar.refresh()
-                study.stop()
-
+        objective = Objective(study, problem, space, measurer)
+        enqueue_candidates(study, space, problem, key, store, warm_start, objective.cache, objective.feasible,
+                           trials)
+        objective.bar = bar = _progress_bar(progress, trials, problem.key_parts().op_name)
         try:
-            if not (feasible is not None and feasible <= set(cache.by_config)):    # else: nothing left to measure
+            if not objective.exhausted:                     # else: nothing left to measure
                 left_s = None if seconds is None else max(seconds - (time.perf_counter() - t_begin), 1e-3)
-                study.optimize(objective, n_trials=trials, timeout=left_s, callbacks=[after_trial], catch=())
+                study.optimize(objective, n_trials=trials, timeout=left_s, callbacks=[objective.after_trial],
+                               catch=())
         finally:
             if own_measurer and measurer is not None:
                 measurer.close()
@@ -371,19 +445,7 @@ def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: 
             bar.close()
         optuna.logging.set_verbosity(verbosity)
         lookup.clear_cache()
-
-    best = cache.best()
-    d = cache.by_config.get(canonical(default))
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
-    return TuneResult(
-        study_name=key.name, storage=describe(store), key=key,
-        best_config=dict(sorted(_config_of(study, best[1].number).items())) if best else None,
-        best_time_ms=best[1].value if best else None,
-        default_config=default,
-        default_time_ms=d.value if d is not None and d.status == Status.OK.value else None,
-        trials=tally["trials"], by_status=counts, repeats=tally["repeats"], measured=tally["measured"],
-        study_trials=len(finished), seconds=time.perf_counter() - t_begin,
-        exhausted=feasible is not None and feasible <= set(cache.by_config))
+    return objective.result(key, store, time.perf_counter() - t_begin)
 
 
 def _record(trial: Any, status: str, reason: str, time_ms: float | None) -> None:
@@ -400,12 +462,14 @@ def _config_of(study: Any, number: int) -> dict[str, Any]:
         study._study_id, number)).user_attrs["config"])
 
 
-def _enqueue_candidates(study: Any, space: Space, problem: Problem, key: StudyKey, store: Any,
-                        default: dict[str, Any], warm_start: Iterable[Mapping[str, Any]], cache: _Cache,
-                        feasible: set[str] | None, trials: int | None) -> None:
-    """Enqueue default, warm start, known-good, nearby and (when it fits the budget) every feasible config."""
+def enqueue_candidates(study: Any, space: Space, problem: Problem, key: StudyKey, store: Any,
+                       warm_start: Iterable[Mapping[str, Any]], cache: _Cache, feasible: set[str] | None,
+                       trials: int | None) -> None:
+    """Enqueue default, warm start, known-good, nearby and (when it fits the budget) every feasible config,
+    skipping configs the study already has in any state."""
     from optuna.trial import TrialState
 
+    default = dict(space.default)
     have: set[str] = set(cache.by_config)
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
         if "config" in t.user_attrs:

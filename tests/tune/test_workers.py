@@ -1,0 +1,164 @@
+"""Many tuning workers on one study: the shared journal, a real PostgreSQL server, a worker killed mid-trial."""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from opgen.tune.key import study_key
+from opgen.tune.store import open_storage
+from opgen.tune.testing import CumsumProblem
+from opgen.tune.tuner import TuneError
+from opgen.tune.workers import CAP_ATTR, prepare, work
+
+WORKER = textwrap.dedent("""
+    import sys
+    from opgen.tune.measure import MeasureOptions, Measurer
+    from opgen.tune.testing import CumsumProblem
+    from opgen.tune.workers import work
+    with Measurer(MeasureOptions(timeout=10, min_reps=3, min_time_s=0.01)) as m:
+        rep = work(CumsumProblem(rows=8, length=1024), storage=sys.argv[1], seed=int(sys.argv[2]), measurer=m)
+    print(rep.trials)
+""")
+
+
+def _trials(problem, storage):
+    key = study_key(problem.key_parts(), problem.space().fingerprint)
+    study = optuna.load_study(study_name=key.name, storage=open_storage(storage))
+    return study, study.get_trials(deepcopy=False)
+
+
+def _assert_nothing_lost(trials):
+    assert sorted(t.number for t in trials) == list(range(len(trials)))       # no gap: no trial lost
+    states = collections.Counter(t.state.name for t in trials)
+    assert not states.get("RUNNING") and not states.get("WAITING"), states
+    return states
+
+
+def test_workers_share_one_journal_study_and_its_trial_cap(tmp_path):
+    storage = f"journal:{tmp_path / 'tune.journal'}"
+    p = CumsumProblem(rows=8, length=1024)
+    prep = prepare(p, trials=12, storage=storage)
+    assert prep.cap == 12 and prep.finished_before == 0 and prep.enqueued >= 1       # the default at least
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, storage, str(i)], stdout=subprocess.PIPE, text=True)
+             for i in range(2)]
+    ran = [int(proc.communicate(timeout=240)[0].split()[-1]) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    study, trials = _trials(p, storage)
+    states = _assert_nothing_lost(trials)
+    assert 12 <= states["COMPLETE"] <= 13 and sum(ran) == states["COMPLETE"]      # one shared cap (+ a race)
+    assert all(n >= 1 for n in ran), ran
+    assert len({t.user_attrs["owner"]["pid"] for t in trials}) == 2
+    assert trials[0].user_attrs["source"] == "default"
+    # preparing again raises the cap for a further run, counting what is already there
+    again = prepare(p, trials=3, storage=storage)
+    assert again.finished_before == states["COMPLETE"] and again.cap == states["COMPLETE"] + 3
+    reloaded = optuna.load_study(study_name=study.study_name, storage=open_storage(storage))
+    assert reloaded.user_attrs[CAP_ATTR] == again.cap
+
+
+def test_a_worker_never_creates_the_study(tmp_path):
+    storage = f"journal:{tmp_path / 'tune.journal'}"
+    with pytest.raises(TuneError, match="does not exist .*--prepare-only"):
+        work(CumsumProblem(rows=8, length=1024), storage=storage)
+    assert not optuna.get_all_study_names(open_storage(storage))
+
+
+def test_prepare_only_prints_the_worker_command(tmp_path, monkeypatch, capsys):
+    from opgen.cli import main
+
+    monkeypatch.setenv("OPGEN_CACHE_DIR", str(tmp_path))
+    storage = f"journal:{tmp_path / 'shared.journal'}"
+    assert main(["tune", "linear_scan", "--shape", "C=3,L=50", "--storage", storage, "--trials", "7",
+                 "--prepare-only", "--backend", "tvm"]) == 0
+    out = capsys.readouterr()
+    assert "opgen tune-worker linear_scan --shape C=3,L=50 --backend tvm" in out.out and storage in out.out
+    assert "cap 7 finished trials" in out.err
+    (name,) = optuna.get_all_study_names(open_storage(storage))
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
+    assert study.user_attrs[CAP_ATTR] == 7 and study.get_trials(deepcopy=False)[0].state == TrialState.WAITING
+    # --seconds has no meaning for a shared cap
+    assert main(["tune", "linear_scan", "--shape", "C=3,L=50", "--workers", "2", "--seconds", "5"]) == 2
+    assert "--seconds budgets in-process tuning" in capsys.readouterr().err
+
+
+def _space_of(op: str, dims: dict):
+    from opgen.tune.library import LibraryProblem
+
+    return LibraryProblem(op, dims, "tvm").space()
+
+
+@pytest.mark.slow
+def test_three_workers_tune_a_real_op_on_postgresql(pg_url, tmp_path):
+    env = {**os.environ, "OPGEN_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "opgen.cli", "tune", "linear_scan", "--shape", "C=8,L=100", "--backend", "tvm",
+           "--storage", pg_url, "--workers", "3", "--trials", "60", "--no-progress", "--seed", "1"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (name,) = optuna.get_all_study_names(pg_url)
+    study = optuna.load_study(study_name=name, storage=pg_url)
+    trials = study.get_trials(deepcopy=False)
+    states = _assert_nothing_lost(trials)
+    assert set(states) == {"COMPLETE"} and 60 <= states["COMPLETE"] <= 62, states      # cap 60, race of <= 2
+    by_worker = collections.Counter(t.user_attrs["owner"]["pid"] for t in trials)
+    assert len(by_worker) == 3 and min(by_worker.values()) >= 5, by_worker
+    ok = [t for t in trials if t.user_attrs["status"] == "ok"]
+    best = min(ok, key=lambda t: t.value)
+    space = _space_of("linear_scan", {"C": 8, "L": 100})
+    assert space.infeasible(best.user_attrs["config"]) is None
+    assert f"best {best.value:.4g} ms" in r.stdout
+    rejected = [t for t in trials if t.user_attrs["status"] != "ok"]
+    assert all(t.value == float("inf") and t.user_attrs.get("reason") for t in rejected)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_is_failed_retried_and_restarted(pg_url, tmp_path):
+    env = {**os.environ, "OPGEN_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "opgen.cli", "tune", "linear_scan", "--shape", "C=5,L=300", "--backend", "tvm",
+           "--storage", pg_url, "--workers", "3", "--trials", "15", "--no-progress", "--heartbeat", "1",
+           "--grace", "3"]
+    coordinator = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline and coordinator.poll() is None:
+            time.sleep(0.05)
+            names = [n for n in optuna.get_all_study_names(pg_url) if "L512" in n]
+            if not names:
+                continue
+            study = optuna.load_study(study_name=names[0], storage=pg_url)
+            trials = study.get_trials(deepcopy=False)
+            if sum(t.state == TrialState.COMPLETE for t in trials) < 3:
+                continue
+            for t in trials:
+                owner = t.user_attrs.get("owner")
+                if t.state == TrialState.RUNNING and owner and owner["pid"] != coordinator.pid:
+                    os.kill(owner["pid"], signal.SIGKILL)
+                    killed = t.number
+                    break
+        out, err = coordinator.communicate(timeout=400)
+    finally:
+        if coordinator.poll() is None:
+            os.killpg(coordinator.pid, signal.SIGKILL)
+    assert killed is not None, "no trial was caught running"
+    assert coordinator.returncode == 0, err[-3000:]
+    assert "was killed by SIGKILL; restarting it" in err
+    study = optuna.load_study(study_name=names[0], storage=pg_url)
+    trials = study.get_trials(deepcopy=False)
+    _assert_nothing_lost(trials)
+    dead = trials[killed]
+    assert dead.state == TrialState.FAIL, dead
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == dead.params
+    assert sum(t.state == TrialState.COMPLETE for t in trials) >= 15
+    assert f"retried [{killed}]" in out
