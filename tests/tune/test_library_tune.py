@@ -11,10 +11,14 @@ pytest.importorskip("tvm")
 
 def test_tune_cli_then_lookup(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPGEN_CACHE_DIR", str(tmp_path))
-    rc = main(["tune", "linear_scan", "--shape", "C=24,L=37", "--trials", "4", "--no-progress", "--timeout", "120"])
+    rc = main(["tune", "linear_scan", "--shape", "C=24,L=37", "--trials", "4", "--no-progress", "--timeout", "120",
+               "--report", str(tmp_path / "report")])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "linear_scan" in out and "vs torch" in out and "best" in out
+    assert (tmp_path / "report" / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "linear_scan" in md and "history.png" in md
 
     from opgen.config import Config
     from opgen.ops.scan import declare_linear_scan
