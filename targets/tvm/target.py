@@ -17,13 +17,15 @@ from typing import Mapping
 
 from opgen.ir import DType, Op
 from opgen.ir.passes import ScanGroup, fuse_scan
+from opgen.ir.passes.correlation import fuse_correlation
+from opgen.targets.spectral import run_correlation_fft, run_window_fft
 from opgen.ir.symbols import Axis, Dim
 from opgen.targets.base import Caps
 
 from .attention_call import attention_group, run_backward, run_forward, supports_attention
 from .scan import KernelSource, ScanConfig, render_scan
-from .window import (WindowConfig, WindowSource, as_window_config, window_group, window_kernel, window_source,
-                     window_supported)
+from .window import (WindowConfig, WindowSource, as_window_config, resolve_window_config, window_group,
+                     window_kernel, window_source, window_supported)
 
 SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
 _INT32_LIMIT = 2**31 - 1
@@ -233,7 +235,7 @@ def _renderable(op: Op) -> bool:
     Python: no tvm import)."""
     g = _group(op)
     if g is None:
-        return window_supported(window_group(op))[0]
+        return window_supported(window_group(op))[0] or correlation_group(op) is not None
     try:
         render_scan(g, ScanConfig())
     except (ValueError, KeyError, TypeError):
@@ -296,6 +298,12 @@ class TVMTarget:
         group = attention_group(op)
         if group is not None:
             return run_forward(group, inputs, binding, self.cache, self.caps(), config)
+        if _group(op) is None:
+            wg = window_group(op)
+            if wg is None and correlation_group(op) is not None:
+                return _on_cpu(op, inputs, lambda: run_correlation_fft(correlation_group(op), inputs, binding))
+            if wg is not None and self._window_variant(wg, binding, config) == "fft":
+                return _on_cpu(op, inputs, lambda: run_window_fft(wg, inputs, binding))
         fn, plan, scalars = self._plan(op, binding, config)
         args = []
         outs = {}
@@ -322,6 +330,16 @@ class TVMTarget:
         if group is None:
             raise ValueError(f"op {op.name} is not an attention op; the tvm target has no backward for it")
         return run_backward(group, inputs, binding, out, lse, dout, self.cache)
+
+    def _window_variant(self, group, binding, config) -> str:
+        """The variant a window call runs (memoized per group, sizes and config)."""
+        key = ("variant", id(group), tuple(sorted(((d.name, v) for d, v in binding.dims.items()))),
+               _any_config(config))
+        hit = self._plans.get(key)
+        if hit is None or hit[0] is not group:
+            hit = (group, resolve_window_config(group, binding, _any_config(config), self.caps()).variant)
+            self._plans[key] = hit
+        return hit[1]
 
     def _plan(self, op: Op, binding, config: ScanConfig | None):
         """(kernel, [(tensor, is output, torch dtype)], scalar dims), cached per (op, sizes, config): a repeated
@@ -385,6 +403,19 @@ class TVMTarget:
         """(compiled function, its :class:`KernelSource`) for a call with these sizes."""
         ks = self.source(op, binding, config)
         return self.cache.get(ks.text), ks
+
+
+@functools.lru_cache(maxsize=512)
+def correlation_group(op: Op):
+    """``fuse_correlation(op)`` (a lag correlation: a 1-D convolution's weight gradient), cached per op."""
+    return fuse_correlation(op)
+
+
+def _on_cpu(op: Op, inputs: Mapping, run) -> dict:
+    for name, x in inputs.items():
+        if getattr(x, "device", None) is not None and x.device.type != "cpu":
+            raise ValueError(f"the tvm target runs on CPU tensors; input {name!r} of op {op.name} is on {x.device}")
+    return run()
 
 
 def _any_config(config):

@@ -41,6 +41,8 @@ from opgen.ir import Access, DType, ExprOp, promote
 from opgen.ir.passes.window import WindowGroup, fuse_window
 from opgen.ir.symbols import Axis, Dim
 
+from opgen.targets.spectral import prefer_fft, window_fft_supported
+
 from .expr import Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, tvm_dtype
 
 SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
@@ -238,8 +240,10 @@ def window_space(group: WindowGroup, binding=None, caps=None):
     V = _vector_lanes(group, caps)
     return Space(
         knobs=(
-            Knob("variant", VARIANTS, "direct: staged patch per (channel, row block); gemm: padded workspace, "
-                 "output-channel x pixel tiles reduced over C*KH*KW"),
+            Knob("variant", VARIANTS + (("fft",) if window_fft_supported(group)[0] else ()),
+                 "direct: staged patch per (channel, row block); gemm: padded workspace, output-channel x pixel "
+                 "tiles reduced over C*KH*KW; fft (1-D depthwise, stride 1): torch.fft transforms of size >= N+K-1 "
+                 "(the other knobs are ignored)"),
             Knob("vector", tuple(sorted({V, max(1, V // 2)})), "SIMD lanes along the output width"),
             Knob("co_tile", (1, 2, 3, 4, 6, 8), "output channels per register tile"),
             Knob("rows_tile", (1, 2, 3, 4, 6, 8), "output rows per register tile (2-D)"),
@@ -266,8 +270,10 @@ def window_space(group: WindowGroup, binding=None, caps=None):
 
 def check_window_config(cfg: WindowConfig, group: WindowGroup, binding) -> tuple[bool, str]:
     """Whether ``cfg`` is valid for ``group`` at ``binding`` ((False, reason) when not)."""
+    if cfg.variant == "fft":
+        return window_fft_supported(group, binding)
     if cfg.variant not in VARIANTS:
-        return False, f"variant must be one of {VARIANTS}, got {cfg.variant!r}"
+        return False, f"variant must be one of {VARIANTS + ('fft',)}, got {cfg.variant!r}"
     for name in ("vector", "co_tile", "rows_tile", "width_vectors", "block_rows", "block_width"):
         if getattr(cfg, name) < 1:
             return False, f"{name} must be >= 1, got {getattr(cfg, name)}"
@@ -323,7 +329,8 @@ def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfi
     """A heuristic config from the channel structure and the static sizes only (channels, kernel, strides), so
     that the untuned kernel of a convolution serves every batch and image size (tuned on AVX2).
 
-    1-D (causal conv1d): direct, 4 vectors per tile, 512 outputs per staged block, the window unrolled (dense
+    1-D (causal conv1d): the FFT variant where :func:`~opgen.targets.spectral.prefer_fft` says so (long
+    depthwise windows), else direct, 4 vectors per tile, 512 outputs per staged block, the window unrolled (dense
     1-D convolutions: gemm, channels x 2 vectors). Many
     input channels per group (dense, grouped): gemm with a 6 (8 with 512-bit vectors) channels x 2 (3) rows x
     1 vector tile in tap order. Otherwise (depthwise): direct with an 8-row x 1-vector tile in weight-stationary
@@ -339,6 +346,8 @@ def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfi
                                 unroll_kh=True, unroll_kw=unroll_kw)
         cfg = WindowConfig("direct", V, 1, 1, 4, 1, _round_up(512, 4 * V), kh_block=0, unroll_kh=True,
                            unroll_kw=unroll_kw)
+        if prefer_fft(group, binding):                 # a long depthwise window: transforms beat K taps
+            return replace(cfg, variant="fft")
         return _shrink(cfg, group, binding)
     small_taps = sh.row.K * sh.col.K <= 25
     if sh.Cg >= 8 and sh.Fg >= 2:
@@ -370,6 +379,12 @@ def _shrink(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
         else:
             break
     return cfg
+
+
+def resolve_window_config(group: WindowGroup, binding, config=None, caps=None) -> WindowConfig:
+    """The config a call uses: ``config`` legalized, or the default."""
+    cfg = as_window_config(config)
+    return default_window_config(group, binding, caps) if cfg is None else legalize_window_config(cfg, group, binding)
 
 
 def legalize_window_config(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
@@ -916,6 +931,9 @@ def window_source(group: WindowGroup, binding, config: WindowConfig | Mapping | 
         cfg = default_window_config(group, binding, caps)
     else:
         cfg = legalize_window_config(cfg, group, binding)
+    if cfg.variant == "fft":
+        raise ValueError(f"op {group.op.name}: the fft variant has no TVM kernel (it runs torch.fft; see "
+                         "opgen.targets.spectral)")
     src = render_window(group, cfg, binding=binding, index_bits=_index_bits(binding))
     if len(_SOURCES) > 4096:
         _SOURCES.clear()

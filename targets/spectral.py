@@ -1,0 +1,173 @@
+"""The FFT algorithm for 1-D window reductions (long convolutions) and lag correlations (their weight gradients).
+
+A 1-D window reduction with stride 1 and dilation +-1 whose channels are depthwise (or absent) is, per row, a
+linear convolution (dilation -1: ``y[t] = sum_j w[j] x[t - j + off]``) or a cross-correlation (dilation +1) of the
+data row with the weight row, with the data zero outside ``[0, N)`` (its declared padding). With
+``n >= N + K - 1`` both are exact through real FFTs of size ``n``: ``irfft(rfft(x, n) * rfft(w', n))`` where
+``w'`` is ``w`` (convolution) or ``w`` reversed (correlation), sliced at the offset. The weight's spectrum is
+computed once per channel and broadcast over the batch. Cost ``O(N log N)`` per row against ``O(N K)`` for the
+direct kernel, so the FFT wins for long windows (the choice is the ``variant`` knob of the window space: the
+tuner picks by measuring, the default by :func:`prefer_fft`).
+
+A lag correlation (:mod:`opgen.ir.passes.correlation`, the weight gradient ``dk[h, j] = sum_{b,t} dy[b,h,t]
+u[b,h,t-j]``) is ``irfft(sum_b conj(rfft(a_b)) * rfft(b_b))`` read at the lags: the batch sum happens in the
+frequency domain, so it costs two forward transforms per row and one inverse per channel.
+
+The transforms are torch's (``torch.fft``: MKL or pocketfft on CPU, cuFFT on CUDA), in float32 for float32 ops
+and float64 for float64 ops; everything around them (operand layout, zero padding, the spectral product, slicing)
+is fused into as few passes as torch allows, and a pointwise epilogue (bias, activation, gating) is evaluated
+on the result by the reference interpreter (elementwise torch ops).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Mapping
+
+import torch
+
+from opgen.ir.index import evaluate_int
+from opgen.ir.passes.correlation import CorrelationGroup
+from opgen.ir.passes.window import WindowGroup
+from opgen.ir.symbols import Axis
+
+
+@functools.lru_cache(maxsize=4096)
+def next_fast_len(m: int) -> int:
+    """The smallest ``2^a 3^b 5^c >= m`` (sizes FFT libraries transform fastest)."""
+    best = 1 << max(0, (m - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            q = p35
+            while q < m:
+                q *= 2
+            best = min(best, q)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _int(e, binding) -> int:
+    return int(evaluate_int(e, dict(binding.dims)))
+
+
+def window_fft_supported(group: WindowGroup, binding=None) -> tuple[bool, str]:
+    """Whether the FFT algorithm computes ``group`` ((False, why) when not); with ``binding``, also at its sizes."""
+    if len(group.spatial) != 1:
+        return False, f"the FFT variant takes 1-D windows; this one is {len(group.spatial)}-D"
+    sp = group.spatial[0]
+    if sp.stride != 1 or abs(sp.dilation) != 1:
+        return False, f"the FFT variant needs stride 1 and dilation +-1 (got stride {sp.stride}, dilation {sp.dilation})"
+    ch = group.channels
+    if ch.kind not in ("depthwise", "none"):
+        return False, f"the FFT variant takes depthwise (or channel-free) windows; this one is {ch.kind}"
+    if ch.kind == "depthwise" and binding is not None:
+        if ch.kind_at(binding.dims) != "depthwise" or _int(ch.out_per_group, binding) != 1:
+            return False, "the FFT variant takes one output channel per input channel"
+    if any(not isinstance(i, Axis) for i in group.weight.index):
+        return False, "the FFT variant needs a weight indexed by plain axes"
+    return True, ""
+
+
+def prefer_fft(group: WindowGroup, binding) -> bool:
+    """The default choice between the direct kernel and the FFT: ``T * K`` multiply-adds per row against
+    ``FFT_WORK * n log2 n`` for the transforms (measured on AVX2, one thread, 2 x 64 rows: the vectorized
+    direct kernel wins up to ~256 taps at L=1024 and ~512 at L=4096)."""
+    if not window_fft_supported(group, binding)[0]:
+        return False
+    sp = group.spatial[0]
+    t_out, k, n_in = (_int(e, binding) for e in (sp.out_size, sp.window, sp.in_size))
+    n = next_fast_len(n_in + k - 1)
+    return t_out * k > FFT_WORK * n * math.log2(max(n, 2))
+
+
+#: direct multiply-adds worth one ``n log2 n`` unit of transform work (calibrated; see :func:`prefer_fft`)
+FFT_WORK = 30.0
+
+
+def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _window_acc(group: WindowGroup, inputs: Mapping[str, torch.Tensor], binding) -> torch.Tensor:
+    """The reduction ``group.reduce.out`` by FFT, laid out in ``group.axes`` order."""
+    sp = group.spatial[0]
+    ch = group.channels
+    data, weight = group.data, group.weight
+    x = inputs[data.tensor]
+    w = inputs[weight.tensor]
+    order = [k for _, k in group.batch] + ([ch.data_dim] if ch.kind == "depthwise" else []) + [sp.data_dim]
+    const = [k for k in range(x.dim()) if k not in order]
+    x = x.permute(order + const)[(slice(None),) * len(order) + (0,) * len(const)]
+    w_order = ([weight.index.index(ch.out_axis)] if ch.kind == "depthwise" else []) + [weight.index.index(sp.win_axis)]
+    w_const = [k for k in range(w.dim()) if k not in w_order]
+    w = w.permute(w_order + w_const)[(slice(None),) * len(w_order) + (0,) * len(w_const)]
+    cdt = _compute_dtype(x, w)
+    n_in, k = x.shape[-1], w.shape[-1]
+    full_len = n_in + k - 1
+    n = next_fast_len(full_len)
+    shift = _int(sp.offset, binding)
+    if sp.dilation == 1:                      # correlation = convolution with the reversed window
+        w = w.flip(-1)
+        shift += k - 1
+    spec = torch.fft.rfft(x.to(cdt), n) * torch.fft.rfft(w.to(cdt), n)
+    full = torch.fft.irfft(spec, n)
+    t_out = _int(sp.out_size, binding)
+    lo, hi = max(shift, 0), min(shift + t_out, full_len)
+    if lo == shift and hi == shift + t_out:
+        y = full[..., lo:hi]
+    else:
+        y = full.new_zeros(full.shape[:-1] + (t_out,))
+        if hi > lo:
+            y[..., lo - shift:hi - shift] = full[..., lo:hi]
+    have = [a for a, _ in group.batch] + ([ch.out_axis] if ch.kind == "depthwise" else []) + [sp.out_axis]
+    return y.permute([have.index(a) for a in group.axes])
+
+
+def _correlation_acc(group: CorrelationGroup, inputs: Mapping[str, torch.Tensor], binding) -> torch.Tensor:
+    """The reduction ``group.reduce.out`` by FFT, laid out in ``group.axes`` order."""
+    a, b = inputs[group.a.tensor], inputs[group.b.tensor]
+    out_axes = set(group.axes)
+    idx = list(group.a.index)
+    chans = [k for k, ax in enumerate(idx) if ax in out_axes]
+    batch = [k for k, ax in enumerate(idx) if ax not in out_axes and ax != group.time]
+    perm = batch + chans + [group.time_dim]
+    a, b = a.permute(perm), b.permute(perm)
+    cdt = _compute_dtype(a, b)
+    na, nb = a.shape[-1], b.shape[-1]
+    n = next_fast_len(na + nb - 1)
+    spec = torch.fft.rfft(a.to(cdt), n).conj_physical_() * torch.fft.rfft(b.to(cdt), n)
+    if batch:
+        spec = spec.sum(dim=tuple(range(len(batch))))
+    r = torch.fft.irfft(spec, n)                  # r[m] = sum_t a[t] b[t + m]  (m mod n)
+    lags = torch.arange(_int(group.op.extent(group.lag), binding), device=r.device)
+    m = group.dilation * lags + _int(group.offset, binding)
+    valid = (m >= -(na - 1)) & (m <= nb - 1)
+    y = torch.where(valid, r[..., torch.remainder(m, n)], torch.zeros((), dtype=r.dtype, device=r.device))
+    have = [idx[k] for k in chans] + [group.lag]
+    return y.permute([have.index(ax) for ax in group.axes])
+
+
+def _with_epilogue(op, reduce_out: str, acc: torch.Tensor, inputs: Mapping[str, torch.Tensor], binding) -> dict:
+    from opgen.ir.dtypes import to_torch
+    from opgen.targets.reference import evaluate
+
+    acc = acc.to(to_torch(op.tensor(reduce_out).dtype)).contiguous()
+    present = {t.name: inputs[t.name] for t in op.inputs}
+    outs = evaluate(op, present, binding, node_runner=lambda k, tensors: acc if k == 0 else None)
+    return {t.name: outs[t.name].to(to_torch(t.dtype)).contiguous() for t in op.outputs}
+
+
+def run_window_fft(group: WindowGroup, inputs: Mapping[str, torch.Tensor], binding) -> dict:
+    """The outputs of a window op computed with the FFT algorithm (``{name: fresh tensor}``)."""
+    ok, why = window_fft_supported(group, binding)
+    if not ok:
+        raise ValueError(f"op {group.op.name}: {why}")
+    return _with_epilogue(group.op, group.reduce.out, _window_acc(group, inputs, binding), inputs, binding)
+
+
+def run_correlation_fft(group: CorrelationGroup, inputs: Mapping[str, torch.Tensor], binding) -> dict:
+    """The outputs of a lag-correlation op computed with FFTs (``{name: fresh tensor}``)."""
+    return _with_epilogue(group.op, group.reduce.out, _correlation_acc(group, inputs, binding), inputs, binding)
