@@ -91,6 +91,19 @@ def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
+#: bytes of spectrum per chunk of rows: large enough for long row batches, small enough that the allocator
+#: reuses heap blocks (glibc serves blocks below its 32 MiB mmap threshold from the heap once freed: no page
+#: faults) and that a chunk's transforms stay near the caches. Measured at B=4, H=256, L=8192 on one AVX2 thread:
+#: unchunked (torch's whole-tensor form) 434 ms; chunks of 4 heads 253 ms, 16 heads 193 ms, 64 heads 159 ms.
+CHUNK_BYTES = 16 << 20
+
+
+def _chunk(rows_per_unit: int, n: int, dtype: torch.dtype, units: int) -> int:
+    """How many units (channels) of ``rows_per_unit`` rows to transform at once."""
+    per_unit = rows_per_unit * (n // 2 + 1) * (16 if dtype == torch.float64 else 8)
+    return max(1, min(units, CHUNK_BYTES // max(per_unit, 1)))
+
+
 def _window_acc(group: WindowGroup, inputs: Mapping[str, torch.Tensor], binding) -> torch.Tensor:
     """The reduction ``group.reduce.out`` by FFT, laid out in ``group.axes`` order."""
     sp = group.spatial[0]
@@ -98,13 +111,18 @@ def _window_acc(group: WindowGroup, inputs: Mapping[str, torch.Tensor], binding)
     data, weight = group.data, group.weight
     x = inputs[data.tensor]
     w = inputs[weight.tensor]
-    order = [k for _, k in group.batch] + ([ch.data_dim] if ch.kind == "depthwise" else []) + [sp.data_dim]
+    depthwise = ch.kind == "depthwise"
+    order = [k for _, k in group.batch] + ([ch.data_dim] if depthwise else []) + [sp.data_dim]
     const = [k for k in range(x.dim()) if k not in order]
     x = x.permute(order + const)[(slice(None),) * len(order) + (0,) * len(const)]
-    w_order = ([weight.index.index(ch.out_axis)] if ch.kind == "depthwise" else []) + [weight.index.index(sp.win_axis)]
+    w_order = ([weight.index.index(ch.out_axis)] if depthwise else []) + [weight.index.index(sp.win_axis)]
     w_const = [k for k in range(w.dim()) if k not in w_order]
     w = w.permute(w_order + w_const)[(slice(None),) * len(w_order) + (0,) * len(w_const)]
     cdt = _compute_dtype(x, w)
+    lead = x.shape[:-2] if depthwise else x.shape[:-1]          # the batch dims
+    if not depthwise:                          # one shared filter: every row is a batch row
+        x, w = x.reshape(-1, 1, x.shape[-1]), w.reshape(1, -1)
+    x = x.reshape(-1, x.shape[-2], x.shape[-1])              # (rows, C, N)
     n_in, k = x.shape[-1], w.shape[-1]
     full_len = n_in + k - 1
     n = next_fast_len(full_len)
@@ -112,17 +130,20 @@ def _window_acc(group: WindowGroup, inputs: Mapping[str, torch.Tensor], binding)
     if sp.dilation == 1:                      # correlation = convolution with the reversed window
         w = w.flip(-1)
         shift += k - 1
-    spec = torch.fft.rfft(x.to(cdt), n) * torch.fft.rfft(w.to(cdt), n)
-    full = torch.fft.irfft(spec, n)
     t_out = _int(sp.out_size, binding)
     lo, hi = max(shift, 0), min(shift + t_out, full_len)
-    if lo == shift and hi == shift + t_out:
-        y = full[..., lo:hi]
-    else:
-        y = full.new_zeros(full.shape[:-1] + (t_out,))
+    y = (torch.empty if (lo == shift and hi == shift + t_out) else torch.zeros)(
+        x.shape[0], x.shape[1], t_out, dtype=cdt, device=x.device)
+    wf = torch.fft.rfft(w.to(cdt), n)                         # (C, n/2+1): once per channel
+    step = _chunk(x.shape[0], n, cdt, x.shape[1])
+    for c0 in range(0, x.shape[1], step):
+        cs = slice(c0, c0 + step)
+        spec = torch.fft.rfft(x[:, cs].to(cdt), n)
+        spec.mul_(wf[cs])
         if hi > lo:
-            y[..., lo - shift:hi - shift] = full[..., lo:hi]
-    have = [a for a, _ in group.batch] + ([ch.out_axis] if ch.kind == "depthwise" else []) + [sp.out_axis]
+            y[:, cs, lo - shift:hi - shift] = torch.fft.irfft(spec, n)[..., lo:hi]
+    y = y.reshape(lead + y.shape[1:]) if depthwise else y.reshape(lead + (t_out,))
+    have = [a for a, _ in group.batch] + ([ch.out_axis] if depthwise else []) + [sp.out_axis]
     return y.permute([have.index(a) for a in group.axes])
 
 
@@ -135,17 +156,29 @@ def _correlation_acc(group: CorrelationGroup, inputs: Mapping[str, torch.Tensor]
     batch = [k for k, ax in enumerate(idx) if ax not in out_axes and ax != group.time]
     perm = batch + chans + [group.time_dim]
     a, b = a.permute(perm), b.permute(perm)
+    cshape = a.shape[len(batch):-1]
+    rows = 1
+    for s in a.shape[:len(batch)]:
+        rows *= s
+    a = a.reshape(rows, -1, a.shape[-1])                      # (batch rows, channels, time)
+    b = b.reshape(rows, -1, b.shape[-1])
     cdt = _compute_dtype(a, b)
     na, nb = a.shape[-1], b.shape[-1]
     n = next_fast_len(na + nb - 1)
-    spec = torch.fft.rfft(a.to(cdt), n).conj_physical_() * torch.fft.rfft(b.to(cdt), n)
-    if batch:
-        spec = spec.sum(dim=tuple(range(len(batch))))
-    r = torch.fft.irfft(spec, n)                  # r[m] = sum_t a[t] b[t + m]  (m mod n)
-    lags = torch.arange(_int(group.op.extent(group.lag), binding), device=r.device)
+    lags = torch.arange(_int(group.op.extent(group.lag), binding), device=a.device)
     m = group.dilation * lags + _int(group.offset, binding)
     valid = (m >= -(na - 1)) & (m <= nb - 1)
-    y = torch.where(valid, r[..., torch.remainder(m, n)], torch.zeros((), dtype=r.dtype, device=r.device))
+    where = torch.remainder(m, n)
+    y = torch.empty(a.shape[1], lags.numel(), dtype=cdt, device=a.device)
+    step = _chunk(rows, n, cdt, a.shape[1])
+    zero = torch.zeros((), dtype=cdt, device=a.device)
+    for c0 in range(0, a.shape[1], step):
+        cs = slice(c0, c0 + step)
+        spec = torch.fft.rfft(a[:, cs].to(cdt), n).conj_physical_()
+        spec.mul_(torch.fft.rfft(b[:, cs].to(cdt), n))
+        r = torch.fft.irfft(spec.sum(dim=0), n)               # r[m] = sum_t a[t] b[t + m]  (m mod n)
+        y[cs] = torch.where(valid, r[:, where], zero)
+    y = y.reshape(tuple(cshape) + (lags.numel(),))
     have = [idx[k] for k in chans] + [group.lag]
     return y.permute([have.index(ax) for ax in group.axes])
 
@@ -155,6 +188,8 @@ def _with_epilogue(op, reduce_out: str, acc: torch.Tensor, inputs: Mapping[str, 
     from opgen.targets.reference import evaluate
 
     acc = acc.to(to_torch(op.tensor(reduce_out).dtype)).contiguous()
+    if [t.name for t in op.outputs] == [reduce_out]:          # no epilogue
+        return {reduce_out: acc}
     present = {t.name: inputs[t.name] for t in op.inputs}
     outs = evaluate(op, present, binding, node_runner=lambda k, tensors: acc if k == 0 else None)
     return {t.name: outs[t.name].to(to_torch(t.dtype)).contiguous() for t in op.outputs}

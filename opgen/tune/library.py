@@ -16,7 +16,8 @@ from .problem import ProblemSpec
 
 #: dims each op's ``--shape`` must give
 SHAPE_DIMS = {"linear_scan": ("C", "L"), "selective_scan": ("B", "D", "N", "L"), "chunk_gla": ("B", "T", "H", "K", "V"),
-              "attention": ("B", "H", "L", "D")}
+              "attention": ("B", "H", "L", "D"), "long_conv": ("B", "H", "L", "Lk"), "causal_conv1d": ("B", "D", "L", "W"),
+              "depthwise_conv2d": ("N", "C", "H", "W", "K")}
 
 #: the mods of the tuned attention problem (the library example: ALiBi scores, causal 256-key sliding window)
 ATTENTION_WINDOW = 256
@@ -46,6 +47,8 @@ def _inputs(op_name: str, dims: Mapping[str, int], dtype, gen) -> tuple[Any, dic
         return op, {"q": r(b, t, h, k), "k": r(b, t, h, k), "v": r(b, t, h, v), "g": g}
     if op_name == "attention":
         return _attention_inputs(dims, dt, r)
+    if op_name in ("long_conv", "causal_conv1d", "depthwise_conv2d"):
+        return _conv_inputs(op_name, dims, dt, r)
     raise ValueError(f"no tuning problem for op {op_name!r}; tunable: {sorted(SHAPE_DIMS)}")
 
 
@@ -61,6 +64,23 @@ def _attention_inputs(dims: Mapping[str, int], dt, r) -> tuple[Any, dict]:
     caps = tuple((accum_dtype(dt), c) for c in t.capture_dims)
     op = declare_attention(dt, dt, dt, float(1.0 / d ** 0.5), False, t.score, t.mask, caps)
     return op, {"q": r(b, h, n, d), "k": r(b, h, n, d), "v": r(b, h, n, d), "capture0": slopes}
+
+
+def _conv_inputs(op_name: str, dims: Mapping[str, int], dt, r) -> tuple[Any, dict]:
+    """The library convolutions: long_conv (Hyena), causal_conv1d (Mamba, with bias and silu), and a depthwise
+    K x K conv2d with "same" padding (ConvNeXt / RepLKNet)."""
+    from opgen.ops.conv import declare_causal_conv1d, declare_conv2d, declare_long_conv
+
+    if op_name == "long_conv":
+        b, h, n, k = dims["B"], dims["H"], dims["L"], dims["Lk"]
+        return declare_long_conv(dt, dt), {"u": r(b, h, n), "k": r(h, k) / k ** 0.5}
+    if op_name == "causal_conv1d":
+        b, d, n, w = dims["B"], dims["D"], dims["L"], dims["W"]
+        return declare_causal_conv1d(dt, dt, dt, "silu"), {"x": r(b, d, n), "weight": r(d, w), "bias": r(d)}
+    n, c, hh, ww, k = dims["N"], dims["C"], dims["H"], dims["W"], dims["K"]
+    p = k // 2
+    op = declare_conv2d(dt, dt, None, (1, 1), (p, p, p, p), (1, 1), c)
+    return op, {"x": r(n, c, hh, ww), "weight": r(c, 1, k, k) / k}
 
 
 def _target(backend: str, cache_dir: str | None):
@@ -174,6 +194,8 @@ def baseline_ms(problem: LibraryProblem, repeats: int = 5) -> tuple[float, str]:
         bias = bias.masked_fill(~keep, float("-inf"))
         name, fn = "SDPA with a dense bias + boolean mask", lambda: F.scaled_dot_product_attention(
             x["q"], x["k"], x["v"], attn_mask=bias)
+    elif problem.op_name in ("long_conv", "causal_conv1d", "depthwise_conv2d"):
+        name, fn = _conv_baseline(problem.op_name, x)
     else:
         def fn():
             q, k, v, g = x["q"], x["k"], x["v"], x["g"]
@@ -191,6 +213,24 @@ def baseline_ms(problem: LibraryProblem, repeats: int = 5) -> tuple[float, str]:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), name
+
+
+def _conv_baseline(op_name: str, x: Mapping[str, Any]) -> tuple[str, Callable[[], Any]]:
+    """What a user would otherwise run: a torch.fft convolution, F.conv1d with padding and slicing, F.conv2d."""
+    import torch
+    import torch.nn.functional as F
+
+    if op_name == "long_conv":
+        u, k = x["u"], x["k"]
+        n = 2 * u.shape[-1]
+        return "torch.fft convolution", lambda: torch.fft.irfft(
+            torch.fft.rfft(u, n) * torch.fft.rfft(k, n), n)[..., :u.shape[-1]]
+    if op_name == "causal_conv1d":
+        w = x["weight"]
+        return "F.conv1d + pad/slice, silu", lambda: F.silu(F.conv1d(
+            x["x"], w[:, None], x["bias"], padding=w.shape[1] - 1, groups=w.shape[0])[..., :x["x"].shape[-1]])
+    w = x["weight"]
+    return "F.conv2d", lambda: F.conv2d(x["x"], w, padding=w.shape[-1] // 2, groups=w.shape[0])
 
 
 class IRProblem(LibraryProblem):
@@ -248,6 +288,10 @@ def _space(target, op, binding) -> tuple[Space, Callable[[Mapping[str, Any]], An
 
         if attention_group(op) is not None:
             return _tvm_attention_space(target, op, binding)
+        from opgen.targets.tvm.window import window_group
+
+        if _group(op) is None and window_group(op) is not None:
+            return _tvm_window_space(target, window_group(op), binding)
         from opgen.targets.tvm.scan import ScanConfig
         from opgen.targets.tvm.target import check_config, default_config, space
 
@@ -291,6 +335,24 @@ def _tvm_attention_space(target, op, binding) -> tuple[Space, Callable[[Mapping[
     return (Space(f"tvm/{op.name}", tuple(knobs), default,
                   lambda cfg: check_attention_config(AttentionConfig(**cfg), dtype)),
             lambda cfg: AttentionConfig(**cfg))
+
+
+def _tvm_window_space(target, group, binding) -> tuple[Space, Callable[[Mapping[str, Any]], Any]]:
+    """The window kernels' knobs (variant: direct, gemm, fft where it applies; tiles, blocks, unrolling)."""
+    from opgen.targets.tvm.window import (WindowConfig, check_window_config, default_window_config,
+                                          window_space)
+
+    default = default_window_config(group, binding, target.caps()).to_json()
+    knobs = []
+    for k in window_space(group, binding, target.caps()).knobs:
+        choices = tuple(k.values)
+        knobs.append(Knob(k.name, choices if default[k.name] in choices else choices + (default[k.name],)))
+
+    def check(cfg: Mapping[str, Any]) -> str | None:
+        ok, why = check_window_config(WindowConfig(**cfg), group, binding)
+        return None if ok else why
+
+    return Space(f"tvm/{group.op.name}", tuple(knobs), default, check), lambda cfg: WindowConfig(**cfg)
 
 
 def _group(op):

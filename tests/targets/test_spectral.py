@@ -55,8 +55,14 @@ def _inputs(op, sizes: dict, dtype, seed: int) -> dict:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("b,h,n,k", [(2, 3, 37, 20), (1, 1, 1, 1), (3, 2, 53, 53), (1, 5, 100, 7), (2, 1, 64, 1)])
-def test_long_conv_forward_and_both_gradients(dtype, b, h, n, k):
+@pytest.mark.parametrize("b,h,n,k,chunk", [(2, 3, 37, 20, None), (1, 1, 1, 1, None), (3, 2, 53, 53, None),
+                                           (1, 5, 100, 7, 1), (2, 7, 64, 1, 3000)])
+def test_long_conv_forward_and_both_gradients(dtype, b, h, n, k, chunk, monkeypatch):
+    """``chunk``: bytes of spectrum per chunk (1: one channel at a time; 3000: a few channels per chunk)."""
+    if chunk is not None:
+        import opgen.targets.spectral as spectral
+
+        monkeypatch.setattr(spectral, "CHUNK_BYTES", chunk)
     seed = random.randrange(2**31)
     op = declare_long_conv(IR[dtype], IR[dtype])
     ins = _inputs(op, {"u": (b, h, n), "k": (h, k)}, dtype, seed)
@@ -89,6 +95,26 @@ def test_causal_conv1d_with_its_epilogue(silu, bias):
         bb = bind(dw, {x: v.shape for x, v in present.items()})
         _check(run_correlation_fft(fuse_correlation(dw), present, bb)["grad_weight"],
                evaluate(dw, present, bb)["grad_weight"], torch.float32, 41, f"grad_weight seed {seed}")
+
+
+def test_a_filter_shared_by_every_channel_and_a_correlation_window():
+    """No channel axis in the weight (every data row a batch row), dilation +1, an offset that needs zero fill."""
+    from opgen.ir import OpBuilder, dims
+    from opgen.ir.symbols import make_axes
+
+    B, C, L, K = dims("B C L K")
+    with OpBuilder("shared_filter") as bld:
+        x = bld.input("x", (B, C, L), DType.f64)
+        w = bld.input("w", (K,), DType.f64)
+        b, c, t, j = make_axes("b c t j")
+        y = bld.reduce(j, x.pad(0, 0, (3, K + 2))[b, c, t + j - 3] * w[j], axes=(b, c, t), name="y")
+        op = bld.build({"y": y})
+    g = fuse_window(op)
+    assert g is not None and g.channels.kind == "none" and g.spatial[0].dilation == 1
+    seed = random.randrange(2**31)
+    ins = _inputs(op, {"x": (2, 3, 29), "w": (6,)}, torch.float64, seed)
+    bd = bind(op, {n: v.shape for n, v in ins.items()})
+    _check(run_window_fft(g, ins, bd)["y"], evaluate(op, ins, bd)["y"], torch.float64, 6, f"seed {seed}")
 
 
 def test_what_the_fft_variant_takes_and_the_default_choice():
