@@ -153,10 +153,17 @@ def _conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
     return conv_cases(repeats, quick)
 
 
+def _long_conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    from .bench_conv import long_conv_cases
+
+    return long_conv_cases(repeats, quick)
+
+
 SUITES: dict[str, Callable[[int, bool], list[CaseResult]]] = {
     "linear_scan": linear_scan_cases,
     "selective_scan": selective_scan_cases,
     "chunk_gla": chunk_gla_cases,
     "attention": _attention_cases,
     "conv": _conv_cases,
+    "long_conv": _long_conv_cases,
 }

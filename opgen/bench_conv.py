@@ -29,4 +29,37 @@ def conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
     impls = [Impl("opgen", lambda: opgen.ops.causal_conv1d(x, w)),
              Impl("F.conv1d, pad + slice", lambda: F.conv1d(x, w[:, None], padding=width - 1, groups=d)[..., :length])]
     out.append(measure("causal_conv1d", f"B={b} D={d} L={length} W={width} fp32", impls, repeats))
+    out += long_conv_cases(repeats, quick)
+    return out
+
+
+def fft_conv(u, k):
+    """The torch.fft causal convolution a Hyena / H3 implementation writes: rfft of size 2L, product, irfft, slice."""
+    import torch
+
+    n = 2 * u.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(u, n) * torch.fft.rfft(k, n), n)[..., :u.shape[-1]]
+
+
+def long_conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    """``long_conv`` with a full-length filter, forward and forward+backward, against the torch.fft convolution."""
+    import torch
+
+    import opgen
+
+    b, h, length = (2, 32, 1024) if quick else (4, 256, 8192)
+    u, k = torch.randn(b, h, length), torch.randn(h, length) / length ** 0.5
+    impls = [Impl("opgen", lambda: opgen.ops.long_conv(u, k)), Impl("torch.fft conv", lambda: fft_conv(u, k))]
+    out = [measure("long_conv", f"B={b} H={h} L={length} Lk={length} fp32", impls, repeats)]
+    ug, kg = u.clone().requires_grad_(), k.clone().requires_grad_()
+    g = torch.randn(b, h, length)
+
+    def fwd_bwd(f):
+        ug.grad = kg.grad = None
+        with torch.enable_grad():
+            f(ug, kg).backward(g)
+        return kg.grad
+
+    impls = [Impl("opgen", lambda: fwd_bwd(opgen.ops.long_conv)), Impl("torch.fft conv autograd", lambda: fwd_bwd(fft_conv))]
+    out.append(measure("long_conv", f"fwd+bwd B={b} H={h} L={length} Lk={length} fp32", impls, repeats))
     return out

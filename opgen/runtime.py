@@ -112,7 +112,7 @@ class Session:
 
     def tuned_config(self, op: Op, binding: Binding, target):
         """The best tuned config of ``op`` at these sizes on ``target`` (None: use the default), memoized."""
-        key = ("config", op, tuple(sorted((str(d), v) for d, v in binding.dims.items())), target.name)
+        key = ("config", op, tuple(sorted((d.name, v) for d, v in binding.dims.items())), target.name)
         if key not in self._bindings:
             from opgen.tune.library import lookup_config
 

@@ -50,7 +50,13 @@ def next_fast_len(m: int) -> int:
 
 
 def _int(e, binding) -> int:
-    return int(evaluate_int(e, dict(binding.dims)))
+    return _int_at(e, tuple(sorted(binding.dims.items(), key=lambda kv: kv[0].name)))
+
+
+@functools.lru_cache(maxsize=8192)
+def _int_at(e, dims: tuple) -> int:
+    """``e`` evaluated at ``dims`` (memoized: sympy substitution costs ~50 us a call)."""
+    return int(evaluate_int(e, dict(dims)))
 
 
 def window_fft_supported(group: WindowGroup, binding=None) -> tuple[bool, str]:
