@@ -22,7 +22,7 @@ from opgen.ir import ArgumentError, Op
 from opgen.runtime import default_session
 from opgen.torch_ops import _backward, _dt, _none_if_empty, _run
 
-from .ops.conv import declare_causal_conv1d, declare_conv2d, declare_long_conv
+from .ops.conv import declare_causal_conv1d, declare_conv2d, declare_depthwise_conv2d, declare_long_conv
 
 
 @functools.lru_cache(maxsize=256)
@@ -94,9 +94,22 @@ def _nones(gs: Sequence[Tensor], given: Sequence[Optional[Tensor]], mask: Sequen
 
 # -------------------------------------------------------------------------------------------------- conv2d
 
+def _depthwise(x, weight, groups) -> bool:
+    """One filter per channel (groups = channels in = channels out): the plain-index depthwise op."""
+    return groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
+
+
 def _conv2d_op(x, weight, bias, stride, padding, dilation, groups) -> Op:
+    if _depthwise(x, weight, groups):
+        return declare_depthwise_conv2d(_dt(x), _dt(weight), _dt(bias), tuple(stride), tuple(padding),
+                                        tuple(dilation))
     return declare_conv2d(_dt(x), _dt(weight), _dt(bias), tuple(stride), tuple(padding), tuple(dilation),
                           int(groups))
+
+
+def _conv2d_weight(x, weight, groups):
+    """The weight as the op declares it (``[C, KH, KW]`` for the depthwise op)."""
+    return weight.reshape(weight.shape[0], *weight.shape[2:]) if _depthwise(x, weight, groups) else weight
 
 
 @torch.library.custom_op("opgen::conv2d", mutates_args=())
@@ -104,7 +117,7 @@ def conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[in
               dilation: list[int], groups: int) -> Tensor:
     """``F.conv2d`` on NCHW with ``padding`` = (top, bottom, left, right); returns x's dtype."""
     op = _conv2d_op(x, weight, bias, stride, padding, dilation, groups)
-    ins = {"x": x.contiguous(), "weight": weight.contiguous(), "bias": bias}
+    ins = {"x": x.contiguous(), "weight": _conv2d_weight(x, weight.contiguous(), groups), "bias": bias}
     return _run(op, ins, "opgen.ops.conv2d")["out"]
 
 
@@ -123,7 +136,9 @@ def conv2d_backward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], grad_o
                        padding: list[int], dilation: list[int], groups: int, mask: list[bool]) -> list[Tensor]:
     """(dx, dweight, dbias) of :func:`conv2d_op` for the inputs whose ``mask`` entry is set (empty elsewhere)."""
     op = _conv2d_op(x, weight, bias, stride, padding, dilation, groups)
-    return _run_grads(op, {"x": x, "weight": weight, "bias": bias}, {"out": grad_out}, mask, "opgen.ops.conv2d")
+    dx, dw, db = _run_grads(op, {"x": x, "weight": _conv2d_weight(x, weight, groups), "bias": bias},
+                            {"out": grad_out}, mask, "opgen.ops.conv2d")
+    return [dx, dw.reshape(weight.shape) if dw.numel() else dw, db]
 
 
 @conv2d_backward_op.register_fake

@@ -154,38 +154,46 @@ def _window_acc(group: WindowGroup, inputs: Mapping[str, torch.Tensor], binding)
 
 
 def _correlation_acc(group: CorrelationGroup, inputs: Mapping[str, torch.Tensor], binding) -> torch.Tensor:
-    """The reduction ``group.reduce.out`` by FFT, laid out in ``group.axes`` order."""
+    """The reduction ``group.reduce.out`` by FFT over the lagged dims, laid out in ``group.axes`` order."""
     a, b = inputs[group.a.tensor], inputs[group.b.tensor]
     out_axes = set(group.axes)
     idx = list(group.a.index)
     chans = [k for k, ax in enumerate(idx) if ax in out_axes]
-    batch = [k for k, ax in enumerate(idx) if ax not in out_axes and ax != group.time]
-    perm = batch + chans + [group.time_dim]
+    batch = [k for k, ax in enumerate(idx) if ax not in out_axes and k not in group.dims]
+    perm = batch + chans + list(group.dims)
     a, b = a.permute(perm), b.permute(perm)
-    cshape = a.shape[len(batch):-1]
+    nd = len(group.dims)
+    cshape = a.shape[len(batch):a.dim() - nd]
     rows = 1
     for s in a.shape[:len(batch)]:
         rows *= s
-    a = a.reshape(rows, -1, a.shape[-1])                      # (batch rows, channels, time)
-    b = b.reshape(rows, -1, b.shape[-1])
+    a = a.reshape((rows, -1) + tuple(a.shape[a.dim() - nd:]))      # (batch rows, channels, lagged dims...)
+    b = b.reshape((rows, -1) + tuple(b.shape[b.dim() - nd:]))
     cdt = _compute_dtype(a, b)
-    na, nb = a.shape[-1], b.shape[-1]
-    n = next_fast_len(na + nb - 1)
-    lags = torch.arange(_int(group.op.extent(group.lag), binding), device=a.device)
-    m = group.dilation * lags + _int(group.offset, binding)
-    valid = (m >= -(na - 1)) & (m <= nb - 1)
-    where = torch.remainder(m, n)
-    y = torch.empty(a.shape[1], lags.numel(), dtype=cdt, device=a.device)
-    step = _chunk(rows, n, cdt, a.shape[1])
-    zero = torch.zeros((), dtype=cdt, device=a.device)
+    sizes = [next_fast_len(na + nb - 1) for na, nb in zip(a.shape[2:], b.shape[2:])]
+    tdims = tuple(range(-nd, 0))
+    picks = []                               # per lagged dim: positions in the inverse transform, valid lags
+    for i, (na, nb, n) in enumerate(zip(a.shape[2:], b.shape[2:], sizes)):
+        lag = torch.arange(_int(group.op.extent(group.lags[i]), binding), device=a.device)
+        m = group.dilations[i] * lag + _int(group.offsets[i], binding)
+        picks.append((torch.remainder(m, n), (m >= -(na - 1)) & (m <= nb - 1)))
+    y = torch.empty((a.shape[1],) + tuple(p.numel() for p, _ in picks), dtype=cdt, device=a.device)
+    step = _chunk(rows * math.prod(sizes[:-1]), sizes[-1], cdt, a.shape[1])
     for c0 in range(0, a.shape[1], step):
         cs = slice(c0, c0 + step)
-        spec = torch.fft.rfft(a[:, cs].to(cdt), n).conj_physical_()
-        spec.mul_(torch.fft.rfft(b[:, cs].to(cdt), n))
-        r = torch.fft.irfft(spec.sum(dim=0), n)               # r[m] = sum_t a[t] b[t + m]  (m mod n)
-        y[cs] = torch.where(valid, r[:, where], zero)
-    y = y.reshape(tuple(cshape) + (lags.numel(),))
-    have = [idx[k] for k in chans] + [group.lag]
+        spec = torch.fft.rfftn(a[:, cs].to(cdt), sizes, dim=tdims).conj_physical_()
+        spec.mul_(torch.fft.rfftn(b[:, cs].to(cdt), sizes, dim=tdims))
+        r = torch.fft.irfftn(spec.sum(dim=0), sizes, dim=tdims)  # r[m] = sum_t a[t] b[t + m]  (m mod n)
+        for i, (where, _) in enumerate(picks):
+            r = r.index_select(1 + i, where)
+        y[cs] = r
+    for i, (_, valid) in enumerate(picks):
+        if not bool(valid.all()):
+            shape = [1] * y.dim()
+            shape[1 + i] = -1
+            y = y * valid.reshape(shape).to(cdt)
+    y = y.reshape(tuple(cshape) + tuple(y.shape[1:]))
+    have = [idx[k] for k in chans] + list(group.lags)
     return y.permute([have.index(ax) for ax in group.axes])
 
 

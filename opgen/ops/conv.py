@@ -78,6 +78,32 @@ def declare_conv2d(x: DType = DType.f32, weight: DType = DType.f32, bias: DType 
         return bld.build({"out": bld.map(y[n, co, oh, ow] + tb[co], (n, co, oh, ow), name="out", dtype=x)})
 
 
+@functools.lru_cache(maxsize=None)
+def declare_depthwise_conv2d(x: DType = DType.f32, weight: DType = DType.f32, bias: DType | None = None,
+                             stride: tuple[int, int] = (1, 1), padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+                             dilation: tuple[int, int] = (1, 1)):
+    """The depthwise case of :func:`declare_conv2d` (groups = channels, one filter per channel) with the weight
+    as ``[C, KH, KW]``: ``y[n, c, oh, ow] = sum_{kh, kw} x.pad[n, c, oh*sh + kh*dh - pt, ow*sw + kw*dw - pl]
+    * w[c, kh, kw]`` (+ bias[c]). Plain channel indices keep the generated gradients plain too: the data gradient
+    is a depthwise window over the output gradient, the weight gradient a 2-D lag correlation."""
+    N, C, H, W, KH, KW = dims("N C H W KH KW")
+    sh, sw = stride
+    pt, pb, pl, pr = padding
+    dh, dw = dilation
+    attrs = {"stride": stride, "padding": padding, "dilation": dilation}
+    with OpBuilder("depthwise_conv2d", attrs=attrs) as bld:
+        tx = bld.input("x", (N, C, H, W), x)
+        tw = bld.input("weight", (C, KH, KW), weight)
+        tb = bld.input("bias", (C,), bias) if bias is not None else None
+        n, c, oh, ow, kh, kw = make_axes("n c oh ow kh kw")
+        xv = tx.pad(0, 0, (pt, pb), (pl, pr))[n, c, oh * sh + kh * dh - pt, ow * sw + kw * dw - pl]
+        y = bld.reduce((kh, kw), xv * tw[c, kh, kw], axes=(n, c, oh, ow), name="acc" if tb else "out",
+                       dtype=None if tb is not None else x)
+        if tb is None:
+            return bld.build({"out": y})
+        return bld.build({"out": bld.map(y[n, c, oh, ow] + tb[c], (n, c, oh, ow), name="out", dtype=x)})
+
+
 def _pair(who: str, name: str, v, minimum: int) -> tuple[int, int]:
     vals = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
     if len(vals) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < minimum for s in vals):

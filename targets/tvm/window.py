@@ -536,9 +536,9 @@ class _Renderer:
         g, sh = self.g, self.sh
         ch = g.channels
         if sh.row.real and sh.row.flip:
-            kh = f"({sh.row.K - 1} - {kh})"
+            kh = f"({sh.row.K - 1} - ({kh}))"
         if sh.col.flip:
-            kw = f"({sh.col.K - 1} - {kw})"
+            kw = f"({sh.col.K - 1} - ({kw}))"
         m = {}
         if ch.out_axis is not None:
             m[ch.out_axis] = co

@@ -117,6 +117,24 @@ def test_a_filter_shared_by_every_channel_and_a_correlation_window():
     _check(run_window_fft(g, ins, bd)["y"], evaluate(op, ins, bd)["y"], torch.float64, 6, f"seed {seed}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,c,h,w,kh,kw,pad", [(2, 3, 13, 17, 7, 5, (3, 3, 2, 2)), (1, 1, 9, 1, 3, 1, (1, 1, 0, 0)),
+                                               (1, 4, 20, 23, 11, 11, (0, 4, 5, 1))])
+def test_depthwise_conv2d_weight_gradient_is_a_2d_lag_correlation(dtype, n, c, h, w, kh, kw, pad):
+    from opgen.ops.conv import declare_depthwise_conv2d
+
+    seed = random.randrange(2**31)
+    op = declare_depthwise_conv2d(IR[dtype], IR[dtype], None, (1, 1), pad)
+    oh, ow = h + pad[0] + pad[1] - kh + 1, w + pad[2] + pad[3] - kw + 1
+    dw = _backward(op, ("weight",))
+    g = fuse_correlation(dw)
+    assert g is not None and len(g.lags) == 2 and g.dilations == (1, 1)
+    ins = _inputs(dw, {"x": (n, c, h, w), "weight": (c, kh, kw), "grad_out": (n, c, oh, ow)}, dtype, seed)
+    bd = bind(dw, {x: v.shape for x, v in ins.items()})
+    _check(run_correlation_fft(g, ins, bd)["grad_weight"], evaluate(dw, ins, bd)["grad_weight"], dtype,
+           n * oh * ow, f"seed {seed}")
+
+
 def test_what_the_fft_variant_takes_and_the_default_choice():
     op = declare_long_conv()
     g = fuse_window(op)

@@ -149,6 +149,27 @@ def test_long_conv_flipped_window(rnd, cache):
     check(got, ref, bound, 11, F32, "long_conv", rnd.seed)
 
 
+@pytest.mark.parametrize("kh_block", [0, 4, 5, 7])
+def test_flipped_2d_window_in_kernel_row_blocks(kh_block, rnd, cache):
+    """The data gradient of a depthwise conv2d reads its window flipped (dilation -1); the weight-stationary
+    kernel-row blocks after the first must index the flipped weight (a regression: 13x13 was wrong with 7)."""
+    from opgen.conv_ops import _backward
+    from opgen.ops.conv import declare_depthwise_conv2d
+
+    k, p = 13, 6
+    op = _backward(declare_depthwise_conv2d(padding=(p, p, p, p)), ("x",))
+    g, w = rnd.randn(2, 3, 12, 15), rnd.randn(3, k, k)
+    ins = {"x": rnd.randn(2, 3, 12, 15), "weight": w, "grad_out": g}
+    group = fuse_window(op)
+    bd = bind(op, {"weight": w.shape, "grad_out": g.shape, "x": (2, 3, 12, 15)})
+    cfg = replace(default_window_config(group, bd), kh_block=kh_block, rows_tile=4, block_rows=8)
+    got = run_window(group, ins, bd, cfg, cache)["grad_x"]
+    g64, w64 = g.to(F64), w.to(F64)
+    ref = F.conv_transpose2d(g64, w64[:, None], padding=p, groups=3)
+    bound = F.conv_transpose2d(g64.abs(), w64.abs()[:, None], padding=p, groups=3)
+    check(got, ref, bound, k * k, F32, f"flipped 13x13, kh_block {kh_block}", rnd.seed)
+
+
 def _conv1d_strided():
     """A dense 1-D convolution with stride 2, dilation 3 and padding 1 (F.conv1d semantics)."""
     B, C, L, Fd, K = dims("B C L F K")
