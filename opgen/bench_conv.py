@@ -19,6 +19,7 @@ def conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
         impls = [Impl("opgen", lambda x=x, w=w, k=k: opgen.ops.conv2d(x, w, padding=k // 2, groups=c)),
                  Impl("F.conv2d", lambda x=x, w=w, k=k: F.conv2d(x, w, padding=k // 2, groups=c))]
         out.append(measure("conv2d", f"depthwise {k}x{k}, C={c}, {side}x{side}, N=1 fp32", impls, repeats))
+        out.append(_depthwise_fwd_bwd(x, w, k, repeats, f"fwd+bwd depthwise {k}x{k}, C={c}, {side}x{side}, N=1 fp32"))
     ch = 16 if quick else 64
     x, w = torch.randn(1, ch, side, side), torch.randn(ch, ch, 3, 3)
     impls = [Impl("opgen", lambda: opgen.ops.conv2d(x, w, padding=1)),
@@ -31,6 +32,26 @@ def conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
     out.append(measure("causal_conv1d", f"B={b} D={d} L={length} W={width} fp32", impls, repeats))
     out += long_conv_cases(repeats, quick)
     return out
+
+
+def _depthwise_fwd_bwd(x, w, k: int, repeats: int, case: str) -> CaseResult:
+    """Forward and backward (data and weight gradients) of a depthwise conv2d against torch autograd."""
+    import torch
+    import torch.nn.functional as F
+
+    import opgen
+
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    g = torch.randn(x.shape)
+
+    def step(conv):
+        xg.grad = wg.grad = None
+        with torch.enable_grad():
+            conv(xg, wg, padding=k // 2, groups=x.shape[1]).backward(g)
+        return wg.grad
+
+    impls = [Impl("opgen", lambda: step(opgen.ops.conv2d)), Impl("F.conv2d autograd", lambda: step(F.conv2d))]
+    return measure("conv2d", case, impls, repeats)
 
 
 def fft_conv(u, k):

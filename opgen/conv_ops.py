@@ -50,7 +50,7 @@ def _run_grads(op: Op, inputs: dict, grads: dict, mask: Sequence[bool], who: str
             # the bounds check rejects some generated backward ops whose reads are in bounds (stride-1 grouped
             # conv2d dx reads weight[.., g - C*(g // C), ..]): torch autograd through the reference interpreter
             res.update(_reference_grads(op, present, full, group))
-    return [res[f"grad_{k}"] if f"grad_{k}" in res else ref.new_empty(0) for k in inputs]
+    return [res[f"grad_{k}"].contiguous() if f"grad_{k}" in res else ref.new_empty(0) for k in inputs]
 
 
 @contextlib.contextmanager
@@ -80,8 +80,9 @@ def _reference_grads(op: Op, present: dict, grads: dict, wrt: Sequence[str]) -> 
 
 
 def _grads_fake(tensors: Sequence[Optional[Tensor]], mask: Sequence[bool]) -> list[Tensor]:
+    """Contiguous gradients (what the kernels return), whatever the inputs' strides: inductor checks them."""
     ref = next(t for t in tensors if t is not None)
-    return [torch.empty_like(t) if t is not None and m else ref.new_empty(0) for t, m in zip(tensors, mask)]
+    return [t.new_empty(t.shape) if t is not None and m else ref.new_empty(0) for t, m in zip(tensors, mask)]
 
 
 def _mask(ctx, n: int) -> list[bool]:

@@ -59,7 +59,13 @@ def _run_backward(op: Op, inputs: dict, grads: dict, who: str) -> list[Tensor]:
     res = default_session().run(back, {**present, **full_grads}, who=who + " (backward)")
     ref = next(iter(present.values()))
     # a fresh empty tensor per absent input: custom ops may not return one tensor twice (aliasing)
-    return [res[f"grad_{k}"] if v is not None else ref.new_empty(0) for k, v in inputs.items()]
+    return [res[f"grad_{k}"].contiguous() if v is not None else ref.new_empty(0) for k, v in inputs.items()]
+
+
+def _fresh(x: Tensor) -> Tensor:
+    """A contiguous tensor of ``x``'s shape (what the backward kernels return, whatever ``x``'s strides are:
+    ``empty_like`` would keep a transposed input's strides, and inductor checks them)."""
+    return x.new_empty(x.shape)
 
 
 def _none_if_empty(gs: Sequence[Tensor], given: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
@@ -90,8 +96,7 @@ def linear_scan_backward_op(a: Tensor, b: Tensor, initial: Optional[Tensor], gra
 
 @linear_scan_backward_op.register_fake
 def _(a, b, initial, grad_h, reverse):
-    return [torch.empty_like(a), torch.empty_like(b),
-            torch.empty_like(initial) if initial is not None else a.new_empty(0)]
+    return [_fresh(a), _fresh(b), _fresh(initial) if initial is not None else a.new_empty(0)]
 
 
 def _ls_setup(ctx, inputs, output):
@@ -144,7 +149,7 @@ def selective_scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C
 
 @selective_scan_backward_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, grad_out, grad_last_state, delta_softplus):
-    return [torch.empty_like(x) if x is not None else u.new_empty(0) for x in (u, delta, A, B, C, D, z, delta_bias)]
+    return [_fresh(x) if x is not None else u.new_empty(0) for x in (u, delta, A, B, C, D, z, delta_bias)]
 
 
 def _ss_setup(ctx, inputs, output):
@@ -200,7 +205,7 @@ def chunk_gla_backward_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_st
 
 @chunk_gla_backward_op.register_fake
 def _(q, k, v, g, initial_state, grad_o, grad_final_state, scale):
-    return [torch.empty_like(x) if x is not None else q.new_empty(0) for x in (q, k, v, g, initial_state)]
+    return [_fresh(x) if x is not None else q.new_empty(0) for x in (q, k, v, g, initial_state)]
 
 
 def _gla_setup(ctx, inputs, output):

@@ -170,12 +170,17 @@ def _correlation_acc(group: CorrelationGroup, inputs: Mapping[str, torch.Tensor]
     a = a.reshape((rows, -1) + tuple(a.shape[a.dim() - nd:]))      # (batch rows, channels, lagged dims...)
     b = b.reshape((rows, -1) + tuple(b.shape[b.dim() - nd:]))
     cdt = _compute_dtype(a, b)
-    sizes = [next_fast_len(na + nb - 1) for na, nb in zip(a.shape[2:], b.shape[2:])]
     tdims = tuple(range(-nd, 0))
-    picks = []                               # per lagged dim: positions in the inverse transform, valid lags
-    for i, (na, nb, n) in enumerate(zip(a.shape[2:], b.shape[2:], sizes)):
+    sizes, picks = [], []                    # per lagged dim: transform size; positions in the inverse, valid lags
+    for i, (na, nb) in enumerate(zip(a.shape[2:], b.shape[2:])):
         lag = torch.arange(_int(group.op.extent(group.lags[i]), binding), device=a.device)
         m = group.dilations[i] * lag + _int(group.offsets[i], binding)
+        # circular correlation of size n equals the linear one at every lag in [m_lo, m_hi] when the aliases
+        # m - n and m + n fall outside its support [-(na-1), nb-1]: n >= max(nb - m_lo, na + m_hi) (and both
+        # signals fit: n >= na, nb)
+        m_lo, m_hi = int(m.min()), int(m.max())
+        n = next_fast_len(max(nb - m_lo, na + m_hi, na, nb))
+        sizes.append(n)
         picks.append((torch.remainder(m, n), (m >= -(na - 1)) & (m <= nb - 1)))
     y = torch.empty((a.shape[1],) + tuple(p.numel() for p, _ in picks), dtype=cdt, device=a.device)
     step = _chunk(rows * math.prod(sizes[:-1]), sizes[-1], cdt, a.shape[1])

@@ -76,6 +76,11 @@ def test_opcheck_backward_ops():
     torch.library.opcheck(ops.causal_conv1d_backward, (x, w, b, g, True, [True, False, True]))
     u, k = _t(2, 3, 7, grad=False), _t(3, 4, grad=False)
     torch.library.opcheck(ops.long_conv_backward, (u, k, g, [False, True]))
+    # non-contiguous inputs: the fake gradients must have the kernels' (contiguous) strides, or inductor fails
+    kt = _t(4, 3, grad=False).t()
+    torch.library.opcheck(ops.long_conv_backward, (u, kt, g, [True, True]))
+    xt = _t(3, 2, 7, grad=False).transpose(0, 1)
+    torch.library.opcheck(ops.causal_conv1d_backward, (xt, w, b, g, False, [True, True, False]))
 
 
 # ---------------------------------------------------------------------------------------------- gradcheck

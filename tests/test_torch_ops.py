@@ -42,6 +42,15 @@ def test_linear_scan_opcheck_and_gradcheck(initial):
                                                                      initial=x[2] if initial else None), args)
 
 
+def test_backward_fakes_are_contiguous_for_transposed_inputs():
+    """The kernels return contiguous gradients; the fake implementations must say so for any input strides."""
+    a = torch.rand(5, 4, 1, dtype=D64).transpose(0, 1)            # [4, 5, 1], not contiguous
+    b = torch.randn(4, 5, 1, dtype=D64)
+    g = torch.randn(4, 5, 1, dtype=D64)
+    assert not a.is_contiguous()
+    torch.library.opcheck(torch.ops.opgen.linear_scan_backward, (a, b, None, g, False))
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_selective_scan_opcheck_and_gradcheck(grouped):
     args = _ss_args(grouped=grouped)

@@ -135,6 +135,28 @@ def test_depthwise_conv2d_weight_gradient_is_a_2d_lag_correlation(dtype, n, c, h
            n * oh * ow, f"seed {seed}")
 
 
+@pytest.mark.parametrize("off,dil", [(5, 1), (-9, 1), (12, -1), (0, -1), (-20, -1)])
+def test_lag_correlation_at_lags_away_from_zero(off, dil):
+    """Lag ranges that exclude 0 on either side: the transform size must avoid both aliasing and truncation."""
+    from opgen.ir import OpBuilder, dims
+    from opgen.ir.symbols import make_axes
+
+    B, C, L = dims("B C L")
+    with OpBuilder("lagged") as bld:
+        a = bld.input("a", (B, C, L), DType.f64)
+        b = bld.input("b", (B, C, L), DType.f64)
+        n, c, t = make_axes("n c t")
+        j = bld.axis("j", 7)
+        y = bld.reduce((n, t), a[n, c, t] * b.pad(0, 0, (30, 30))[n, c, t + dil * j + off], axes=(c, j), name="y")
+        op = bld.build({"y": y})
+    g = fuse_correlation(op)
+    assert g is not None and g.dilations == (dil,)
+    seed = random.randrange(2**31)
+    ins = _inputs(op, {"a": (2, 3, 19), "b": (2, 3, 19)}, torch.float64, seed)
+    bd = bind(op, {x: v.shape for x, v in ins.items()})
+    _check(run_correlation_fft(g, ins, bd)["y"], evaluate(op, ins, bd)["y"], torch.float64, 38, f"seed {seed}")
+
+
 def test_what_the_fft_variant_takes_and_the_default_choice():
     op = declare_long_conv()
     g = fuse_window(op)
