@@ -30,6 +30,7 @@ from opgen.ir.index import evaluate_int
 from opgen.ir.passes.correlation import CorrelationGroup
 from opgen.ir.passes.window import WindowGroup
 from opgen.ir.symbols import Axis
+from opgen.targets.memory import empty
 
 
 @functools.lru_cache(maxsize=4096)
@@ -138,8 +139,9 @@ def _window_acc(group: WindowGroup, inputs: Mapping[str, torch.Tensor], binding)
         shift += k - 1
     t_out = _int(sp.out_size, binding)
     lo, hi = max(shift, 0), min(shift + t_out, full_len)
-    y = (torch.empty if (lo == shift and hi == shift + t_out) else torch.zeros)(
-        x.shape[0], x.shape[1], t_out, dtype=cdt, device=x.device)
+    y = empty((x.shape[0], x.shape[1], t_out), dtype=cdt, device=x.device)
+    if not (lo == shift and hi == shift + t_out):
+        y.zero_()
     wf = torch.fft.rfft(w.to(cdt), n)                         # (C, n/2+1): once per channel
     step = _chunk(x.shape[0], n, cdt, x.shape[1])
     for c0 in range(0, x.shape[1], step):

@@ -656,6 +656,8 @@ def attention_forward(group: AttentionGroup, inputs: Mapping[str, "torch.Tensor"
     """
     import torch
 
+    from opgen.targets.memory import empty
+
     cfg = as_attention_config(config)
     who = f"tvm attention forward (op {group.op.name})"
     q, k, v = inputs[group.q], inputs[group.k], inputs[group.v]
@@ -685,7 +687,7 @@ def attention_forward(group: AttentionGroup, inputs: Mapping[str, "torch.Tensor"
         why = check_tile_table((count, index, masked), k.shape[2], cfg)
         if why:
             raise AttentionKernelError(f"{who}: invalid tile table: {why}")
-    out = torch.empty((B, HQ, L, v.shape[3]), dtype=q.dtype)
+    out = empty((B, HQ, L, v.shape[3]), dtype=q.dtype)
     lse = torch.empty((B, HQ, L), dtype=q.dtype)
     if out.numel() == 0:
         return {"out": out, "lse": lse}

@@ -295,6 +295,8 @@ class TVMTarget:
         converted to their declared dtypes when needed; misaligned views are passed as they are."""
         import torch
 
+        from opgen.targets.memory import empty
+
         group = attention_group(op)
         if group is not None:
             return run_forward(group, inputs, binding, self.cache, self.caps(), config)
@@ -309,7 +311,7 @@ class TVMTarget:
         outs = {}
         for name, is_output, dtype in plan:
             if is_output:
-                x = torch.empty(binding.shapes[name], dtype=dtype)
+                x = empty(binding.shapes[name], dtype=dtype)
                 outs[name] = x
             else:
                 x = inputs[name]

@@ -963,6 +963,8 @@ def run_window(group: WindowGroup, inputs: Mapping, binding, config: WindowConfi
     one when None)."""
     import torch
 
+    from opgen.targets.memory import empty
+
     from opgen.ir.dtypes import to_torch
 
     fn, src = window_kernel(group, binding, config, cache)
@@ -972,7 +974,7 @@ def run_window(group: WindowGroup, inputs: Mapping, binding, config: WindowConfi
         t = group.op.tensor(name)
         dtype = to_torch(t.dtype)
         if t.kind == "output":
-            x = torch.empty(binding.shapes[name], dtype=dtype)
+            x = empty(binding.shapes[name], dtype=dtype)
             outs[name] = x
         else:
             if name not in inputs:
