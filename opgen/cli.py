@@ -81,10 +81,12 @@ def _lowered(entry, stage: str) -> str:
     if entry.tune_dims is None:
         return f"no fused kernel for {entry.name} yet: it runs on the reference backend (see --stage fused)"
     dims = entry.tune_dims("quick")
-    op, inputs = _inputs(entry.name, dims, torch.float32, torch.Generator().manual_seed(0))
+    op, inputs = _inputs(entry.tune_op or entry.name, dims, torch.float32, torch.Generator().manual_seed(0))
     binding = bind(op, {k: tuple(v.shape) for k, v in inputs.items()})
     group = fuse_scan(op)
     shape = ", ".join(f"{k}={v}" for k, v in dims.items())
+    if group is None:
+        return _window_lowered(op, binding, shape, stage)
     if stage == "tvm":
         from opgen.targets.tvm import TVMTarget
 
@@ -106,6 +108,38 @@ def _lowered(entry, stage: str) -> str:
     ts = tr_space(group, binding)
     for v in ts.variants:
         lines.append(f"triton {v.variant.value} knobs: " + "; ".join(f"{k} in {c}" for k, c in v.knobs.items()))
+    return "\n".join(lines)
+
+
+def _window_lowered(op, binding, shape: str, stage: str) -> str:
+    """Plan or source of a convolution (a window group) at the example's quick size."""
+    from opgen.targets.spectral import prefer_fft, window_fft_supported
+    from opgen.targets.tvm import TVMTarget
+    from opgen.targets.tvm.window import default_window_config, window_group, window_space
+
+    group = window_group(op)
+    if group is None:
+        return f"no fused kernel for {op.name}: it runs on the reference backend (see --stage fused)"
+    target = TVMTarget()
+    cfg = default_window_config(group, binding, target.caps())
+    if stage == "triton":
+        return (f"no triton kernel for {op.name} yet: on CUDA it runs on the reference backend (the tvm window "
+                "kernels and the fft variant serve the CPU)")
+    if stage == "tvm":
+        head = f"# tvm kernel of {op.name} at {shape} ({cfg.variant} config)\n"
+        if cfg.variant == "fft":
+            from dataclasses import replace
+
+            head = (f"# {op.name} at {shape}: the default variant is fft (torch.fft, no TVM kernel); the direct kernel "
+                    "the tuner compares it with:\n")
+            cfg = replace(cfg, variant="direct")
+        return head + target.source(op, binding, cfg).text
+    fft_ok, why = window_fft_supported(group, binding)
+    lines = [f"plan of {op.name} at {shape}", group.describe(),
+             "variants: direct, gemm" + (", fft" if fft_ok else f" (no fft: {why})"),
+             f"tvm default config: {cfg.to_json()}" + (f" (cost model: fft {'wins' if prefer_fft(group, binding) else 'loses'})"
+                                                        if fft_ok else ""),
+             "tvm knobs: " + "; ".join(f"{k.name} in {k.values}" for k in window_space(group, binding).knobs)]
     return "\n".join(lines)
 
 

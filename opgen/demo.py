@@ -40,7 +40,7 @@ def _first(x):
 
 
 def _tune(name: str, dims: dict, trials: int, backend: str, progress: bool) -> str:
-    """Tune a library scan at the demo's shape (a few trials); returns the best config as text."""
+    """Tune a library op at the demo's shape (a few trials); returns the best config as text."""
     from opgen.config import from_env
     from opgen.tune.library import LibraryProblem
     from opgen.tune.tuner import tune
@@ -73,7 +73,7 @@ def run_demo(size: str = "quick", repeats: int = 3, only: list[str] | None = Non
         backend = session.target_for(e.declare(), "cpu").name
         config = "default" if backend != "reference" else "-"
         if trials and e.tune_dims is not None and backend in ("tvm", "triton"):
-            config = _tune(e.name, e.tune_dims(size), trials, backend, progress)
+            config = _tune(e.tune_op or e.name, e.tune_dims(size), trials, backend, progress)
         with torch.no_grad():
             out = _first(fn(*args, **kwargs))
             ref = _first(e.baseline(*args, **kwargs))

@@ -21,6 +21,7 @@ class LibraryOp:
     baseline_name: str
     baseline: Callable[..., Any]
     tune_dims: Callable[[str], dict] | None = None   # dims of opgen tune at the example's size, if tunable
+    tune_op: str | None = None                       # the name `opgen tune` knows it by (default: name)
 
     def op_function(self) -> Callable[..., Any]:
         import opgen.ops
@@ -214,11 +215,16 @@ LIBRARY: tuple[LibraryOp, ...] = (
               _decl("scan", "declare_chunk_gla", scale=0.125), _ex_chunk_gla, "recurrent loop", _bl_chunk_gla,
               lambda size: dict(zip("BTHKV", (1, 512, 4, 64, 64) if size == "full" else (1, 128, 2, 32, 32)))),
     LibraryOp("causal_conv1d", "conv", "causal depthwise conv1d (causal_conv1d_fn semantics)",
-              _decl("conv", "declare_causal_conv1d"), _ex_causal_conv1d, "F.conv1d + slice", _bl_causal_conv1d),
+              _decl("conv", "declare_causal_conv1d"), _ex_causal_conv1d, "F.conv1d + slice", _bl_causal_conv1d,
+              lambda size: dict(zip("BDLW", (2, 1024, 2048, 4) if size == "full" else (1, 256, 512, 4)))),
     LibraryOp("conv2d", "conv", "2-D convolution, F.conv2d semantics (dense, grouped, depthwise)",
-              _decl_conv2d, _ex_conv2d, "F.conv2d", _bl_conv2d),
+              _decl_conv2d, _ex_conv2d, "F.conv2d", _bl_conv2d,
+              lambda size: dict(zip("NCHWK", (1, 64, 56, 56, 7) if size == "full" else (1, 32, 28, 28, 7))),
+              tune_op="depthwise_conv2d"),
     LibraryOp("long_conv", "conv", "causal long convolution (H3 / Hyena / FlashFFTConv)",
-              _decl("conv", "declare_long_conv"), _ex_long_conv, "torch.fft convolution", _bl_long_conv),
+              _decl("conv", "declare_long_conv"), _ex_long_conv, "torch.fft convolution", _bl_long_conv,
+              lambda size: {"B": 1, "H": 64, "L": 2048, "Lk": 2048} if size == "full" else
+              {"B": 1, "H": 16, "L": 512, "Lk": 512}),
     LibraryOp("attention", "attention", "attention with FlexAttention score_mod / mask_mod semantics",
               _decl_attention, _ex_attention, "SDPA + bool mask", _bl_attention),
 )

@@ -68,8 +68,8 @@ def _attention_inputs(dims: Mapping[str, int], dt, r) -> tuple[Any, dict]:
 
 def _conv_inputs(op_name: str, dims: Mapping[str, int], dt, r) -> tuple[Any, dict]:
     """The library convolutions: long_conv (Hyena), causal_conv1d (Mamba, with bias and silu), and a depthwise
-    K x K conv2d with "same" padding (ConvNeXt / RepLKNet)."""
-    from opgen.ops.conv import declare_causal_conv1d, declare_conv2d, declare_long_conv
+    K x K conv2d with bias and "same" padding (ConvNeXt / RepLKNet)."""
+    from opgen.ops.conv import declare_causal_conv1d, declare_depthwise_conv2d, declare_long_conv
 
     if op_name == "long_conv":
         b, h, n, k = dims["B"], dims["H"], dims["L"], dims["Lk"]
@@ -79,8 +79,8 @@ def _conv_inputs(op_name: str, dims: Mapping[str, int], dt, r) -> tuple[Any, dic
         return declare_causal_conv1d(dt, dt, dt, "silu"), {"x": r(b, d, n), "weight": r(d, w), "bias": r(d)}
     n, c, hh, ww, k = dims["N"], dims["C"], dims["H"], dims["W"], dims["K"]
     p = k // 2
-    op = declare_conv2d(dt, dt, None, (1, 1), (p, p, p, p), (1, 1), c)
-    return op, {"x": r(n, c, hh, ww), "weight": r(c, 1, k, k) / k}
+    op = declare_depthwise_conv2d(dt, dt, dt, (1, 1), (p, p, p, p), (1, 1))     # what conv_ops runs for groups=C
+    return op, {"x": r(n, c, hh, ww), "weight": r(c, k, k) / k, "bias": r(c)}
 
 
 def _target(backend: str, cache_dir: str | None):
@@ -229,8 +229,8 @@ def _conv_baseline(op_name: str, x: Mapping[str, Any]) -> tuple[str, Callable[[]
         w = x["weight"]
         return "F.conv1d + pad/slice, silu", lambda: F.silu(F.conv1d(
             x["x"], w[:, None], x["bias"], padding=w.shape[1] - 1, groups=w.shape[0])[..., :x["x"].shape[-1]])
-    w = x["weight"]
-    return "F.conv2d", lambda: F.conv2d(x["x"], w, padding=w.shape[-1] // 2, groups=w.shape[0])
+    w = x["weight"][:, None]
+    return "F.conv2d", lambda: F.conv2d(x["x"], w, x["bias"], padding=w.shape[-1] // 2, groups=w.shape[0])
 
 
 class IRProblem(LibraryProblem):
