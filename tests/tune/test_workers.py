@@ -97,47 +97,31 @@ def _space_of(op: str, dims: dict):
 
 
 @pytest.mark.slow
-def test_three_workers_tune_a_real_op_on_postgresql(pg_url, tmp_path):
+def test_three_workers_tune_a_real_op_on_postgresql_and_survive_a_killed_worker(pg_url, tmp_path):
+    """``opgen tune --workers 3 --trials 60`` on a real PostgreSQL server, TVM CPU kernels. While the study runs,
+    one worker is killed with SIGKILL in the middle of a trial: the coordinator restarts it, the killed trial is
+    failed (heartbeat stale after ``--grace`` 3 s) and run again once, and the study still completes its cap of 60
+    finished trials with none lost and none left RUNNING."""
+    from optuna.storages import RDBStorage
+
     env = {**os.environ, "OPGEN_CACHE_DIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "opgen.cli", "tune", "linear_scan", "--shape", "C=8,L=100", "--backend", "tvm",
-           "--storage", pg_url, "--workers", "3", "--trials", "60", "--no-progress", "--seed", "1"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    (name,) = optuna.get_all_study_names(pg_url)
-    study = optuna.load_study(study_name=name, storage=pg_url)
-    trials = study.get_trials(deepcopy=False)
-    states = _assert_nothing_lost(trials)
-    assert set(states) == {"COMPLETE"} and 60 <= states["COMPLETE"] <= 62, states      # cap 60, race of <= 2
-    by_worker = collections.Counter(t.user_attrs["owner"]["pid"] for t in trials)
-    assert len(by_worker) == 3 and min(by_worker.values()) >= 5, by_worker
-    ok = [t for t in trials if t.user_attrs["status"] == "ok"]
-    best = min(ok, key=lambda t: t.value)
-    space = _space_of("linear_scan", {"C": 8, "L": 100})
-    assert space.infeasible(best.user_attrs["config"]) is None
-    assert f"best {best.value:.4g} ms" in r.stdout
-    rejected = [t for t in trials if t.user_attrs["status"] != "ok"]
-    assert all(t.value == float("inf") and t.user_attrs.get("reason") for t in rejected)
-
-
-@pytest.mark.slow
-def test_a_worker_killed_mid_trial_is_failed_retried_and_restarted(pg_url, tmp_path):
-    env = {**os.environ, "OPGEN_CACHE_DIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "opgen.cli", "tune", "linear_scan", "--shape", "C=5,L=300", "--backend", "tvm",
-           "--storage", pg_url, "--workers", "3", "--trials", "15", "--no-progress", "--heartbeat", "1",
-           "--grace", "3"]
+           "--storage", pg_url, "--workers", "3", "--trials", "60", "--no-progress", "--seed", "1",
+           "--heartbeat", "1", "--grace", "3"]
+    store = RDBStorage(pg_url)                    # one connection pool for all the polling below
     coordinator = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    start_new_session=True)
-    killed = None
+    killed, name = None, None
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 400
         while killed is None and time.monotonic() < deadline and coordinator.poll() is None:
             time.sleep(0.05)
-            names = [n for n in optuna.get_all_study_names(pg_url) if "L512" in n]
+            names = optuna.get_all_study_names(store)
             if not names:
                 continue
-            study = optuna.load_study(study_name=names[0], storage=pg_url)
-            trials = study.get_trials(deepcopy=False)
-            if sum(t.state == TrialState.COMPLETE for t in trials) < 3:
+            name = names[0]
+            trials = store.get_all_trials(store.get_study_id_from_name(name), deepcopy=False)
+            if sum(t.state == TrialState.COMPLETE for t in trials) < 10:
                 continue
             for t in trials:
                 owner = t.user_attrs.get("owner")
@@ -145,20 +129,27 @@ def test_a_worker_killed_mid_trial_is_failed_retried_and_restarted(pg_url, tmp_p
                     os.kill(owner["pid"], signal.SIGKILL)
                     killed = t.number
                     break
-        out, err = coordinator.communicate(timeout=400)
+        out, err = coordinator.communicate(timeout=600)
     finally:
         if coordinator.poll() is None:
             os.killpg(coordinator.pid, signal.SIGKILL)
     assert killed is not None, "no trial was caught running"
     assert coordinator.returncode == 0, err[-3000:]
     assert "was killed by SIGKILL; restarting it" in err
-    study = optuna.load_study(study_name=names[0], storage=pg_url)
+    study = optuna.load_study(study_name=name, storage=store)
     trials = study.get_trials(deepcopy=False)
-    _assert_nothing_lost(trials)
+    states = _assert_nothing_lost(trials)
+    assert 60 <= states["COMPLETE"] <= 62 and states.get("FAIL") == 1, states      # cap 60 (+ a start race)
     dead = trials[killed]
     assert dead.state == TrialState.FAIL, dead
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
-    assert retries[0].params == dead.params
-    assert sum(t.state == TrialState.COMPLETE for t in trials) >= 15
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == dead.params
     assert f"retried [{killed}]" in out
+    by_worker = collections.Counter(t.user_attrs["owner"]["pid"] for t in trials)
+    assert len(by_worker) >= 3 and sorted(by_worker.values())[-2] >= 5, by_worker   # (the restart may find none)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min((t for t in done if t.user_attrs["status"] == "ok"), key=lambda t: t.value)
+    assert _space_of("linear_scan", {"C": 8, "L": 100}).infeasible(best.user_attrs["config"]) is None
+    assert f"best {best.value:.4g} ms" in out
+    rejected = [t for t in done if t.user_attrs["status"] != "ok"]
+    assert all(t.value == float("inf") and t.user_attrs.get("reason") for t in rejected)
