@@ -153,7 +153,8 @@ def test_linear_scan(tvm_target, rnd, dtype, reverse, with_initial):
         inputs = {"a": rnd.uniform(P, L, Q, lo=0.5, hi=1.05, dtype=dtype), "b": rnd.randn(P, L, Q, dtype=dtype)}
         if with_initial:
             inputs["initial"] = rnd.randn(P, Q, dtype=dtype)
-        configs = [None, SCALAR] if shape == (16, 7, 1) else [None]
+        interleaved = ScanConfig(lanes_vector=4, vector_axis="p", time_tile=4, interleave=True)
+        configs = [None, SCALAR, interleaved] if shape == (16, 7, 1) else [None]
         for cfg in configs:
             got, ref, _ = run_all(tvm_target, op, inputs, cfg)
             what = f"linear_scan {shape} reverse={reverse} initial={with_initial} cfg={cfg}"
@@ -189,6 +190,12 @@ SS_CASES = [
     (F64, "variable", "variable", True, True, True, True, True, (2, 7, 13, 3), 1, None),
     (F64, "grouped", "variable", True, True, True, True, True, (2, 8, 5, 3), 2,
      ScanConfig(lanes_vector=4, vector_axis="d", static_state=True)),
+    # interleaved lanes (unrolled chains, blocks of steps; L=13 leaves a partial block)
+    (F32, "variable", "variable", True, True, True, True, True, (2, 16, 13, 5), 1,
+     ScanConfig(lanes_vector=4, vector_axis="d", time_tile=4, interleave=True)),
+    (F64, "grouped", "shared", True, False, True, False, True, (3, 8, 9, 3), 2,
+     ScanConfig(lanes_vector=2, vector_axis="d", time_tile=8, static_state=True, unroll_state=True,
+                interleave=True)),
 ]
 
 
@@ -248,6 +255,8 @@ GLA_CASES = [
     (F32, True, True, 0.5, (1, 13, 8, 3, 5), None),
     (F32, True, True, 0.5, (1, 13, 8, 3, 5), SCALAR),
     (F64, True, True, 0.25, (2, 5, 1, 3, 1), None),
+    (F32, True, True, 0.5, (1, 13, 8, 3, 5), ScanConfig(lanes_vector=4, vector_axis="h", time_tile=4,
+                                                        static_state=True, interleave=True)),
 ]
 
 
@@ -486,7 +495,7 @@ def test_config_space_and_defaults():
     b = bind(op, {"u": (2, 24, 9), "delta": (2, 24, 9), "A": (24, 5), "B": (2, 5, 9), "C": (2, 5, 9)})
     sp = space(g).to_json()
     assert set(sp["knobs"]) == {"lanes_vector", "vector_axis", "time_tile", "static_state", "unroll_state",
-                                "fast_math"}
+                                "fast_math", "interleave"}
     assert "d" in sp["knobs"]["vector_axis"]["values"]
     cfg = default_config(g, b)
     assert check_config(cfg, g, b) == (True, "")
@@ -499,6 +508,8 @@ def test_config_space_and_defaults():
     assert not ok and "multiple" in why
     assert legalize(bad, g, b).lanes_vector == 1
     assert not check_config(ScanConfig(unroll_state=True), g, b)[0]
+    ok, why = check_config(ScanConfig(interleave=True), g, b)
+    assert not ok and "interleave requires lanes_vector > 1" in why
     with pytest.raises(ValueError, match="vector_axis"):
         render_scan(g, ScanConfig(lanes_vector=8, vector_axis="n"))
 
