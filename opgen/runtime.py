@@ -74,14 +74,14 @@ class Session:
     def _node_runner(self, op: Op, binding: Binding, device: str, inputs: Mapping):
         """For an op no compiled target runs whole (a backward op with two scans, say): run each scan node
         that a compiled target supports as its own kernel, the rest in the interpreter. None when not useful."""
-        from opgen.ir import Scan
+        from opgen.ir import Reduce, Scan
         from opgen.ir.passes.split import node_op
 
         if self.config.backend != "auto" or _needs_autograd(inputs) or len(op.nodes) < 2:
             return None
         compiled = {}
         for k, n in enumerate(op.nodes):
-            if not isinstance(n, Scan):
+            if not isinstance(n, (Scan, Reduce)):
                 continue
             sub = node_op(op, k)
             try:
@@ -89,19 +89,25 @@ class Session:
             except LookupError:
                 continue
             if t.name != "reference":
-                compiled[k] = (sub, t)
+                compiled[k] = (sub, t, False)
+            elif isinstance(n, Reduce):
+                nt = self.targets.select_node(sub, device)
+                if nt is not None:
+                    compiled[k] = (sub, nt, True)
         if not compiled:
             return None
 
         def run_node(k: int, tensors: dict):
             if k not in compiled:
                 return None
-            sub, t = compiled[k]
+            sub, t, node_kernel = compiled[k]
             ext = {a: binding.extents[a] for a, _ in sub.extents}
             sb = Binding(binding.dims, ext, {x.name: binding.shapes[x.name] for x in sub.tensors})
             ins = {x.name: tensors[x.name] for x in sub.inputs}
+            if node_kernel:
+                return t.run_node(sub, ins, sb)[sub.outputs[0].name]
             return t.run(sub, ins, sb, self.tuned_config(sub, sb, t))[sub.outputs[0].name]
-        run_node.compiled = {op.nodes[k].out: t.name for k, (_, t) in compiled.items()}  # type: ignore[attr-defined]
+        run_node.compiled = {op.nodes[k].out: t.name for k, (_, t, _) in compiled.items()}  # type: ignore[attr-defined]
         return run_node
 
     def target_for(self, op: Op, device: str):

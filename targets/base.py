@@ -53,7 +53,11 @@ class Target(Protocol):
 
 
 class TargetRegistry:
-    """An ordered set of targets (first match wins); duplicates by name are rejected."""
+    """An ordered set of targets (first match wins); duplicates by name are rejected.
+
+    A target may also offer kernels for single nodes that it would not take as a whole op (the reductions of a
+    generated backward op, run node by node): ``supports_node(op, device_kind) -> bool`` and ``run_node(op,
+    inputs, binding) -> dict`` (:meth:`select_node`)."""
 
     def __init__(self, targets: tuple[Target, ...] = ()) -> None:
         self._targets: list[Target] = []
@@ -74,6 +78,14 @@ class TargetRegistry:
             if t.name == name:
                 return t
         raise KeyError(f"no target {name!r}; registered: {self.names()}")
+
+    def select_node(self, op: "Op", device_kind: str) -> Target | None:
+        """The first available target with a node kernel for the single-node ``op``, or None."""
+        for t in self._targets:
+            supports = getattr(t, "supports_node", None)
+            if supports is not None and t.available()[0] and supports(op, device_kind):
+                return t
+        return None
 
     def select(self, op: "Op", device_kind: str) -> Target:
         """The first available target that supports ``op`` on ``device_kind``."""

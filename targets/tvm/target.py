@@ -336,6 +336,18 @@ class TVMTarget:
         fn(*args)
         return outs
 
+    def supports_node(self, op: Op, device_kind: str) -> bool:
+        """A single builtin reduction (node by node execution of a generated backward op), on the CPU."""
+        from .reduce import reduce_supported
+
+        return device_kind == "cpu" and reduce_supported(op)[0]
+
+    def run_node(self, op: Op, inputs: Mapping, binding) -> dict:
+        """Run a single-reduction op with the reduction kernel (:mod:`.reduce`)."""
+        from .reduce import run_reduce
+
+        return run_reduce(op, inputs, binding, self.cache)
+
     def attention_backward(self, op: Op, inputs: Mapping, binding, out, lse, dout, config=None) -> dict:
         """Gradients of an attention op's q, k, v by the flash backward kernels (see :mod:`.attention_call`)."""
         group = attention_group(op)
