@@ -175,7 +175,7 @@ def _tune_distributed(args: argparse.Namespace, problem: Any) -> int:
 
         print("start one worker per GPU with:\n  " + shlex.join(["opgen", *worker_command(wargs)[3:]]))
         return 0
-    bar, poll = None, None
+    bar, progress = None, None
     if not args.no_progress:
         from optuna.trial import TrialState
         from tqdm import tqdm
@@ -189,8 +189,9 @@ def _tune_distributed(args: argparse.Namespace, problem: Any) -> int:
             done = len(store.get_all_trials(sid, deepcopy=False, states=(TrialState.COMPLETE,)))
             bar.n = max(0, done - prep.finished_before)
             bar.refresh()
+        progress = poll
     try:
-        codes, restarts = launch(wargs, args.workers, options=options, progress=poll,
+        codes, restarts = launch(wargs, args.workers, options=options, progress=progress,
                                  log=lambda m: print(f"opgen tune: {m}", file=sys.stderr))
     finally:
         if bar is not None:

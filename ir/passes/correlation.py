@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..expr import Access, Expr, ExprOp
+from ..expr import Access, Expr
 from ..index import affine
-from ..nodes import SUM, Map, Reduce
+from ..nodes import Map, Reduce
 from ..op import Op
 from ..symbols import Axis, axes_in
-from .window import _epilogue, _factors, _int, _padded_dims, _strip_cast
+from .window import _int, _padded_dims, product_sum
 
 
 @dataclass(frozen=True)
@@ -59,27 +59,16 @@ class CorrelationGroup:
 
 def fuse_correlation(op: Op) -> CorrelationGroup | None:
     """The correlation group of an op built around one lag correlation, or None."""
-    reds = [n for n in op.nodes if isinstance(n, Reduce)]
-    if len(reds) != 1 or any(not isinstance(n, (Map, Reduce)) for n in op.nodes):
+    ps = product_sum(op)
+    if ps is None:
         return None
-    red = reds[0]
-    if op.nodes[0] is not red or red.monoid != SUM or red.predicate is not None:
-        return None
-    tail = _epilogue(op, red)
-    if tail is None:
-        return None
-    out, epi, maps = tail
-    inputs = {t.name: t for t in op.inputs}
-    fs = [_strip_cast(f) for f in _factors(red.value)]
-    if len(fs) != 2 or any(f.op is not ExprOp.LOAD or f.arg.tensor not in inputs for f in fs):
-        return None
-    if any(not inputs[f.arg.tensor].dtype.is_float for f in fs):
-        return None
+    red = ps.reduce
     out_axes, raxes = set(red.axes), set(red.raxes)
-    for a, b in ((fs[0].arg, fs[1].arg), (fs[1].arg, fs[0].arg)):
+    f0, f1 = ps.factors
+    for a, b in ((f0, f1), (f1, f0)):
         found = _match(a, b, out_axes, raxes)
         if found is not None and not _padded_dims(a):
-            return CorrelationGroup(op, red, out, a, b, tuple(red.axes), *found, epi, maps)
+            return CorrelationGroup(op, red, ps.out, a, b, tuple(red.axes), *found, ps.epilogue, ps.epilogue_maps)
     return None
 
 

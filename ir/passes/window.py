@@ -236,8 +236,20 @@ def _epilogue(op: Op, red: Reduce) -> tuple[str, Expr | None, tuple[Map, ...]] |
     return last, value, tuple(maps)
 
 
-def fuse_window(op: Op) -> WindowGroup | None:
-    """The window group of an op built around one window reduction (a convolution), or None."""
+@dataclass(frozen=True)
+class ProductSum:
+    """An op that is one SUM (first node, no predicate) of the product of two float input loads, and a pointwise
+    epilogue: the common form of window reductions and lag correlations."""
+
+    reduce: Reduce
+    out: str
+    epilogue: Expr | None
+    epilogue_maps: tuple[Map, ...]
+    factors: tuple[Access, Access]
+
+
+def product_sum(op: Op) -> ProductSum | None:
+    """The :class:`ProductSum` of ``op``, or None when it has another form."""
     reds = [n for n in op.nodes if isinstance(n, Reduce)]
     if len(reds) != 1 or any(not isinstance(n, (Map, Reduce)) for n in op.nodes):
         return None
@@ -247,21 +259,30 @@ def fuse_window(op: Op) -> WindowGroup | None:
     tail = _epilogue(op, red)
     if tail is None:
         return None
-    out, epi, maps = tail
     inputs = {t.name: t for t in op.inputs}
     fs = [_strip_cast(f) for f in _factors(red.value)]
     if len(fs) != 2 or any(f.op is not ExprOp.LOAD or f.arg.tensor not in inputs for f in fs):
         return None
     if any(not inputs[f.arg.tensor].dtype.is_float for f in fs):
         return None
+    return ProductSum(red, *tail, (fs[0].arg, fs[1].arg))
+
+
+def fuse_window(op: Op) -> WindowGroup | None:
+    """The window group of an op built around one window reduction (a convolution), or None."""
+    ps = product_sum(op)
+    if ps is None:
+        return None
+    red, out, epi, maps = ps.reduce, ps.out, ps.epilogue, ps.epilogue_maps
+    f0, f1 = ps.factors
     out_axes, raxes = set(red.axes), set(red.raxes)
 
     def mixes(acc: Access) -> bool:
         return any(axes_in(i) & out_axes and axes_in(i) & raxes for i in acc.index)
 
-    if mixes(fs[0].arg) == mixes(fs[1].arg):
+    if mixes(f0) == mixes(f1):
         return None
-    data, weight = (fs[0].arg, fs[1].arg) if mixes(fs[0].arg) else (fs[1].arg, fs[0].arg)
+    data, weight = (f0, f1) if mixes(f0) else (f1, f0)
     if data.tensor == weight.tensor or _padded_dims(weight):
         return None
     # the weight: plain, distinct axes covering every reduction axis
