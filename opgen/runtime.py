@@ -91,7 +91,7 @@ class Session:
             if t.name != "reference":
                 compiled[k] = (sub, t, False)
             elif isinstance(n, Reduce):
-                nt = self.targets.select_node(sub, device)
+                nt = self.targets.select_node(sub, device, _sub_binding(binding, sub))
                 if nt is not None:
                     compiled[k] = (sub, nt, True)
         if not compiled:
@@ -101,8 +101,7 @@ class Session:
             if k not in compiled:
                 return None
             sub, t, node_kernel = compiled[k]
-            ext = {a: binding.extents[a] for a, _ in sub.extents}
-            sb = Binding(binding.dims, ext, {x.name: binding.shapes[x.name] for x in sub.tensors})
+            sb = _sub_binding(binding, sub)
             ins = {x.name: tensors[x.name] for x in sub.inputs}
             if node_kernel:
                 return t.run_node(sub, ins, sb)[sub.outputs[0].name]
@@ -125,6 +124,12 @@ class Session:
             self._bindings[key] = lookup_config(op, binding, target, self.config.tune_storage,
                                                 self.config.cache_dir)
         return self._bindings[key]
+
+
+def _sub_binding(binding: Binding, sub: Op) -> Binding:
+    """``binding`` restricted to the tensors and axes of ``sub`` (a node of the bound op)."""
+    ext = {a: binding.extents[a] for a, _ in sub.extents}
+    return Binding(binding.dims, ext, {x.name: binding.shapes[x.name] for x in sub.tensors})
 
 
 def _needs_autograd(inputs: Mapping) -> bool:

@@ -56,8 +56,8 @@ class TargetRegistry:
     """An ordered set of targets (first match wins); duplicates by name are rejected.
 
     A target may also offer kernels for single nodes that it would not take as a whole op (the reductions of a
-    generated backward op, run node by node): ``supports_node(op, device_kind) -> bool`` and ``run_node(op,
-    inputs, binding) -> dict`` (:meth:`select_node`)."""
+    generated backward op, run node by node): ``supports_node(op, device_kind, binding) -> bool`` and
+    ``run_node(op, inputs, binding) -> dict`` (:meth:`select_node`)."""
 
     def __init__(self, targets: tuple[Target, ...] = ()) -> None:
         self._targets: list[Target] = []
@@ -79,11 +79,12 @@ class TargetRegistry:
                 return t
         raise KeyError(f"no target {name!r}; registered: {self.names()}")
 
-    def select_node(self, op: "Op", device_kind: str) -> Target | None:
-        """The first available target with a node kernel for the single-node ``op``, or None."""
+    def select_node(self, op: "Op", device_kind: str, binding=None) -> Target | None:
+        """The first available target with a node kernel for the single-node ``op`` (at ``binding``'s sizes),
+        or None."""
         for t in self._targets:
             supports = getattr(t, "supports_node", None)
-            if supports is not None and t.available()[0] and supports(op, device_kind):
+            if supports is not None and t.available()[0] and supports(op, device_kind, binding):
                 return t
         return None
 

@@ -18,7 +18,10 @@ pytest.importorskip("tvm")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-11)])
-def test_backward_scans_run_compiled(tmp_path, dtype, tol):
+def test_backward_scans_run_compiled(tmp_path, dtype, tol, monkeypatch):
+    import opgen.targets.tvm.reduce as reduce_kernels
+
+    monkeypatch.setattr(reduce_kernels, "MIN_WORK", 0)        # small sizes: compile the reductions anyway
     F = DType.f32 if dtype == torch.float32 else DType.f64
     op = declare_selective_scan(F, F, F, F, F, "variable", "variable", F, F, F, True, True)
     back = grad_op(op, ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"])
@@ -35,6 +38,8 @@ def test_backward_scans_run_compiled(tmp_path, dtype, tol):
     assert reductions and runner.compiled == {"h": "tvm", "adj_h": "tvm", **{r: "tvm" for r in reductions}}
     got = session.run(back, ins)
     want = evaluate(back, ins, binding)
+    monkeypatch.setattr(reduce_kernels, "MIN_WORK", 10**12)   # and above the work threshold they are left alone
+    assert session._node_runner(back, binding, "cpu", ins).compiled == {"h": "tvm", "adj_h": "tvm"}
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=tol, atol=tol * max(1.0, want[k].abs().max().item()))
 

@@ -303,8 +303,6 @@ class TVMTarget:
     def run(self, op: Op, inputs: Mapping, binding, config: ScanConfig | Mapping | None = None) -> dict:
         """Compute the op's outputs (fresh tensors in their declared dtypes). Inputs are made contiguous and
         converted to their declared dtypes when needed; misaligned views are passed as they are."""
-        import torch
-
         from opgen.targets.memory import empty
 
         group = attention_group(op)
@@ -336,11 +334,16 @@ class TVMTarget:
         fn(*args)
         return outs
 
-    def supports_node(self, op: Op, device_kind: str) -> bool:
-        """A single builtin reduction (node by node execution of a generated backward op), on the CPU."""
-        from .reduce import reduce_supported
+    def supports_node(self, op: Op, device_kind: str, binding=None) -> bool:
+        """A single builtin reduction (node by node execution of a generated backward op), on the CPU, with at
+        least :data:`~.reduce.MIN_WORK` terms at ``binding``'s sizes (below that the interpreter is as fast and a
+        kernel's compile, ~1 s, does not pay)."""
+        from .reduce import reduce_supported, reduce_work
+        from . import reduce as _reduce
 
-        return device_kind == "cpu" and reduce_supported(op)[0]
+        if device_kind != "cpu" or not reduce_supported(op)[0]:
+            return False
+        return binding is None or reduce_work(op, binding) >= _reduce.MIN_WORK
 
     def run_node(self, op: Op, inputs: Mapping, binding) -> dict:
         """Run a single-reduction op with the reduction kernel (:mod:`.reduce`)."""

@@ -961,11 +961,8 @@ def run_window(group: WindowGroup, inputs: Mapping, binding, config: WindowConfi
     """Run the window kernel: ``{output name: fresh tensor}``. Inputs are made contiguous and converted to their
     declared dtypes; ``cache`` is a :class:`~opgen.targets.tvm.compile.KernelCache` (a process-wide in-memory
     one when None)."""
-    import torch
-
-    from opgen.targets.memory import empty
-
     from opgen.ir.dtypes import to_torch
+    from opgen.targets.memory import empty
 
     fn, src = window_kernel(group, binding, config, cache)
     args = []
