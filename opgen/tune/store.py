@@ -21,12 +21,13 @@ opened with heartbeats, so trials of a dead worker are failed and retried once b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .key import StudyKey, _slug
 
@@ -77,6 +78,26 @@ def describe(storage: Any) -> str:
     if url:
         return str(url)
     return type(storage).__name__
+
+
+@contextlib.contextmanager
+def prepare_lock(storage: Any) -> Iterator[None]:
+    """Hold an exclusive lock (``<journal>.prepare.lock``, flock) while a tuner creates a study and queues its
+    candidates, so that processes starting at once on one machine do not both queue the same configs. A no-op
+    for other storages (a distributed run prepares its study once, before the workers start)."""
+    backend = getattr(storage, "_backend", None)
+    path = getattr(backend, "_file_path", None)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.prepare.lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _open_rdb(url: str, heartbeat_interval: float, grace_period: float) -> Any:

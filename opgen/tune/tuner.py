@@ -47,7 +47,7 @@ from .encode import canonical, suggest, to_params
 from .key import StudyKey, bucket_distance, study_key
 from .measure import MeasureOptions, Measurer, ProblemSetupError, Result, Status
 from .problem import Problem, ProblemSpec, as_problem
-from .store import describe, open_storage
+from .store import describe, open_storage, prepare_lock
 
 EXHAUSTIVE_LIMIT = 4096     # enumerate spaces with at most this many configs (product of the choice counts)
 EXHAUSTIVE_UNBOUNDED = 256  # with a budget in seconds only, enqueue every feasible config if there are no more
@@ -423,14 +423,16 @@ def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: 
     own_measurer = measurer is None
     bar = None
     try:
-        study = open_study(problem, space, key, store, seed=seed, sampler=sampler)
-        if not _has_heartbeat(store):                   # RDB stores fail stale trials by heartbeat
-            fail_stale_trials(store, study._study_id)
+        with prepare_lock(store):                       # one process at a time creates and queues
+            study = open_study(problem, space, key, store, seed=seed, sampler=sampler)
+            if not _has_heartbeat(store):               # RDB stores fail stale trials by heartbeat
+                fail_stale_trials(store, study._study_id)
+            objective = Objective(study, problem, space, None)      # type: ignore[arg-type]
+            enqueue_candidates(study, space, problem, key, store, warm_start, objective.cache, objective.feasible,
+                               trials)
         if own_measurer:
             measurer = Measurer(options or MeasureOptions(timeout=timeout))
-        objective = Objective(study, problem, space, measurer)
-        enqueue_candidates(study, space, problem, key, store, warm_start, objective.cache, objective.feasible,
-                           trials)
+        objective.measurer = measurer
         objective.bar = bar = _progress_bar(progress, trials, problem.key_parts().op_name)
         try:
             if not objective.exhausted:                     # else: nothing left to measure

@@ -45,7 +45,7 @@ from . import lookup
 from .key import StudyKey, study_key
 from .measure import MeasureOptions, Measurer
 from .problem import Problem, as_problem
-from .store import GRACE_PERIOD, HEARTBEAT_INTERVAL, describe, open_storage
+from .store import GRACE_PERIOD, HEARTBEAT_INTERVAL, describe, open_storage, prepare_lock
 from .tuner import Objective, TuneError, _config_of, enqueue_candidates, fail_stale_trials, open_study
 
 CAP_ATTR = "opgen.cap"
@@ -145,16 +145,17 @@ def prepare(problem: Problem, space: Space | None = None, *, trials: int, storag
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = open_study(problem, space, key, store)
-        if not is_heartbeat_enabled(store):
-            fail_stale_trials(store, study._study_id)
-        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        objective = Objective(study, problem, space, measurer=None)     # type: ignore[arg-type]  (cache only)
-        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        enqueue_candidates(study, space, problem, key, store, warm_start, objective.cache, objective.feasible,
-                           trials)
-        enqueued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) - before
-        study.set_user_attr(CAP_ATTR, finished + trials)
+        with prepare_lock(store):
+            study = open_study(problem, space, key, store)
+            if not is_heartbeat_enabled(store):
+                fail_stale_trials(store, study._study_id)
+            finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            objective = Objective(study, problem, space, measurer=None)     # type: ignore[arg-type]  (cache only)
+            before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            enqueue_candidates(study, space, problem, key, store, warm_start, objective.cache, objective.feasible,
+                               trials)
+            enqueued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) - before
+            study.set_user_attr(CAP_ATTR, finished + trials)
     finally:
         optuna.logging.set_verbosity(verbosity)
     return Prepared(key, describe(store), finished + trials, finished, enqueued)
