@@ -27,13 +27,14 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
+
+from opgen.atomic import atomic_write
 
 from .key import GENERATOR_VERSION, StudyKey, _slug
 
@@ -241,18 +242,7 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> Path:
     """Write a records file atomically (a temp file in the same folder, fsynced, then renamed over ``path``)."""
     path = Path(path)
     text = dumps_records(records)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text, mode=0o644)
     with contextlib.suppress(OSError):          # make the rename durable (not possible everywhere)
         dfd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from opgen.atomic import atomic_write
 
 from .key import StudyKey
 
@@ -179,20 +180,7 @@ def _load(storage: Any, study_name: str) -> _Data:
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Write ``path`` through a temporary file in the same folder, renamed over it when complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, write, mode=0o644)
 
 
 def _figure(width: float, height: float) -> Any:
