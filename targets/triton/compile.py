@@ -22,8 +22,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
-from opgen.atomic import atomic_write
-
 H100_SHARED_MEMORY = 232448   # bytes per block (sm_90 opt-in maximum)
 
 _LOCK = threading.Lock()
@@ -53,7 +51,20 @@ def write_source(source: str, cache_dir: str | os.PathLike) -> Path:
                 return path
         except OSError:
             pass
-    atomic_write(path, source, mode=0o644)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return path
 
 
