@@ -31,6 +31,19 @@ class Op:
     constraints: tuple[tuple[sympy.Basic, str], ...] = ()
     attrs: tuple[tuple[str, Any], ...] = ()
 
+    def __hash__(self) -> int:
+        """Computed once per op (an op is hashed on every call: binding, config and kernel caches are keyed by
+        it, and hashing its sympy extents each time cost ~0.1 ms a call)."""
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.name, self.tensors, self.nodes, self.extents, self.derived, self.constraints,
+                      self.attrs))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}     # hashes differ between processes
+
     # lookups ---------------------------------------------------------------------------------------------
     @property
     def inputs(self) -> tuple[TensorParam, ...]:
