@@ -79,6 +79,8 @@ GEMM = lambda c: replace(c, variant="gemm", co_tile=4, rows_tile=2, width_vector
                          kh_block=0)
 DIRECT = lambda c: replace(c, variant="direct", co_tile=2, rows_tile=4, width_vectors=1,  # noqa: E731
                            block_rows=8, block_width=2 * c.vector, kh_block=0)
+SLIDING = lambda c: replace(c, variant="direct", co_tile=1, rows_tile=7, width_vectors=1,  # noqa: E731
+                            block_rows=14, block_width=c.vector, kh_block=0, kw_outer=True, unroll_kh=True)
 
 CONV_CASES = [
     # id, (N, C, H, W), F, (KH, KW), stride, padding (t, b, l, r), dilation, groups, bias, dtype, config
@@ -94,6 +96,7 @@ CONV_CASES = [
     ("dw7", (2, 6, 13, 17), 6, (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), 6, False, F32, None),
     ("dw7-f64", (1, 6, 13, 17), 6, (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), 6, True, F64, None),
     ("dw31", (1, 4, 20, 23), 4, (31, 31), (1, 1), (15, 15, 15, 15), (1, 1), 4, True, F32, None),
+    ("dw5-s2-d2-sliding", (1, 5, 19, 23), 5, (5, 3), (2, 1), (4, 3, 2, 1), (2, 2), 5, True, F32, SLIDING),
     ("dw5-multiplier2", (1, 3, 13, 17), 6, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 3, True, F32, None),
 ]
 
@@ -266,7 +269,8 @@ def test_default_configs_follow_the_channel_structure():
     dw, b = _group_binding(declare_conv2d(padding=(15,) * 4, groups=256), x=(1, 256, 56, 56),
                            weight=(256, 1, 31, 31))
     c = default_window_config(dw, b)
-    assert c.variant == "direct" and c.kh_block > 0 and not c.unroll_kw and check_window_config(c, dw, b)[0]
+    assert c.variant == "direct" and not c.unroll_kw and check_window_config(c, dw, b)[0]
+    assert c.kw_outer and c.kh_block == 0 if c.vector * 32 < 512 else c.kh_block > 0      # AVX2: sliding taps
     dense, b2 = _group_binding(declare_conv2d(padding=(1,) * 4), x=(1, 64, 56, 56), weight=(64, 64, 3, 3))
     c2 = default_window_config(dense, b2)
     assert c2.variant == "gemm" and c2.co_tile > 1 and check_window_config(c2, dense, b2)[0]
