@@ -340,7 +340,7 @@ def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfi
     depthwise windows), else direct, 4 vectors per tile, 512 outputs per staged block, the window unrolled (dense
     1-D convolutions: gemm, channels x 2 vectors). Many
     input channels per group (dense, grouped): gemm with a 6 (8 with 512-bit vectors) channels x 2 (3) rows x
-    1 vector tile in tap order. Depthwise with 256-bit vectors: direct with a 7-row x 1-vector tile in sliding tap
+    1 vector tile in tap order (kw outer with 256-bit vectors). Depthwise with 256-bit vectors: direct with a 7-row x 1-vector tile in sliding tap
     order (kw outer), 56 x 64 output blocks. Otherwise (other few-channel groups, 512-bit vectors): direct with
     an 8-row x 1-vector tile in weight-stationary order with blocks of up to 7 kernel rows (the block's weights,
     the 8 accumulators and the input vector fill the 16 AVX2 registers), 64 x 64 output blocks (32 rows for
@@ -362,7 +362,9 @@ def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfi
     if sh.Cg >= 8 and sh.Fg >= 2:
         ct = min(8 if wide else 6, sh.Fg)
         rt = 3 if wide else 2
-        return WindowConfig("gemm", V, ct, rt, 1, rt, V, kh_block=0, unroll_kh=small_taps, unroll_kw=unroll_kw)
+        # kw outer on AVX2: measured 10% faster on dense 3x3 64->64 56x56 (2.74 against 3.06 ms)
+        return WindowConfig("gemm", V, ct, rt, 1, rt, V, kh_block=0, unroll_kh=small_taps, unroll_kw=unroll_kw,
+                            kw_outer=not wide)
     if sh.Cg == 1 and sh.Fg == 1 and not wide and sh.row.K > 1:
         # depthwise on AVX2: 7 rows x 1 vector in sliding tap order (measured 3x3 .. 13x13: 15-20% over the
         # weight-stationary 8-row tile below, 31x31 the same)
