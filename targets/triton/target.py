@@ -1,9 +1,10 @@
 """The Triton target object (see :mod:`opgen.targets.base`).
 
 It runs ops that fuse into one affine scan group (:func:`opgen.ir.passes.fuse_scan`): linear recurrences,
-Mamba's selective scan, gated linear attention and their variants. On a CUDA device the kernels are compiled
-by Triton; with ``TRITON_INTERPRET=1`` in the environment (set before triton is first imported) they run in
-Triton's interpreter on CPU tensors, which is how CI checks them without a GPU.
+Mamba's selective scan, gated linear attention and their variants; attention groups; and window groups
+(convolutions, :func:`opgen.ir.passes.window.fuse_window`, rendered by :mod:`.window`). On a CUDA device the
+kernels are compiled by Triton; with ``TRITON_INTERPRET=1`` in the environment (set before triton is first
+imported) they run in Triton's interpreter on CPU tensors, which is how CI checks them without a GPU.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .attention_call import attention_group, default_config as attention_default
 from .attention_call import run_backward as run_attention_backward, run_forward as run_attention
 from .compile import interpreter_enabled, load_module
 from .scan import check, default_config, launch_kwargs, render, variants
+from .window import window_group
 
 
 def _default_cache_dir() -> Path:
@@ -46,7 +48,7 @@ def scan_group(op) -> ScanGroup | None:
 
 @dataclass
 class TritonTarget:
-    """Generated Triton kernels for fused scan groups.
+    """Generated Triton kernels for fused scan, attention and window groups.
 
     ``cache_dir`` receives the generated sources (``<cache_dir>/triton/<sha256>.py``); it defaults to
     ``$OPGEN_CACHE_DIR`` or ``~/.cache/opgen``. ``configs`` optionally maps an op fingerprint to a tuned
@@ -93,7 +95,7 @@ class TritonTarget:
                 return False
         elif device_kind != "cuda":
             return False
-        return scan_group(op) is not None or attention_group(op) is not None
+        return scan_group(op) is not None or attention_group(op) is not None or window_group(op) is not None
 
     # running --------------------------------------------------------------------------------------------
     def config(self, op, binding, variant: ScanVariant | str | None = None) -> dict:
@@ -110,6 +112,11 @@ class TritonTarget:
         ag = attention_group(op)
         if ag is not None:
             return attention_default_config(ag, binding, caps)
+        wg = window_group(op)
+        if wg is not None:
+            from .window import default_config as window_default_config
+
+            return window_default_config(wg, binding, caps).to_dict()
         return default_config(self._group(op), binding, caps, variant)
 
     def _group(self, op) -> ScanGroup:
@@ -119,8 +126,19 @@ class TritonTarget:
                                       f"affine scan kernel")
         return group
 
-    def source(self, op, config: Mapping[str, Any]) -> str:
-        """The generated module text for ``op`` under ``config``."""
+    def source(self, op, config: Mapping[str, Any], binding=None) -> str:
+        """The generated module text for ``op`` under ``config`` (window ops also need the ``binding``: channel
+        counts and window sizes are baked in)."""
+        wg = window_group(op)
+        if wg is not None:
+            from .window import as_config, render as render_window
+
+            if binding is None:
+                raise ValueError(f"triton target, op {op.name}: the source of a window kernel needs a binding")
+            variant = as_config(config).variant
+            if variant == "fft":
+                raise ValueError(f"triton target, op {op.name}: the fft variant has no Triton source (torch.fft)")
+            return render_window(wg, binding, variant).source
         if attention_group(op) is not None:
             from .attention import render as render_attention
 
@@ -135,6 +153,11 @@ class TritonTarget:
         ag = attention_group(op)
         if ag is not None:
             return run_attention(ag, inputs, binding, config, self.cache_dir, self.caps())
+        wg = window_group(op)
+        if wg is not None:
+            from .window import run as run_window
+
+            return run_window(wg, inputs, binding, config, self.cache_dir, self._caps_or_none())
         group = self._group(op)
         cfg = dict(config) if config is not None else self.config(op, binding)
         why = check(group, cfg)
@@ -160,8 +183,17 @@ class TritonTarget:
             raise NotImplementedError(f"the triton target has no attention backward for op {op.name}")
         return run_attention_backward(group, inputs, binding, out, lse, dout, self.cache_dir, self.caps())
 
+    def _caps_or_none(self) -> Caps | None:
+        if interpreter_enabled():
+            return None
+        try:
+            return self.caps()
+        except Exception:  # noqa: BLE001 (no torch / no device: heuristics use the H100 defaults)
+            return None
+
     def variants(self, op) -> tuple[ScanVariant, ...]:
-        """The variants available for ``op`` on this target (none to choose for attention ops)."""
-        if attention_group(op) is not None:
+        """The variants available for ``op`` on this target (none to choose for attention ops; window ops choose
+        theirs with the ``variant`` knob of their config)."""
+        if attention_group(op) is not None or window_group(op) is not None:
             return ()
         return variants(self._group(op))

@@ -79,11 +79,14 @@ def test_target_protocol_and_availability(monkeypatch, tmp_path):
     assert t.supports(_selective_full(), "cpu")
 
 
-def test_unfusable_op_is_not_supported(tmp_path):
+def test_unsupported_ops_are_not_supported(tmp_path):
+    """Scans, attention and fp32/fp16/bf16 windows run; an fp64 convolution does not (no fp64 window kernels)."""
+    from opgen.ir import DType
     from opgen.ops.conv import declare_causal_conv1d
 
-    op = declare_causal_conv1d()
-    assert not TritonTarget(cache_dir=tmp_path).supports(op, "cuda")
+    target = TritonTarget(cache_dir=tmp_path)
+    assert target.supports(declare_causal_conv1d(), "cuda")
+    assert not target.supports(declare_causal_conv1d(DType.f64, DType.f64), "cuda")
 
 
 # ------------------------------------------------------------------------------------------- index printing

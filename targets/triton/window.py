@@ -1,0 +1,895 @@
+"""Rendering a window group (:class:`opgen.ir.passes.window.WindowGroup`: a convolution plus its pointwise
+epilogue) to a Triton module, its configs, and running it.
+
+Variants (``TritonWindowConfig.variant``):
+
+``direct``
+    Depthwise and few-channels-per-group windows (depthwise conv2d 3x3 .. 31x31, causal conv1d). Each program
+    owns one (batch, output channel) and a tile of outputs: ``[BLOCK_H, BLOCK_W]`` for 2-D windows,
+    ``[BLOCK_W]`` for 1-D ones. It loops over the input channels of its group and the taps (``tl.static_range``
+    for windows of at most 25 taps; otherwise a runtime loop over the kernel rows, each row unrolled when it
+    has at most 9 taps, a runtime loop too when wider), reading the input with masked
+    loads (the mask is the zero padding) into an fp32 accumulator.
+``gemm`` (implicit GEMM)
+    Dense and grouped convolutions. Each program owns a ``[BLOCK_M output pixels (one image, flattened) x
+    BLOCK_N output channels (one group)]`` tile and reduces over ``Cg * KH * KW`` in ``BLOCK_K`` chunks: the
+    ``[BLOCK_M, BLOCK_K]`` input tile is gathered with index arithmetic and masks, the ``[BLOCK_K, BLOCK_N]``
+    weight tile read from the weight, and ``tl.dot`` accumulates in fp32 (fp32 inputs: ``input_precision``
+    "ieee", or "tf32" with the ``tf32`` knob).
+``fft``
+    1-D depthwise windows with stride 1 (long convolutions): :func:`opgen.targets.spectral.run_window_fft`
+    (torch.fft; the other knobs are ignored).
+
+Both kernels apply the fused epilogue (bias, activation, gating, rendered by
+:class:`~opgen.targets.triton.expr.ValueRenderer`) to the fp32 tile before the store, in the output's dtype.
+Channel counts, window sizes, strides, dilations and offsets are baked into the source from the binding (one
+module per such combination, as in :mod:`opgen.targets.tvm.window`, whose ``_resolve`` provides them); batch and
+spatial sizes, tensor strides and the tile sizes are kernel arguments (tiles as ``tl.constexpr``). Tensors of
+16-bit and 32-bit floats are supported; offsets are 32-bit (tensors of 2**31 elements or more are rejected).
+
+Importing this module imports neither triton nor torch.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Mapping
+
+import sympy
+
+from opgen.ir import DType, promote
+from opgen.ir.passes.window import WindowGroup, fuse_window
+
+from .expr import TL_DTYPE, TL_SIGNATURE, AxisVar, Namer, Section, TensorArg, ValueRenderer, helper_source
+
+GENERATOR_VERSION = "triton-window-1"
+VARIANTS = ("direct", "gemm")
+SUPPORTED_DTYPES = (DType.f16, DType.bf16, DType.f32)
+H100_SHARED_MEMORY = 232448
+STATIC_TAPS = 25                  # windows with at most this many taps are fully unrolled (tl.static_range)
+STATIC_ROW = 9                    # larger windows: runtime loop over kernel rows, a row of at most 9 taps unrolled
+DIRECT_ELEMS_PER_THREAD = 32      # fp32 accumulator elements per thread allowed in the direct tile
+GEMM_ACC_PER_THREAD = 128         # fp32 accumulator elements per thread allowed in the gemm tile
+GEMM_GATHER_PER_THREAD = 64       # gathered input elements per thread (plus their index arithmetic)
+_INT32_LIMIT = 2**31 - 1
+
+BLOCK_H = (1, 2, 4, 8, 16, 32)
+BLOCK_W = (16, 32, 64, 128, 256, 512, 1024)
+BLOCK_MN = (16, 32, 64, 128)
+BLOCK_K = (16, 32, 64)
+WARPS = (1, 2, 4, 8)
+STAGES = (1, 2, 3, 4)
+
+
+# ------------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class TritonWindowConfig:
+    """Schedule knobs of the window kernels (JSON-serializable through :meth:`to_dict`).
+
+    ``direct`` uses ``block_h`` x ``block_w`` (1 x ``block_w`` for 1-D windows), ``gemm`` uses ``block_m`` x
+    ``block_n`` tiles reduced in ``block_k`` chunks; ``tf32`` lets fp32 gemm dots use tf32 tensor cores.
+    """
+
+    variant: str = "direct"
+    block_h: int = 8
+    block_w: int = 64
+    block_m: int = 64
+    block_n: int = 32
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+    tf32: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TritonWindowConfig":
+        """A config from a mapping (unknown keys are an error; missing ones take the defaults)."""
+        names = {f.name for f in fields(cls)}
+        extra = set(d) - names
+        if extra:
+            raise ValueError(f"TritonWindowConfig: unknown knobs {sorted(extra)} (known: {sorted(names)})")
+        return cls(**dict(d))
+
+
+def as_config(config: "TritonWindowConfig | Mapping[str, Any] | None") -> TritonWindowConfig | None:
+    """``config`` as a :class:`TritonWindowConfig` (None stays None)."""
+    if config is None or isinstance(config, TritonWindowConfig):
+        return config
+    if isinstance(config, Mapping):
+        return TritonWindowConfig.from_dict(config)
+    raise TypeError(f"expected a TritonWindowConfig, a dict or None, got {type(config).__name__}")
+
+
+# ------------------------------------------------------------------------------------ structure and support
+
+
+@functools.lru_cache(maxsize=512)
+def window_group(op) -> WindowGroup | None:
+    """The op's window group when these kernels can render it, else None."""
+    group = fuse_window(op)
+    if group is None:
+        return None
+    return group if unsupported(group) is None else None
+
+
+def unsupported(group: WindowGroup) -> str | None:
+    """Why the Triton window kernels cannot run ``group`` (sizes aside), or None."""
+    op = group.op
+    if len(group.spatial) not in (1, 2):
+        return f"op {op.name}: {len(group.spatial)}-D windows are not supported (1-D and 2-D are)"
+    ch = group.channels
+    if ch.out_axis is None or ch.data_dim is None:
+        return f"op {op.name}: a window without an output-channel axis reading a data channel is not supported"
+    for t in op.inputs + op.outputs:
+        if t.dtype not in SUPPORTED_DTYPES:
+            return (f"op {op.name}: tensor {t.name} is {t.dtype.value}; the triton window kernels take "
+                    f"fp16, bf16 and fp32")
+    if group.epilogue is not None:
+        try:
+            _render_epilogue(group, _direct_env(group, two_d=len(group.spatial) == 2), Namer(_RESERVED))
+        except (ValueError, KeyError, NotImplementedError) as e:
+            return f"op {op.name}: cannot render the epilogue: {e}"
+    return None
+
+
+@dataclass(frozen=True)
+class WindowShape:
+    """The static numbers of a group at a binding (what the source depends on)."""
+
+    two_d: bool
+    KH: int
+    KW: int
+    SH: int
+    SW: int
+    DH: int
+    DW: int
+    OFF_H: int
+    OFF_W: int
+    FLIP_H: bool
+    FLIP_W: bool
+    Cg: int
+    Fg: int
+    G: int
+    kind: str
+
+    @property
+    def taps(self) -> int:
+        return self.KH * self.KW
+
+    @property
+    def reduction(self) -> int:
+        return self.Cg * self.KH * self.KW
+
+
+def window_shape(group: WindowGroup, binding) -> WindowShape:
+    """The static numbers of ``group`` at ``binding`` (ValueError naming the op for unsupported forms)."""
+    from opgen.targets.tvm.window import _resolve  # pure structure (no tvm); the same numbers as the TVM kernels
+
+    sh = _resolve(group, binding)
+    r, c = sh.row, sh.col
+    return WindowShape(r.real, r.K if r.real else 1, c.K, r.stride, c.stride, r.dil, c.dil, r.off if r.real else 0,
+                       c.off, r.flip, c.flip, sh.Cg, sh.Fg, sh.G, sh.kind)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _in_dtype(group: WindowGroup) -> DType:
+    op = group.op
+    return promote(op.tensor(group.data.tensor).dtype, op.tensor(group.weight.tensor).dtype)
+
+
+def _elem_bytes(group: WindowGroup) -> int:
+    return 4 if _in_dtype(group) == DType.f32 else 2
+
+
+def _fft_ok(group: WindowGroup, binding=None) -> tuple[bool, str]:
+    from opgen.targets.spectral import window_fft_supported
+
+    return window_fft_supported(group, binding)
+
+
+# --------------------------------------------------------------------------------------- configs and space
+
+
+def _smem_estimate(group: WindowGroup, cfg: TritonWindowConfig) -> int:
+    """Shared-memory bytes of the gemm kernel: the pipelined operand tiles (an upper estimate)."""
+    if cfg.variant != "gemm":
+        return 0
+    eb = _elem_bytes(group)
+    return max(1, cfg.num_stages) * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * eb
+
+
+def check(group: WindowGroup, cfg: TritonWindowConfig | Mapping[str, Any], binding=None,
+          caps=None) -> str | None:
+    """Why ``cfg`` is invalid for ``group`` (at ``binding``'s static sizes when given), or None when feasible."""
+    try:
+        c = as_config(cfg)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    if c.variant == "fft":
+        ok, why = _fft_ok(group, binding)
+        return None if ok else why
+    if c.variant not in VARIANTS:
+        return f"variant={c.variant!r} not in {VARIANTS + ('fft',)}"
+    for name, choices in (("block_h", BLOCK_H), ("block_w", BLOCK_W), ("block_m", BLOCK_MN),
+                          ("block_n", BLOCK_MN), ("block_k", BLOCK_K), ("num_warps", WARPS),
+                          ("num_stages", STAGES), ("tf32", (False, True))):
+        if getattr(c, name) not in choices:
+            return f"{name}={getattr(c, name)!r} not in {choices}"
+    if c.tf32 and _in_dtype(group) != DType.f32:
+        return "tf32=True only applies to fp32 inputs"
+    two_d = len(group.spatial) == 2
+    threads = 32 * c.num_warps
+    if c.variant == "direct":
+        if not two_d and c.block_h != 1:
+            return f"block_h={c.block_h} must be 1 for a 1-D window"
+        per = c.block_h * c.block_w / threads
+        if per > DIRECT_ELEMS_PER_THREAD:
+            return (f"registers: the {c.block_h}x{c.block_w} tile is {per:.0f} accumulator elements per thread "
+                    f"(> {DIRECT_ELEMS_PER_THREAD}) with {c.num_warps} warps")
+    else:
+        acc = c.block_m * c.block_n / threads
+        if acc > GEMM_ACC_PER_THREAD:
+            return (f"registers: the {c.block_m}x{c.block_n} accumulator is {acc:.0f} elements per thread "
+                    f"(> {GEMM_ACC_PER_THREAD}) with {c.num_warps} warps")
+        gat = c.block_m * c.block_k / threads
+        if gat > GEMM_GATHER_PER_THREAD:
+            return (f"registers: the gathered {c.block_m}x{c.block_k} input tile is {gat:.0f} elements per thread "
+                    f"(> {GEMM_GATHER_PER_THREAD}) with {c.num_warps} warps")
+        limit = int(getattr(caps, "shared_memory", 0) or 0) or H100_SHARED_MEMORY
+        smem = _smem_estimate(group, c)
+        if smem > limit:
+            return f"shared memory: about {smem} bytes > {limit}"
+    if binding is not None:
+        try:
+            ws = window_shape(group, binding)
+        except ValueError as e:
+            return str(e)
+        if c.variant == "gemm":
+            if c.block_n > max(16, _pow2(ws.Fg)):
+                return f"block_n={c.block_n} exceeds the padded output channels per group {max(16, _pow2(ws.Fg))}"
+            if c.block_k > max(16, _pow2(ws.reduction)):
+                return f"block_k={c.block_k} exceeds the padded reduction size {max(16, _pow2(ws.reduction))}"
+    return None
+
+
+def default_config(group: WindowGroup, binding, caps=None) -> TritonWindowConfig:
+    """A reasonable config without tuning, valid for every shape (image sizes only shrink the tiles).
+
+    1-D: the FFT when :func:`~opgen.targets.spectral.prefer_fft` says so (long depthwise windows), gemm for dense
+    windows with at least 8 input channels per group, else direct with up to 512 outputs per program. 2-D: gemm
+    when a group has at least 8 input channels (64 pixels x up to 64 channels, ``block_k`` 32, 3 stages), else direct with a tile of up to 16 x 64 outputs.
+    """
+    from opgen.targets.spectral import prefer_fft
+
+    ws = window_shape(group, binding)
+    out_sizes = [int(binding.extents[s.out_axis]) for s in group.spatial]
+    ow = out_sizes[-1]
+    if ws.Cg >= 8 and (ws.two_d or ws.Fg >= 2):
+        bk = min(32, max(16, _pow2(ws.reduction)))      # 64 with 16-bit inputs: 254 registers on sm_90
+        bn = min(64, max(16, _pow2(ws.Fg)))
+        pixels = math.prod(out_sizes)
+        bm = min(64, max(16, _pow2(pixels)))
+        return TritonWindowConfig("gemm", block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=3)
+    if not ws.two_d:
+        if prefer_fft(group, binding):
+            return TritonWindowConfig("fft", block_h=1)
+        bw = min(512, max(16, _pow2(ow)))
+        warps = 4 if bw >= 256 else 2 if bw >= 64 else 1
+        return TritonWindowConfig("direct", block_h=1, block_w=bw, num_warps=warps, num_stages=1)
+    oh = out_sizes[0]
+    bw = min(64, max(16, _pow2(ow)))
+    bh = min(16 if ws.taps <= 49 else 8, _pow2(oh), max(1, 1024 // bw))
+    warps = 4 if bh * bw >= 512 else 2 if bh * bw >= 128 else 1
+    return TritonWindowConfig("direct", block_h=bh, block_w=bw, num_warps=warps, num_stages=1)
+
+
+@dataclass(frozen=True)
+class WindowSpace:
+    """The knob space of a window group: per-variant knobs (plain data) and the constraints of :func:`check`."""
+
+    name: str
+    knobs: Mapping[str, Mapping[str, tuple]]      # variant -> knob -> choices
+    default: TritonWindowConfig
+    group: WindowGroup = field(repr=False, compare=False)
+    binding: Any = field(repr=False, compare=False, default=None)
+    caps: Any = field(repr=False, compare=False, default=None)
+
+    def infeasible(self, cfg: TritonWindowConfig | Mapping[str, Any]) -> str | None:
+        return check(self.group, cfg, self.binding, self.caps)
+
+    def enumerate(self) -> Iterator[TritonWindowConfig]:
+        """Every feasible config, variant by variant (knobs in preference order)."""
+        for variant, knobs in self.knobs.items():
+            names = list(knobs)
+
+            def rec(i: int, cur: dict) -> Iterator[TritonWindowConfig]:
+                if i == len(names):
+                    cfg = TritonWindowConfig(variant=variant, **cur)
+                    if self.infeasible(cfg) is None:
+                        yield cfg
+                    return
+                for ch in knobs[names[i]]:
+                    yield from rec(i + 1, {**cur, names[i]: ch})
+            yield from rec(0, {})
+
+
+def space(group: WindowGroup, binding=None, caps=None) -> WindowSpace:
+    """The knobs of the window kernels: the variant, the tile sizes of each, warps, stages, tf32 (fp32 gemm)."""
+    two_d = len(group.spatial) == 2
+    f32 = _in_dtype(group) == DType.f32
+    knobs: dict[str, dict[str, tuple]] = {
+        "direct": {"block_h": BLOCK_H if two_d else (1,), "block_w": BLOCK_W, "num_warps": WARPS,
+                   "num_stages": (1,)},
+        "gemm": {"block_m": BLOCK_MN, "block_n": BLOCK_MN, "block_k": BLOCK_K, "num_warps": (2, 4, 8),
+                 "num_stages": STAGES, "tf32": (False, True) if f32 else (False,)},
+    }
+    if _fft_ok(group, binding)[0]:
+        knobs["fft"] = {}
+    default = default_config(group, binding, caps) if binding is not None else TritonWindowConfig()
+    return WindowSpace(f"triton/{group.op.name}/{group.out}/window", knobs, default, group, binding, caps)
+
+
+def launch_options(cfg: TritonWindowConfig) -> dict[str, int]:
+    """``num_warps`` / ``num_stages`` for the kernel launch."""
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+# -------------------------------------------------------------------------------------------------- render
+
+
+@dataclass(frozen=True)
+class WindowModule:
+    """A rendered window module: source text, the kernel name and its parameters in order.
+
+    ``params`` are ``(name, kind, ref)``: kind "ptr" (ref: tensor name), "stride" (ref: (tensor, dim)),
+    "size" (ref: "NB", "H", "W", "OH", "OW", ``("batch", axis name)`` or ``("dim", dim name)``).
+    """
+
+    source: str
+    kernel: str
+    variant: str
+    params: tuple[tuple[str, str, Any], ...]
+    constexprs: tuple[str, ...]
+    shape: WindowShape
+
+
+_RESERVED = ("pid", "r", "tw", "th", "n_tw", "n_th", "co", "grp", "pb", "oh", "ow", "oh_ok", "ow_ok", "acc",
+             "ci", "kh", "kw", "kh_w", "kw_w", "ih", "iw", "ih_ok", "ld_ok", "wv", "xv", "x_chan", "x_base",
+             "w_base", "val", "out_ok", "m", "m_ok", "cn", "co_ok", "k0", "kk", "k_ok", "kt", "a", "b", "a_ok",
+             "n_pm", "pm", "pn", "NB", "H", "W", "OH", "OW", "BLOCK_H", "BLOCK_W", "BLOCK_M", "BLOCK_N",
+             "BLOCK_K", "DOT_PRECISION", "window_direct", "window_gemm")
+
+
+def _direct_env(group: WindowGroup, two_d: bool) -> dict:
+    env = {a: AxisVar(f"i_{a.name}", None, False) for a, _ in group.batch}
+    env[group.channels.out_axis] = AxisVar("co", None, False)
+    sp = group.spatial
+    if two_d:
+        env[sp[0].out_axis] = AxisVar("oh", "oh_ok")
+    env[sp[-1].out_axis] = AxisVar("ow", "ow_ok")
+    return env
+
+
+def _gemm_env(group: WindowGroup, two_d: bool) -> dict:
+    env = {a: AxisVar(f"i_{a.name}", None, False) for a, _ in group.batch}
+    env[group.channels.out_axis] = AxisVar("co", "co_ok")
+    sp = group.spatial
+    if two_d:
+        env[sp[0].out_axis] = AxisVar("oh", "m_ok")
+    env[sp[-1].out_axis] = AxisVar("ow", "m_ok")
+    return env
+
+
+def _lin(var: str, scale: int, off: str | int = 0) -> str:
+    """``var * scale + off`` without unit factors and zero terms."""
+    t = var if scale == 1 else f"{var} * {scale}"
+    if isinstance(off, int):
+        return t if off == 0 else f"{t} + {off}" if off > 0 else f"{t} - {-off}"
+    return f"{t} + {off}"
+
+
+def _pname(t: str) -> str:
+    return f"p_{t}"
+
+
+def _sname(t: str, k: int) -> str:
+    return f"s_{t}_{k}"
+
+
+def _epilogue_dims(group: WindowGroup) -> list:
+    """Dims an epilogue expression refers to (passed as ``dim_<name>`` arguments)."""
+    if group.epilogue is None:
+        return []
+    from opgen.ir.symbols import Dim
+
+    out: set = set()
+    for n in group.epilogue.walk():
+        syms = set()
+        if n.arg is not None and hasattr(n.arg, "free_symbols"):
+            syms |= n.arg.free_symbols
+        if hasattr(n.arg, "index"):
+            for i in n.arg.index:
+                syms |= sympy.sympify(i).free_symbols
+        out |= {s for s in syms if isinstance(s, Dim)}
+    return sorted(out, key=lambda d: d.name)
+
+
+def _render_epilogue(group: WindowGroup, env: dict, namer: Namer) -> tuple[list[str], str, set]:
+    """(lines, value code, helpers) of the epilogue over the fp32 register tile ``acc``."""
+    op = group.op
+    if group.epilogue is None:
+        return [], "acc", set()
+    tensors = {t.name: TensorArg(_pname(t.name), tuple(_sname(t.name, k) for k in range(len(t.shape))),
+                                 tuple("1" for _ in t.shape), t.dtype) for t in op.inputs}
+    dims = {d: f"dim_{d.name}" for d in op.dims}
+    vr = ValueRenderer(namer, tensors, dims, ())
+    sec = Section(env=env, registers={group.reduce.out: "acc"})
+    code = vr.value(group.epilogue, sec, hint="val")
+    return sec.text(0), code, set(vr.helpers)
+
+
+def render(group: WindowGroup, binding, variant: str = "direct") -> WindowModule:
+    """The Triton module of ``group`` at ``binding``'s static sizes (channels, window, strides, offsets) for
+    ``variant`` ("direct" or "gemm")."""
+    if variant not in VARIANTS:
+        raise ValueError(f"op {group.op.name}: no Triton kernel for window variant {variant!r} (expected one of "
+                         f"{VARIANTS})")
+    why = unsupported(group)
+    if why is not None:
+        raise ValueError(why)
+    ws = window_shape(group, binding)
+    return _render(group, ws, variant)
+
+
+@functools.lru_cache(maxsize=256)
+def _render(group: WindowGroup, ws: WindowShape, variant: str) -> WindowModule:
+    return _Renderer(group, ws, variant).render()
+
+
+class _Renderer:
+    def __init__(self, group: WindowGroup, ws: WindowShape, variant: str) -> None:
+        self.g, self.ws, self.variant = group, ws, variant
+        self.op = group.op
+        self.namer = Namer(_RESERVED)
+        self.params: list[tuple[str, str, Any]] = []
+        self.data_t = self.op.tensor(group.data.tensor)
+        self.weight_t = self.op.tensor(group.weight.tensor)
+        self.out_t = self.op.tensor(group.out)
+        for a, _ in group.batch:
+            self.namer.reserve(f"i_{a.name}")
+
+    # parameters -----------------------------------------------------------------------------------------
+    def _collect_params(self) -> None:
+        op, g, ws = self.op, self.g, self.ws
+        extra = [t for t in op.inputs if t.name not in (g.data.tensor, g.weight.tensor)]
+        tensors = [self.data_t, self.weight_t] + extra + [self.out_t]
+        for t in tensors:
+            self.params.append((_pname(t.name), "ptr", t.name))
+        self.params.append(("NB", "size", "NB"))
+        if len(g.batch) > 1:
+            for a, _ in g.batch[1:]:
+                self.params.append((f"nb_{a.name}", "size", ("batch", a.name)))
+        if ws.two_d:
+            self.params += [("H", "size", "H")]
+        self.params += [("W", "size", "W")]
+        if ws.two_d:
+            self.params += [("OH", "size", "OH")]
+        self.params += [("OW", "size", "OW")]
+        for t in tensors:
+            for k in range(len(t.shape)):
+                self.params.append((_sname(t.name, k), "stride", (t.name, k)))
+        for d in _epilogue_dims(g):
+            self.params.append((f"dim_{d.name}", "size", ("dim", d.name)))
+
+    # shared pieces ----------------------------------------------------------------------------------------
+    def _batch_lines(self) -> list[str]:
+        """``i_<axis>`` of every batch axis from the flattened batch index ``pb`` (the first axis slowest)."""
+        bs = [a for a, _ in self.g.batch]
+        lines = []
+        rest = "pb"
+        for k in range(len(bs) - 1, -1, -1):
+            a = bs[k]
+            if k == 0:
+                lines.append(f"i_{a.name} = {rest}")
+            else:
+                lines.append(f"i_{a.name} = {rest} % nb_{a.name}")
+                lines.append(f"pb_{k} = {rest} // nb_{a.name}")
+                rest = f"pb_{k}"
+        return lines
+
+    def _data_base(self) -> str:
+        """The data pointer of the program's batch entry (batch dims only)."""
+        x = self.g.data.tensor
+        terms = [f"i_{a.name} * {_sname(x, k)}" for a, k in self.g.batch]
+        return " + ".join([_pname(x)] + terms)
+
+    def _spatial_dims(self) -> tuple[int | None, int]:
+        sp = self.g.spatial
+        return (sp[0].data_dim if self.ws.two_d else None), sp[-1].data_dim
+
+    def _weight_offset(self, co: str, ci: str, kh: str, kw: str) -> str:
+        g, ws = self.g, self.ws
+        w = g.weight.tensor
+        m = {g.channels.out_axis: co}
+        if g.channels.in_axis is not None:
+            m[g.channels.in_axis] = ci
+        sp = g.spatial
+        if ws.two_d:
+            m[sp[0].win_axis] = f"({ws.KH - 1} - {kh})" if ws.FLIP_H else kh
+        m[sp[-1].win_axis] = f"({ws.KW - 1} - {kw})" if ws.FLIP_W else kw
+        terms = []
+        for k, a in enumerate(g.weight.index):
+            v = m.get(a)
+            if v is None:
+                raise ValueError(f"op {self.op.name}: weight axis {a} has no role in the window")
+            if v != "0":
+                terms.append(f"{v} * {_sname(w, k)}")
+        return " + ".join(terms) if terms else "0"
+
+    def _out_offset(self, env: dict) -> str:
+        o = self.g.out
+        return " + ".join(f"{env[a].code} * {_sname(o, k)}" for k, a in enumerate(self.g.axes))
+
+    def _chan(self, ci: str) -> str:
+        Cg = self.ws.Cg
+        return "grp" if Cg == 1 else f"(grp * {Cg} + {ci})"
+
+    def _header(self, helpers: set) -> list[str]:
+        g, ws = self.g, self.ws
+        desc = "x".join(str(k) for k in ((ws.KH, ws.KW) if ws.two_d else (ws.KW,)))
+        lines = [f"# generated by opgen.targets.triton.window ({GENERATOR_VERSION}), variant {self.variant}",
+                 f"# op {self.op.name}: {g.out} = window {desc}, stride ({ws.SH}, {ws.SW}), dilation ({ws.DH}, "
+                 f"{ws.DW}), offset ({ws.OFF_H}, {ws.OFF_W}), {ws.G} groups of {ws.Cg} in -> {ws.Fg} out",
+                 "import triton",
+                 "import triton.language as tl",
+                 ""]
+        if helpers:
+            lines += ["", helper_source(helpers), ""]
+        return lines
+
+    def _signature(self, name: str, constexprs: list[str]) -> list[str]:
+        names = [p[0] for p in self.params] + [f"{c}: tl.constexpr" for c in constexprs]
+        out = ["", "@triton.jit", f"def {name}("]
+        line = "    "
+        for k, n in enumerate(names):
+            piece = n + (", " if k < len(names) - 1 else "")
+            if len(line) + len(piece) > 110:
+                out.append(line.rstrip())
+                line = "    "
+            line += piece
+        out.append(line.rstrip() + "):")
+        return out
+
+    def render(self) -> WindowModule:
+        self._collect_params()
+        if self.variant == "direct":
+            return self._direct()
+        return self._gemm()
+
+    # direct -------------------------------------------------------------------------------------------------
+    def _direct(self) -> WindowModule:
+        g, ws = self.g, self.ws
+        two_d = ws.two_d
+        env = _direct_env(g, two_d)
+        epi, val, helpers = _render_epilogue(g, env, self.namer)
+        x = g.data.tensor
+        hd, wd = self._spatial_dims()
+        cout = ws.G * ws.Fg
+        b: list[str] = []
+        w = b.append
+        w("pid = tl.program_id(0)")
+        w("n_tw = tl.cdiv(OW, BLOCK_W)")
+        w("tw = pid % n_tw")
+        w("r = pid // n_tw")
+        if two_d:
+            w("n_th = tl.cdiv(OH, BLOCK_H)")
+            w("th = r % n_th")
+            w("r = r // n_th")
+        w(f"co = r % {cout}")
+        w(f"pb = r // {cout}")
+        b += self._batch_lines()
+        w(f"grp = co // {ws.Fg}" if ws.Fg > 1 else "grp = co")
+        if two_d:
+            w("oh = th * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]")
+            w("ow = tw * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]")
+            w("oh_ok = oh < OH")
+            w("ow_ok = ow < OW")
+            w("acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)")
+        else:
+            w("ow = tw * BLOCK_W + tl.arange(0, BLOCK_W)")
+            w("ow_ok = ow < OW")
+            w("acc = tl.zeros([BLOCK_W], dtype=tl.float32)")
+        w(f"x_base = {self._data_base()}")
+        body: list[str] = []
+        d = 0
+        cloop = ws.Cg > 1
+        if cloop:
+            body.append(f"for ci in range({ws.Cg}):")
+            d += 1
+        cd = g.channels.data_dim
+        body.append("    " * d + f"x_chan = x_base + {self._chan('ci')} * {_sname(x, cd)}")
+        static = ws.taps <= STATIC_TAPS
+        if two_d:
+            kh_loop = f"tl.static_range({ws.KH})" if static else f"range({ws.KH})"
+            body.append("    " * d + f"for kh in {kh_loop}:")
+            d += 1
+            body.append("    " * d + f"ih = {_lin('oh', ws.SH, _lin('kh', ws.DH, ws.OFF_H))}")
+            body.append("    " * d + "ih_ok = (ih >= 0) & (ih < H)")
+        kw_loop = f"tl.static_range({ws.KW})" if (static or ws.KW <= STATIC_ROW) else f"range({ws.KW})"
+        body.append("    " * d + f"for kw in {kw_loop}:")
+        d += 1
+        body.append("    " * d + f"iw = {_lin('ow', ws.SW, _lin('kw', ws.DW, ws.OFF_W))}")
+        if two_d:
+            body.append("    " * d + "ld_ok = ih_ok & (iw >= 0) & (iw < W)")
+            xoff = f"ih * {_sname(x, hd)} + iw * {_sname(x, wd)}"
+        else:
+            body.append("    " * d + "ld_ok = (iw >= 0) & (iw < W)")
+            xoff = f"iw * {_sname(x, wd)}"
+        woff = self._weight_offset("co", "ci" if cloop else "0", "kh" if two_d else "0", "kw")
+        body.append("    " * d + f"wv = tl.load({_pname(g.weight.tensor)} + {woff}).to(tl.float32)")
+        body.append("    " * d + f"xv = tl.load(x_chan + {xoff}, mask=ld_ok, other=0.0).to(tl.float32)")
+        body.append("    " * d + "acc += xv * wv")
+        b += body
+        b += epi
+        out_dt = TL_DTYPE[self.out_t.dtype]
+        mask = "oh_ok & ow_ok" if two_d else "ow_ok"
+        w(f"tl.store({_pname(g.out)} + {self._out_offset(env)}, ({val}).to({out_dt}), mask={mask})")
+        constexprs = ["BLOCK_H", "BLOCK_W"] if two_d else ["BLOCK_W"]
+        lines = self._header(helpers) + self._signature("window_direct", constexprs)
+        doc = (f'    """{"[BLOCK_H, BLOCK_W]" if two_d else "[BLOCK_W]"} outputs of one (batch, channel) per program; '
+               f'{"static" if static else "runtime"} loop over the {ws.taps} taps."""')
+        lines.append(doc)
+        lines += ["    " + ln if ln else "" for ln in b]
+        return WindowModule("\n".join(lines) + "\n", "window_direct", "direct", tuple(self.params),
+                            tuple(constexprs), ws)
+
+    # gemm ---------------------------------------------------------------------------------------------------
+    def _gemm(self) -> WindowModule:
+        g, ws = self.g, self.ws
+        two_d = ws.two_d
+        env = _gemm_env(g, two_d)
+        epi, val, helpers = _render_epilogue(g, env, self.namer)
+        x = g.data.tensor
+        hd, wd = self._spatial_dims()
+        cd = g.channels.data_dim
+        taps = ws.taps
+        b: list[str] = []
+        w = b.append
+        w("pid = tl.program_id(0)")
+        pixels = "OH * OW" if two_d else "OW"
+        w(f"n_pm = tl.cdiv({pixels}, BLOCK_M)")
+        w("pm = pid % n_pm")
+        w("r = pid // n_pm")
+        w(f"pn = r % tl.cdiv({ws.Fg}, BLOCK_N)")
+        w(f"r = r // tl.cdiv({ws.Fg}, BLOCK_N)")
+        w(f"grp = r % {ws.G}")
+        w(f"pb = r // {ws.G}")
+        b += self._batch_lines()
+        w("m = pm * BLOCK_M + tl.arange(0, BLOCK_M)")
+        w(f"m_ok = (m < {pixels})[:, None]")
+        if two_d:
+            w("oh = (m // OW)[:, None]")
+            w("ow = (m % OW)[:, None]")
+        else:
+            w("ow = m[:, None]")
+        w("cn = pn * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]")
+        w(f"co_ok = cn < {ws.Fg}")
+        w(f"co = grp * {ws.Fg} + cn")
+        w(f"x_base = {self._data_base()}")
+        w("acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)")
+        w(f"for k0 in range(0, {ws.reduction}, BLOCK_K):")
+        ind = "    "
+        w(ind + "kk = k0 + tl.arange(0, BLOCK_K)")
+        w(ind + f"k_ok = kk < {ws.reduction}")
+        w(ind + (f"ci = kk // {taps}" if ws.Cg > 1 else "ci = kk * 0"))
+        if two_d:
+            w(ind + f"kt = kk % {taps}" if ws.Cg > 1 else ind + "kt = kk")
+            w(ind + f"kh = kt // {ws.KW}")
+            w(ind + f"kw = kt % {ws.KW}")
+            w(ind + f"ih = {_lin('oh', ws.SH)} + ({_lin('kh', ws.DH, ws.OFF_H)})[None, :]")
+            w(ind + f"iw = {_lin('ow', ws.SW)} + ({_lin('kw', ws.DW, ws.OFF_W)})[None, :]")
+            w(ind + "a_ok = m_ok & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)")
+            xoff = f"ih * {_sname(x, hd)} + iw * {_sname(x, wd)}"
+        else:
+            w(ind + (f"kw = kk % {taps}" if ws.Cg > 1 else "kw = kk"))
+            w(ind + f"iw = {_lin('ow', ws.SW)} + ({_lin('kw', ws.DW, ws.OFF_W)})[None, :]")
+            w(ind + "a_ok = m_ok & k_ok[None, :] & (iw >= 0) & (iw < W)")
+            xoff = f"iw * {_sname(x, wd)}"
+        if ws.Cg > 1:
+            chan = f"((grp * {ws.Cg} + ci) * {_sname(x, cd)})[None, :]"
+        else:
+            chan = f"grp * {_sname(x, cd)}"
+        w(ind + f"a = tl.load(x_base + {chan} + {xoff}, mask=a_ok, other=0.0)")
+        wt = g.weight.tensor
+        # the weight offset: a [1, BLOCK_N] channel row plus a [BLOCK_K, 1] reduction column
+        k_terms = self._weight_k_offset(two_d, ws.Cg > 1)
+        ch_k = next(k for k, a in enumerate(g.weight.index) if a == g.channels.out_axis)
+        w(ind + f"b = tl.load({_pname(wt)} + co * {_sname(wt, ch_k)} + ({k_terms})[:, None], "
+                f"mask=k_ok[:, None] & co_ok, other=0.0)")
+        dt_x, dt_w = self.data_t.dtype, self.weight_t.dtype
+        a_v, b_v = "a", "b"
+        if dt_x != dt_w:
+            a_v, b_v = "a.to(tl.float32)", "b.to(tl.float32)"
+        fp32_dot = dt_x != dt_w or dt_x == DType.f32
+        prec = ", input_precision=DOT_PRECISION" if fp32_dot else ""
+        w(ind + f"acc = tl.dot({a_v}, {b_v}, acc{prec})")
+        b += epi
+        out_dt = TL_DTYPE[self.out_t.dtype]
+        w(f"tl.store({_pname(g.out)} + {self._out_offset(env)}, ({val}).to({out_dt}), mask=m_ok & co_ok)")
+        constexprs = ["BLOCK_M", "BLOCK_N", "BLOCK_K"] + (["DOT_PRECISION"] if fp32_dot else [])
+        lines = self._header(helpers) + self._signature("window_gemm", constexprs)
+        lines.append(f'    """Implicit GEMM: [BLOCK_M pixels x BLOCK_N channels] per program, reduced over '
+                     f'{ws.Cg}*{taps} in BLOCK_K chunks."""')
+        lines += ["    " + ln if ln else "" for ln in b]
+        return WindowModule("\n".join(lines) + "\n", "window_gemm", "gemm", tuple(self.params),
+                            tuple(constexprs), ws)
+
+    def _weight_k_offset(self, two_d: bool, cloop: bool) -> str:
+        """The weight offset of reduction entries ``kk`` (ci, kh, kw; the window flipped where it is)."""
+        g, ws = self.g, self.ws
+        wt = g.weight.tensor
+        m = {}
+        if g.channels.in_axis is not None:
+            m[g.channels.in_axis] = "ci" if cloop else None
+        sp = g.spatial
+        if two_d:
+            m[sp[0].win_axis] = f"({ws.KH - 1} - kh)" if ws.FLIP_H else "kh"
+        m[sp[-1].win_axis] = f"({ws.KW - 1} - kw)" if ws.FLIP_W else "kw"
+        terms = []
+        for k, a in enumerate(g.weight.index):
+            if a == g.channels.out_axis:
+                continue
+            if a not in m:
+                raise ValueError(f"op {self.op.name}: weight axis {a} has no role in the window")
+            if m[a] is not None:
+                terms.append(f"{m[a]} * {_sname(wt, k)}")
+        return " + ".join(terms) if terms else "kk * 0"
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+def resolve_config(group: WindowGroup, binding, config=None, caps=None) -> TritonWindowConfig:
+    """``config`` (checked; ValueError naming the op when invalid) or the default config."""
+    cfg = as_config(config)
+    if cfg is None:
+        return default_config(group, binding, caps)
+    why = check(group, cfg, binding, caps)
+    if why is not None:
+        raise ValueError(f"triton target, op {group.op.name}: invalid window config {cfg.to_dict()}: {why}")
+    return cfg
+
+
+def _size_values(group: WindowGroup, binding) -> dict[str, int]:
+    ext = binding.extents
+    shape = binding.shapes[group.data.tensor]
+    sp = group.spatial
+    vals = {"NB": math.prod(int(ext[a]) for a, _ in group.batch), "W": int(shape[sp[-1].data_dim]),
+            "OW": int(ext[sp[-1].out_axis])}
+    if len(sp) == 2:
+        vals["H"] = int(shape[sp[0].data_dim])
+        vals["OH"] = int(ext[sp[0].out_axis])
+    return vals
+
+
+def _check_sizes(group: WindowGroup, binding, mod: WindowModule, cfg: TritonWindowConfig) -> int:
+    """The number of programs; ValueError naming the op and the sizes when they break the kernel's assumptions
+    (32-bit offsets, the CUDA grid limit)."""
+    for name, shp in binding.shapes.items():
+        n = math.prod(int(s) for s in shp)
+        if n > _INT32_LIMIT:
+            raise ValueError(f"triton target, op {group.op.name}: tensor {name} of shape {tuple(shp)} has {n} "
+                             f"elements; the window kernels use 32-bit offsets (at most {_INT32_LIMIT})")
+    v = _size_values(group, binding)
+    ws = mod.shape
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    if mod.variant == "direct":
+        progs = cdiv(v["OW"], cfg.block_w) * (cdiv(v["OH"], cfg.block_h) if ws.two_d else 1) * ws.G * ws.Fg * v["NB"]
+    else:
+        pix = v["OW"] * (v["OH"] if ws.two_d else 1)
+        progs = cdiv(pix, cfg.block_m) * cdiv(ws.Fg, cfg.block_n) * ws.G * v["NB"]
+    if progs > _INT32_LIMIT:
+        raise ValueError(f"triton target, op {group.op.name}: {progs} programs at sizes {_shape_text(binding)} "
+                         f"exceed the grid limit {_INT32_LIMIT}; use larger tiles")
+    return progs
+
+
+def _shape_text(binding) -> str:
+    return ", ".join(f"{k} {tuple(v)}" for k, v in binding.shapes.items())
+
+
+def kernel_args(group: WindowGroup, mod: WindowModule, binding, tensors: Mapping[str, Any]) -> list:
+    """The kernel's positional arguments (tensors by name; sizes from ``binding``; strides from the tensors)."""
+    vals = _size_values(group, binding)
+    dims = {d.name: int(v) for d, v in binding.dims.items()}
+    out = []
+    for name, kind, ref in mod.params:
+        if kind == "ptr":
+            out.append(tensors[ref])
+        elif kind == "stride":
+            t, k = ref
+            out.append(int(tensors[t].stride(k)))
+        elif isinstance(ref, tuple) and ref[0] == "batch":
+            out.append(int(binding.extents[next(a for a, _ in group.batch if a.name == ref[1])]))
+        elif isinstance(ref, tuple) and ref[0] == "dim":
+            out.append(dims[ref[1]])
+        else:
+            out.append(vals[ref])
+    return out
+
+
+def constexpr_values(mod: WindowModule, cfg: TritonWindowConfig) -> dict[str, Any]:
+    """The ``tl.constexpr`` arguments of ``mod`` under ``cfg``."""
+    vals = {"BLOCK_H": cfg.block_h, "BLOCK_W": cfg.block_w, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+            "BLOCK_K": cfg.block_k, "DOT_PRECISION": "tf32" if cfg.tf32 else "ieee"}
+    return {c: vals[c] for c in mod.constexprs}
+
+
+def run(group: WindowGroup, inputs: Mapping[str, Any], binding, config=None, cache_dir=None, caps=None) -> dict:
+    """The op's outputs (``{name: fresh tensor}``) by the window kernel of ``config`` (the default when None)."""
+    import torch
+
+    from opgen.ir.dtypes import to_torch
+
+    from .compile import load_module
+
+    op = group.op
+    missing = [t.name for t in op.inputs if t.name not in inputs]
+    if missing:
+        raise ValueError(f"triton target, op {op.name}: missing inputs {missing}")
+    cfg = resolve_config(group, binding, config, caps)
+    if cfg.variant == "fft":
+        from opgen.targets.spectral import run_window_fft
+
+        return run_window_fft(group, inputs, binding)
+    mod = render(group, binding, cfg.variant)
+    progs = _check_sizes(group, binding, mod, cfg)
+    device = inputs[group.data.tensor].device
+    tensors = {}
+    for t in op.inputs:
+        v = inputs[t.name]
+        if v.dtype != to_torch(t.dtype):
+            v = v.to(to_torch(t.dtype))
+        tensors[t.name] = v
+    out = torch.empty(binding.shapes[group.out], dtype=to_torch(op.tensor(group.out).dtype), device=device)
+    tensors[group.out] = out
+    if progs == 0 or out.numel() == 0:
+        if out.numel():
+            out.zero_()
+        return {group.out: out}
+    m = load_module(mod.source, cache_dir if cache_dir is not None else _tmp_cache())
+    kernel = getattr(m, mod.kernel)
+    kernel[(progs,)](*kernel_args(group, mod, binding, tensors), **constexpr_values(mod, cfg),
+                     **launch_options(cfg))
+    return {group.out: out}
+
+
+@functools.lru_cache(maxsize=1)
+def _tmp_cache() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="opgen_triton_window_")
+
+
+def aot_signature(group: WindowGroup, mod: WindowModule, binding=None) -> dict[str, str]:
+    """The ``triton.compile`` signature of the kernel: pointer types from the op's dtypes, 32-bit ints."""
+    sig = {}
+    for name, kind, ref in mod.params:
+        sig[name] = TL_SIGNATURE[group.op.tensor(ref).dtype] if kind == "ptr" else "i32"
+    for c in mod.constexprs:
+        sig[c] = "constexpr"
+    return sig
+
+
+__all__ = ["GENERATOR_VERSION", "TritonWindowConfig", "VARIANTS", "WindowModule", "WindowShape", "WindowSpace",
+           "aot_signature", "as_config", "check", "constexpr_values", "default_config", "kernel_args",
+           "launch_options", "render", "resolve_config", "run", "space", "unsupported", "window_group",
+           "window_shape"]
