@@ -53,6 +53,11 @@ def bounds(e: sympy.Basic, extents: Mapping[Axis, sympy.Expr]) -> Bounds:
     if not any(isinstance(s, Axis) for s in e.free_symbols):
         return e, e
     if e.is_Add:
+        split = _split_mod(e)
+        if split is not None:                 # rest + (y - m*floor(y/m)) = rest + (y mod m), in [0, m - 1]
+            rest, m = split
+            lo, hi = bounds(rest, extents)
+            return lo, hi + m - 1
         los, his = zip(*(bounds(t, extents) for t in e.args))
         return sympy.Add(*los), sympy.Add(*his)
     if e.is_Mul:
@@ -94,6 +99,22 @@ def bounds(e: sympy.Basic, extents: Mapping[Axis, sympy.Expr]) -> Bounds:
             return lo, hi
         return sympy.Integer(0), sympy.Max(-lo, hi)
     raise ValueError(f"cannot bound index expression {e}")
+
+
+def _split_mod(e: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr] | None:
+    """``(rest, m)`` when ``e = rest + y - m*floor(y/m)`` for a positive axis-free ``m`` (a remainder written out,
+    as the grad transform writes a grouped channel), else None."""
+    for t in e.args:
+        fl = [a for a in sympy.Mul.make_args(t) if isinstance(a, sympy.floor)]
+        if len(fl) != 1:
+            continue
+        num, den = sympy.fraction(sympy.together(fl[0].args[0]))
+        if any(isinstance(x, Axis) for x in den.free_symbols) or not den.is_positive:
+            continue
+        if sympy.expand(t / fl[0] + den) != 0:
+            continue
+        return sympy.expand(e - t - num), den
+    return None
 
 
 def _corner_products(bs: list[Bounds]) -> list[sympy.Expr]:

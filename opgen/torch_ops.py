@@ -15,6 +15,7 @@ from torch import Tensor
 
 from opgen.ir import DType, Op, accum_dtype, as_dtype, promote
 from opgen.ir.passes.grad import grad_op
+from opgen.ir.passes.restage import restage_windows
 from opgen.runtime import default_session
 
 from .ops.scan import declare_chunk_gla, declare_linear_scan, declare_selective_scan
@@ -34,7 +35,8 @@ def _acc_torch(*xs: Tensor) -> torch.dtype:
 
 @functools.lru_cache(maxsize=256)
 def _backward(op: Op, wrt: tuple[str, ...]) -> Op:
-    return grad_op(op, wrt)
+    """The backward op, its gradient reductions restaged into window reductions where that makes them ones."""
+    return restage_windows(grad_op(op, wrt))
 
 
 def _run(op: Op, inputs: dict, who: str) -> dict:

@@ -135,9 +135,9 @@ def test_long_conv_matches_torch():
 
 
 def test_conv2d_grouped_stride1_data_gradient():
-    """Stride 1, groups 2 with 2 channels per group: the generated dx op fails the bounds check (it reads
-    weight[.., g - C*(g // C), ..], in bounds but not proved so), so that gradient comes from torch autograd
-    through the reference interpreter; it still matches F.conv2d."""
+    """Stride 1, groups 2 with 2 channels per group: the generated dx op reads weight[.., g - C*(g // C), ..] (a
+    remainder the bounds check proves in range) and is restaged to read a re-laid-out weight, a grouped window
+    reduction (tests/ir/test_restage.py); it matches F.conv2d."""
     x, w = _t(1, 4, 5, 5, dtype=torch.float32), _t(4, 2, 3, 3, dtype=torch.float32)
     _check_against(ops.conv2d, _ref_conv2d, (x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 2), F32_TOL)
 
