@@ -6,7 +6,8 @@ from .bench import CaseResult, Impl, measure
 
 
 def conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
-    """Depthwise 31x31 and 7x7, dense 3x3 and causal conv1d, fp32 forward."""
+    """Depthwise 31x31 and 7x7 (forward, forward+backward), dense 3x3, strided and grouped forward+backward,
+    causal conv1d and long_conv, fp32."""
     import torch
     import torch.nn.functional as F
 
@@ -19,12 +20,22 @@ def conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
         impls = [Impl("opgen", lambda x=x, w=w, k=k: opgen.ops.conv2d(x, w, padding=k // 2, groups=c)),
                  Impl("F.conv2d", lambda x=x, w=w, k=k: F.conv2d(x, w, padding=k // 2, groups=c))]
         out.append(measure("conv2d", f"depthwise {k}x{k}, C={c}, {side}x{side}, N=1 fp32", impls, repeats))
-        out.append(_depthwise_fwd_bwd(x, w, k, repeats, f"fwd+bwd depthwise {k}x{k}, C={c}, {side}x{side}, N=1 fp32"))
+        out.append(_fwd_bwd(x, w, repeats, f"fwd+bwd depthwise {k}x{k}, C={c}, {side}x{side}, N=1 fp32",
+                            padding=k // 2, groups=c))
     ch = 16 if quick else 64
     x, w = torch.randn(1, ch, side, side), torch.randn(ch, ch, 3, 3)
     impls = [Impl("opgen", lambda: opgen.ops.conv2d(x, w, padding=1)),
              Impl("F.conv2d", lambda: F.conv2d(x, w, padding=1))]
     out.append(measure("conv2d", f"dense 3x3, {ch}->{ch}, {side}x{side}, N=1 fp32", impls, repeats))
+    # gradients through the restaged backward: a strided downsampling conv and a grouped (ResNeXt) conv
+    cin, cout, side2 = (16, 32, 28) if quick else (64, 128, 56)
+    x, w = torch.randn(1, cin, side2, side2), torch.randn(cout, cin, 3, 3)
+    out.append(_fwd_bwd(x, w, repeats, f"fwd+bwd dense 3x3 stride 2, {cin}->{cout}, {side2}x{side2}, N=1 fp32",
+                        stride=2, padding=1))
+    cg, groups, side3 = (32, 4, 14) if quick else (128, 32, 28)
+    x, w = torch.randn(1, cg, side3, side3), torch.randn(cg, cg // groups, 3, 3)
+    out.append(_fwd_bwd(x, w, repeats, f"fwd+bwd grouped 3x3, C={cg}, groups={groups}, {side3}x{side3}, N=1 fp32",
+                        padding=1, groups=groups))
     b, d, length, width = (2, 128, 512, 4) if quick else (2, 1024, 2048, 4)
     x, w = torch.randn(b, d, length), torch.randn(d, width)
     impls = [Impl("opgen", lambda: opgen.ops.causal_conv1d(x, w)),
@@ -34,20 +45,20 @@ def conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
     return out
 
 
-def _depthwise_fwd_bwd(x, w, k: int, repeats: int, case: str) -> CaseResult:
-    """Forward and backward (data and weight gradients) of a depthwise conv2d against torch autograd."""
+def _fwd_bwd(x, w, repeats: int, case: str, **conv) -> CaseResult:
+    """Forward and backward (data and weight gradients) of a conv2d against torch autograd."""
     import torch
     import torch.nn.functional as F
 
     import opgen
 
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-    g = torch.randn(x.shape)
+    g = torch.randn(F.conv2d(x, w, **conv).shape)
 
-    def step(conv):
+    def step(fn):
         xg.grad = wg.grad = None
         with torch.enable_grad():
-            conv(xg, wg, padding=k // 2, groups=x.shape[1]).backward(g)
+            fn(xg, wg, **conv).backward(g)
         return wg.grad
 
     impls = [Impl("opgen", lambda: step(opgen.ops.conv2d)), Impl("F.conv2d autograd", lambda: step(F.conv2d))]

@@ -123,8 +123,17 @@ def _window_lowered(op, binding, shape: str, stage: str) -> str:
     target = TVMTarget()
     cfg = default_window_config(group, binding, target.caps())
     if stage == "triton":
-        return (f"no triton kernel for {op.name} yet: on CUDA it runs on the reference backend (the tvm window "
-                "kernels and the fft variant serve the CPU)")
+        from opgen.targets.triton import window as tw
+
+        why = tw.unsupported(group)
+        if why is not None:
+            return f"no triton kernel for {op.name}: {why}"
+        tcfg = tw.default_config(group, binding)
+        if tcfg.variant == "fft":
+            return (f"# {op.name} at {shape}: the default triton variant is fft (torch.fft on the device, no Triton "
+                    "module); the direct kernel the tuner compares it with:\n" + tw.render(group, binding).source)
+        return (f"# triton module of {op.name} at {shape} ({tcfg.variant} config {tcfg.to_dict()}; batch and "
+                "spatial sizes are launch arguments)\n" + tw.render(group, binding, tcfg.variant).source)
     if stage == "tvm":
         head = f"# tvm kernel of {op.name} at {shape} ({cfg.variant} config)\n"
         if cfg.variant == "fft":
@@ -140,6 +149,13 @@ def _window_lowered(op, binding, shape: str, stage: str) -> str:
              f"tvm default config: {cfg.to_json()}" + (f" (cost model: fft {'wins' if prefer_fft(group, binding) else 'loses'})"
                                                         if fft_ok else ""),
              "tvm knobs: " + "; ".join(f"{k.name} in {k.values}" for k in window_space(group, binding).knobs)]
+    from opgen.targets.triton import window as tw
+
+    if tw.unsupported(group) is None:
+        tsp = tw.space(group, binding)
+        lines.append(f"triton default config: {tsp.default.to_dict()}")
+        lines += [f"triton {v} knobs: " + "; ".join(f"{k} in {c}" for k, c in knobs.items())
+                  for v, knobs in tsp.knobs.items() if knobs]
     return "\n".join(lines)
 
 
