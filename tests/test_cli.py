@@ -54,9 +54,13 @@ def test_show_lowered_stages_of_scans(name, stage, capsys):
     assert marker[stage] in out
 
 
-def test_show_lowered_stage_of_an_op_without_kernels(capsys):
-    assert main(["show", "conv2d", "--stage", "triton"]) == 1
-    assert "reference backend" in capsys.readouterr().out
+def test_show_triton_stage_of_a_convolution(capsys):
+    assert main(["show", "conv2d", "--stage", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# triton module of depthwise_conv2d") and "@triton.jit" in out and "tl.load(" in out
+    assert "make_block_ptr" not in out
+    assert main(["show", "conv2d", "--stage", "plan"]) == 0
+    assert "triton default config" in capsys.readouterr().out
 
 
 def test_show_attention_plan_prints_tile_classes(capsys):
