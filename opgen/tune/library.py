@@ -307,6 +307,10 @@ def _space(target, op, binding) -> tuple[Space, Callable[[Mapping[str, Any]], An
             return None if ok else why
 
         return Space(f"tvm/{op.name}", knobs, default, check), lambda cfg: ScanConfig(**cfg)
+    from opgen.targets.triton.window import window_group as triton_window_group
+
+    if triton_window_group(op) is not None:
+        return _triton_window_space(target, triton_window_group(op), binding)
     from opgen.targets.triton.scan import space as triton_space
 
     native = triton_space(target.group(op) if hasattr(target, "group") else _group(op), binding)
@@ -315,6 +319,20 @@ def _space(target, op, binding) -> tuple[Space, Callable[[Mapping[str, Any]], An
     if default not in configs:
         configs.insert(0, default)
     return (Space(f"triton/{op.name}", (Knob("config", tuple(configs)),), {"config": default}),
+            lambda cfg: json.loads(cfg["config"]))
+
+
+def _triton_window_space(target, group, binding) -> tuple[Space, Callable[[Mapping[str, Any]], Any]]:
+    """The Triton window kernels' feasible configs (every variant's tiles, warps, stages; tf32 for fp32 gemm) as
+    one categorical knob, the default first."""
+    from opgen.targets.triton.window import space as window_space
+
+    caps = target.caps() if hasattr(target, "caps") else None
+    native = window_space(group, binding, caps)
+    default = json.dumps(native.default.to_dict(), sort_keys=True)
+    configs = [json.dumps(c.to_dict(), sort_keys=True) for c in native.enumerate()]
+    configs = [default] + [c for c in configs if c != default]
+    return (Space(f"triton/{group.op.name}/window", (Knob("config", tuple(configs)),), {"config": default}),
             lambda cfg: json.loads(cfg["config"]))
 
 

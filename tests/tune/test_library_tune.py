@@ -61,3 +61,31 @@ def test_attention_problem_space_checks_and_call_time_lookup(tmp_path):
     torch.testing.assert_close(out["out"], problem.reference()["out"], rtol=2e-5, atol=2e-5)
     assert lookup_config(problem.op, problem.binding, problem.target, cache_dir=str(tmp_path)) is None
     assert isinstance(problem._to_config(space.default), AttentionConfig)
+
+
+@pytest.mark.parametrize("groups,k", [(1, 3), (8, 7)], ids=["dense3x3", "depthwise7x7"])
+def test_triton_window_space_lists_feasible_configs_default_first(groups, k):
+    """The Triton window kernels' tuning space (built without a GPU): the default first, every listed config
+    passes the kernel's own check, the converter gives the dict the target runs, and both variants appear for a
+    dense conv (gemm and direct)."""
+    import json
+
+    from opgen.conv_ops import _conv2d_op, _conv2d_weight
+    from opgen.runtime import default_session
+    from opgen.targets.triton import TritonTarget
+    from opgen.targets.triton.window import check, default_config, window_group
+    from opgen.tune.library import _space
+
+    x, w = torch.randn(1, 8, 13, 11), torch.randn(8, 8 // groups, k, k)
+    op = _conv2d_op(x, w, None, (1, 1), (k // 2,) * 4, (1, 1), groups)
+    ww = _conv2d_weight(x, w, groups)
+    b = default_session().binding(op, {"x": tuple(x.shape), "weight": tuple(ww.shape)}, {}, "test")
+    space, convert = _space(TritonTarget(), op, b)
+    choices = space.knobs[0].choices
+    group = window_group(op)
+    assert json.loads(choices[0]) == default_config(group, b).to_dict() == convert(space.default)
+    assert len(choices) == len(set(choices)) > 10
+    assert all(check(group, convert({"config": c}), b) is None for c in choices)
+    variants = {json.loads(c)["variant"] for c in choices}
+    assert "direct" in variants and variants <= {"direct", "gemm"}            # no fft for 2-D windows
+    assert "gemm" in variants or groups > 1
