@@ -22,10 +22,11 @@ Variants (``TritonWindowConfig.variant``):
 
 Both kernels apply the fused epilogue (bias, activation, gating, rendered by
 :class:`~opgen.targets.triton.expr.ValueRenderer`) to the fp32 tile before the store, in the output's dtype.
-Channel counts, window sizes, strides, dilations and offsets are baked into the source from the binding (one
-module per such combination, as in :mod:`opgen.targets.tvm.window`, whose ``_resolve`` provides them); batch and
-spatial sizes, tensor strides and the tile sizes are kernel arguments (tiles as ``tl.constexpr``). Tensors of
-16-bit and 32-bit floats are supported; offsets are 32-bit (tensors of 2**31 elements or more are rejected).
+Channel counts, window sizes, strides, dilations and offsets are baked into the source from the binding (one module
+per such combination, as in :mod:`opgen.targets.tvm.window`; :func:`opgen.targets.window_static.static_window`
+provides them); batch and spatial sizes, tensor strides and the tile sizes are kernel arguments (tiles as
+``tl.constexpr``). Tensors of 16-bit and 32-bit floats are supported; offsets are 32-bit (tensors of 2**31 elements
+or more are rejected).
 
 Importing this module imports neither triton nor torch.
 """
@@ -168,9 +169,9 @@ class WindowShape:
 
 def window_shape(group: WindowGroup, binding) -> WindowShape:
     """The static numbers of ``group`` at ``binding`` (ValueError naming the op for unsupported forms)."""
-    from opgen.targets.tvm.window import _resolve  # pure structure (no tvm); the same numbers as the TVM kernels
+    from opgen.targets.window_static import static_window  # the same numbers as the TVM kernels
 
-    sh = _resolve(group, binding)
+    sh = static_window(group, binding)
     r, c = sh.row, sh.col
     return WindowShape(r.real, r.K if r.real else 1, c.K, r.stride, c.stride, r.dil, c.dil, r.off if r.real else 0,
                        c.off, r.flip, c.flip, sh.Cg, sh.Fg, sh.G, sh.kind)
@@ -264,8 +265,9 @@ def default_config(group: WindowGroup, binding, caps=None) -> TritonWindowConfig
     """A reasonable config without tuning, valid for every shape (image sizes only shrink the tiles).
 
     1-D: the FFT when :func:`~opgen.targets.spectral.prefer_fft` says so (long depthwise windows), gemm for dense
-    windows with at least 8 input channels per group, else direct with up to 512 outputs per program. 2-D: gemm
-    when a group has at least 8 input channels (64 pixels x up to 64 channels, ``block_k`` 32, 3 stages), else direct with a tile of up to 16 x 64 outputs.
+    windows with at least 8 input channels per group, else direct with up to 512 outputs per program. 2-D: gemm when
+    a group has at least 8 input channels (64 pixels x up to 64 channels, ``block_k`` 32, 3 stages), else direct
+    with a tile of up to 16 x 64 outputs.
     """
     from opgen.targets.spectral import prefer_fft
 

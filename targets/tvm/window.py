@@ -43,9 +43,10 @@ import sympy
 
 from opgen.ir import Access, DType, ExprOp, promote
 from opgen.ir.passes.window import WindowGroup, fuse_window
-from opgen.ir.symbols import Axis, Dim
+from opgen.ir.symbols import Dim
 
 from opgen.targets.spectral import prefer_fft, window_fft_supported
+from opgen.targets.window_static import StaticDim, StaticWindow, static_window
 
 from .expr import Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, tvm_dtype
 
@@ -120,95 +121,6 @@ class WindowSource:
 
 
 # -------------------------------------------------------------------------------------- resolved structure
-
-
-@dataclass(frozen=True)
-class _Sp:
-    """One spatial dim with its static numbers (dilation made positive: ``flip`` reverses the window axis)."""
-
-    real: bool
-    out_axis: Axis | None
-    win_axis: Axis | None
-    data_dim: int | None
-    stride: int
-    dil: int
-    off: int
-    flip: bool
-    K: int
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """The group at a binding: static numbers for the kernel, the dims that stay symbolic."""
-
-    static: tuple[tuple[Dim, int], ...]
-    dynamic: frozenset
-    row: _Sp
-    col: _Sp
-    Cg: int
-    Fg: int
-    G: int
-    kind: str
-
-
-def _dims_of(e) -> set:
-    return {s for s in sympy.sympify(e).free_symbols if isinstance(s, Dim)}
-
-
-def _dynamic_dims(group: WindowGroup) -> frozenset:
-    """Dims of batch and spatial input sizes (kept symbolic) that no static quantity needs."""
-    op = group.op
-    ext = dict(op.extents)
-    dyn: set = set()
-    shape = op.tensor(group.data.tensor).shape
-    for _, k in group.batch:
-        dyn |= _dims_of(shape[k])
-    for s in group.spatial:
-        dyn |= _dims_of(s.in_size)
-    static: set = set()
-    for d in op.tensor(group.weight.tensor).shape:
-        static |= _dims_of(d)
-    for s in group.spatial:
-        static |= _dims_of(s.offset) | _dims_of(ext[s.win_axis])
-    ch = group.channels
-    static |= _dims_of(ch.in_per_group) | _dims_of(ch.out_per_group) | _dims_of(ch.groups)
-    if ch.data_dim is not None:
-        static |= _dims_of(shape[ch.data_dim])
-    if ch.out_axis is not None:
-        static |= _dims_of(ext[ch.out_axis])
-    return frozenset(dyn - static)
-
-
-def _resolve(group: WindowGroup, binding) -> _Shape:
-    """Static numbers of ``group`` at ``binding``; ValueError naming the op when the form is unsupported."""
-    op = group.op
-    dyn = _dynamic_dims(group)
-    static = tuple(sorted(((d, int(v)) for d, v in binding.dims.items() if d not in dyn), key=lambda x: x[0].name))
-    sub = {d: sympy.Integer(v) for d, v in static}
-
-    def num(e, what: str) -> int:
-        v = sympy.sympify(e).xreplace(sub)
-        if not v.is_Integer:
-            raise ValueError(f"op {op.name}: the window {what} {e} must not depend on the batch or image size")
-        return int(v)
-
-    if len(group.spatial) not in (1, 2):
-        raise ValueError(f"op {op.name}: the tvm window kernels handle 1-D and 2-D windows, not "
-                         f"{len(group.spatial)}-D")
-    sps = []
-    for s in group.spatial:
-        K = int(binding.extents[s.win_axis])
-        off = num(s.offset, "offset")
-        flip = s.dilation < 0
-        dil = abs(s.dilation)
-        if flip:
-            off = off + (K - 1) * s.dilation
-        sps.append(_Sp(True, s.out_axis, s.win_axis, s.data_dim, s.stride, dil, off, flip, K))
-    row = sps[0] if len(sps) == 2 else _Sp(False, None, None, None, 1, 1, 0, False, 1)
-    col = sps[-1]
-    ch = group.channels
-    Cg, Fg, G = (num(e, "channel count") for e in (ch.in_per_group, ch.out_per_group, ch.groups))
-    return _Shape(static, dyn, row, col, Cg, Fg, G, ch.kind_at(binding.dims))
 
 
 def window_supported(group: WindowGroup | None) -> tuple[bool, str]:
@@ -287,7 +199,7 @@ def check_window_config(cfg: WindowConfig, group: WindowGroup, binding) -> tuple
     if cfg.kh_block < 0:
         return False, f"kh_block must be >= 0, got {cfg.kh_block}"
     try:
-        sh = _resolve(group, binding)
+        sh = static_window(group, binding)
     except ValueError as e:
         return False, str(e)
     if not sh.row.real and cfg.rows_tile != 1:
@@ -309,11 +221,11 @@ def check_window_config(cfg: WindowConfig, group: WindowGroup, binding) -> tuple
     return True, ""
 
 
-def _block_rows(cfg: WindowConfig, sh: _Shape) -> int:
+def _block_rows(cfg: WindowConfig, sh: StaticWindow) -> int:
     return cfg.block_rows if sh.row.real else 1
 
 
-def _patch_extent(n_out: int, sp: _Sp) -> int:
+def _patch_extent(n_out: int, sp: StaticDim) -> int:
     """Input positions read by ``n_out`` consecutive outputs along ``sp``."""
     return (n_out - 1) * sp.stride + (sp.K - 1) * sp.dil + 1
 
@@ -336,16 +248,15 @@ def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfi
     """A heuristic config from the channel structure and the static sizes only (channels, kernel, strides), so
     that the untuned kernel of a convolution serves every batch and image size (tuned on AVX2).
 
-    1-D (causal conv1d): the FFT variant where :func:`~opgen.targets.spectral.prefer_fft` says so (long
-    depthwise windows), else direct, 4 vectors per tile, 512 outputs per staged block, the window unrolled (dense
-    1-D convolutions: gemm, channels x 2 vectors). Many
-    input channels per group (dense, grouped): gemm with a 6 (8 with 512-bit vectors) channels x 2 (3) rows x
-    1 vector tile in tap order (kw outer with 256-bit vectors). Depthwise with 256-bit vectors: direct with a 7-row x 1-vector tile in sliding tap
-    order (kw outer), 56 x 64 output blocks. Otherwise (other few-channel groups, 512-bit vectors): direct with
-    an 8-row x 1-vector tile in weight-stationary order with blocks of up to 7 kernel rows (the block's weights,
-    the 8 accumulators and the input vector fill the 16 AVX2 registers), 64 x 64 output blocks (32 rows for
-    kernels above 15)."""
-    sh = _resolve(group, binding)
+    1-D (causal conv1d): the FFT variant where :func:`~opgen.targets.spectral.prefer_fft` says so (long depthwise
+    windows), else direct, 4 vectors per tile, 512 outputs per staged block, the window unrolled (dense 1-D
+    convolutions: gemm, channels x 2 vectors). Many input channels per group (dense, grouped): gemm with a 6 (8 with
+    512-bit vectors) channels x 2 (3) rows x 1 vector tile in tap order (kw outer with 256-bit vectors). Depthwise
+    with 256-bit vectors: direct with a 7-row x 1-vector tile in sliding tap order (kw outer), 56 x 64 output
+    blocks. Otherwise (other few-channel groups, 512-bit vectors): direct with an 8-row x 1-vector tile in weight-
+    stationary order with blocks of up to 7 kernel rows (the block's weights, the 8 accumulators and the input
+    vector fill the 16 AVX2 registers), 64 x 64 output blocks (32 rows for kernels above 15)."""
+    sh = static_window(group, binding)
     V = _vector_lanes(group, caps)
     wide = V * _acc_bits(group) >= 512
     unroll_kw = sh.col.K <= 16
@@ -426,18 +337,18 @@ def render_window(group: WindowGroup, config: WindowConfig, *, binding, index_bi
     ok, why = check_window_config(config, group, binding)
     if not ok:
         raise ValueError(f"op {group.op.name}: invalid window config {config}: {why}")
-    sh = _resolve(group, binding)
+    sh = static_window(group, binding)
     return _render_cached(group, config, sh, index_bits, func_name)
 
 
 @functools.lru_cache(maxsize=256)
-def _render_cached(group: WindowGroup, cfg: WindowConfig, sh: _Shape, index_bits: int,
+def _render_cached(group: WindowGroup, cfg: WindowConfig, sh: StaticWindow, index_bits: int,
                    func_name: str) -> WindowSource:
     return _Renderer(group, cfg, sh, index_bits, func_name).render()
 
 
 class _Renderer:
-    def __init__(self, group: WindowGroup, cfg: WindowConfig, sh: _Shape, index_bits: int, func_name: str):
+    def __init__(self, group: WindowGroup, cfg: WindowConfig, sh: StaticWindow, index_bits: int, func_name: str):
         if index_bits not in (32, 64):
             raise ValueError(f"index_bits must be 32 or 64, got {index_bits}")
         self.g, self.cfg, self.sh, self.func_name = group, cfg, sh, func_name
