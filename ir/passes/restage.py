@@ -21,7 +21,7 @@ from __future__ import annotations
 import sympy
 
 from ..expr import Access, Expr, ExprOp, index, load, where
-from ..nodes import Map, Reduce, TensorParam
+from ..nodes import SUM, Map, Reduce, TensorParam
 from ..op import Op
 from ..symbols import Axis, axes_in
 from .window import _factors, _strip_cast, fuse_window
@@ -50,7 +50,7 @@ def restage_windows(op: Op) -> Op:
 
 def _product(node: Reduce) -> tuple[Expr, Expr] | None:
     """The two load factors of a SUM reduction's value (casts of floats stripped), or None."""
-    if node.monoid.name != "sum":
+    if node.monoid != SUM:
         return None
     fs = [_strip_cast(f) for f in _factors(node.value)]
     if len(fs) != 2 or any(f.op is not ExprOp.LOAD for f in fs):
