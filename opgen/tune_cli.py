@@ -44,7 +44,11 @@ def add_tune_parsers(sub: Any) -> None:
     t = sub.add_parser("tune", help="tune an op at one shape with Optuna (child-process measurement, checked), in "
                        "this process or with --workers K processes on a shared store")
     _problem_args(t)
-    t.add_argument("--trials", type=int, default=30, help="trials of this run (with --workers: shared by all)")
+    t.add_argument("--trials", type=int, default=None, help="trials of this run (with --workers: shared by all; "
+                   "default 30, or 10 x --measured)")
+    t.add_argument("--measured", type=int, default=None,
+                   help="stop once this many configs were measured (repeats and infeasible configs do not count; "
+                        "--trials still caps the trials); in-process tuning only")
     t.add_argument("--seconds", type=float, default=None, help="time budget (whichever of trials/seconds ends first;"
                    " in-process tuning only)")
     t.add_argument("--workers", type=int, default=0, help="worker processes on the store (0: tune in this process)")
@@ -108,6 +112,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.workers < 0:
         print(f"opgen tune: --workers must be 0 or more, got {args.workers}", file=sys.stderr)
         return 2
+    if (args.workers or args.prepare_only) and args.measured is not None:
+        print("opgen tune: --measured budgets in-process tuning; with --workers or --prepare-only give --trials "
+              "(the study's shared trial cap)", file=sys.stderr)
+        return 2
+    if args.trials is None:
+        args.trials = 30 if args.measured is None else 10 * args.measured
     if (args.workers or args.prepare_only) and args.seconds is not None:
         print("opgen tune: --seconds budgets in-process tuning; with --workers or --prepare-only give --trials "
               "(the study's shared trial cap)", file=sys.stderr)
@@ -127,7 +137,8 @@ def _tune_in_process(args: argparse.Namespace, problem: Any) -> int:
 
     cfg = from_env()
     try:
-        res = tune(problem, trials=args.trials, seconds=args.seconds, storage=_storage(args), cache_dir=cfg.cache_dir,
+        res = tune(problem, trials=args.trials, seconds=args.seconds, measured=args.measured, storage=_storage(args),
+                   cache_dir=cfg.cache_dir,
                    progress=not args.no_progress, timeout=args.timeout, seed=args.seed)
     except (TuneError, ValueError) as exc:
         print(f"opgen tune: {exc}", file=sys.stderr)

@@ -106,9 +106,12 @@ class LibraryProblem:
                                 {"op": op, "dims": dict(dims), "backend": backend, "dtype": dtype, "seed": seed,
                                  "cache_dir": cache_dir})
         self.op_name, self.dims, self.backend = op, dict(dims), backend
-        missing = [d for d in SHAPE_DIMS.get(op, ()) if d not in dims]
-        if op not in SHAPE_DIMS or missing:
-            raise ValueError(f"opgen tune {op}: --shape needs {', '.join(SHAPE_DIMS.get(op, ()))} (missing {missing})")
+        if op not in SHAPE_DIMS:
+            raise ValueError(f"no tuning problem {op!r}; tunable: {', '.join(SHAPE_DIMS)} (conv2d tunes "
+                             "as depthwise_conv2d)")
+        missing = [d for d in SHAPE_DIMS[op] if d not in dims]
+        if missing:
+            raise ValueError(f"opgen tune {op}: --shape needs {', '.join(SHAPE_DIMS[op])} (missing {missing})")
         gen = torch.Generator().manual_seed(seed)
         device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
         self.op, inputs = _inputs(op, dims, getattr(torch, dtype), gen)

@@ -24,8 +24,10 @@ invisible to it) and ``best`` never picks one. User attrs per trial: ``config``,
 ``measure_s``, ``owner`` (host, pid), ``dup_of`` for repeats and ``source`` for enqueued configs.
 
 Budgets: ``trials`` counts the trials this call runs, including enqueued ones and repeats (Optuna's
-``n_trials``); ``seconds`` is checked between trials, so a call can overrun it by one trial (at most
-the measurement ``timeout``, plus a worker start). Whichever is reached first ends the call. Trials enqueued
+``n_trials``); ``measured`` counts only the configs this call measures (a repeat answered from the study and an
+infeasible config rejected before compiling cost no measurement: late in a TPE run, half the trials are such);
+``seconds`` is checked between trials, so a call can overrun it by one trial (at most the measurement
+``timeout``, plus a worker start). Whichever is reached first ends the call. Trials enqueued
 but not reached stay WAITING in the study and run first in the next call.
 """
 from __future__ import annotations
@@ -308,6 +310,7 @@ class Objective:
             self.feasible = {canonical(c) for c in space.enumerate()}
         self.counts: dict[str, int] = {}
         self.tally = {"repeats": 0, "measured": 0, "trials": 0}
+        self.measure_budget: int | None = None        # stop once this many configs were measured
 
     @property
     def exhausted(self) -> bool:
@@ -351,7 +354,9 @@ class Objective:
         if self.bar is not None:
             self.bar.set_postfix_str(self.progress_text(), refresh=False)
             self.bar.update(1)
-        if self.exhausted:
+        if self.measure_budget is not None and self.tally["measured"] >= self.measure_budget:
+            study.stop()
+        elif self.exhausted:
             if self.bar is not None:
                 self.bar.total = self.bar.n
                 self.bar.refresh()
@@ -365,7 +370,10 @@ class Objective:
         if d is not None and d.status == Status.OK.value:
             text += f", default {d.value:.4g} ms"
         bad = sum(v for k, v in self.counts.items() if k != Status.OK.value)
-        return text + f", rejected {bad}"
+        text += f", rejected {bad}"
+        if self.measure_budget is not None:
+            text += f", measured {self.tally['measured']}/{self.measure_budget}"
+        return text
 
     def result(self, key: StudyKey, store: Any, seconds: float) -> "TuneResult":
         """The :class:`TuneResult` of the study as it stands, with this process's counts."""
@@ -387,13 +395,14 @@ class Objective:
 
 
 def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: int | None = 50,
-         seconds: float | None = None, storage: Any = None, cache_dir: str | os.PathLike | None = None,
+         seconds: float | None = None, measured: int | None = None, storage: Any = None, cache_dir: str | os.PathLike | None = None,
          progress: bool = True, seed: int | None = None, timeout: float = 60.0,
          warm_start: Iterable[Mapping[str, Any]] = (), measurer: Measurer | None = None,
          options: MeasureOptions | None = None, sampler: Any = None) -> TuneResult:
     """Tune ``problem`` over ``space`` (default: ``problem.space()``); see the module doc.
 
-    ``trials`` / ``seconds``: the budget of this call (whichever comes first; either may be None, not both).
+    ``trials`` / ``measured`` / ``seconds``: the budget of this call (whichever comes first; any may be None,
+    not all): trials run, configs measured (repeats and infeasible configs not counted), seconds.
     ``storage``: None (the embedded journal under ``cache_dir``/tune, ``cache_dir`` defaulting to
     :func:`opgen.config.from_env`'s), a URL, ``journal:PATH``, or an Optuna storage object.
     ``timeout``: seconds for build + check + time of one config (ignored when ``options`` is given).
@@ -405,10 +414,11 @@ def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: 
     """
     import optuna
 
-    if trials is None and seconds is None:
-        raise TuneError("give a budget: trials, seconds or both")
-    if trials is not None and trials < 1:
-        raise TuneError(f"trials must be at least 1, got {trials}")
+    if trials is None and seconds is None and measured is None:
+        raise TuneError("give a budget: trials, measured configs, seconds, or several")
+    for name, v in (("trials", trials), ("measured", measured)):
+        if v is not None and v < 1:
+            raise TuneError(f"{name} must be at least 1, got {v}")
     t_begin = time.perf_counter()
     problem = as_problem(problem)
     space = space or problem.space()
@@ -429,10 +439,11 @@ def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: 
                 fail_stale_trials(store, study._study_id)
             objective = Objective(study, problem, space, None)      # type: ignore[arg-type]
             enqueue_candidates(study, space, problem, key, store, warm_start, objective.cache, objective.feasible,
-                               trials)
+                               trials if measured is None else min(trials or measured, measured))
         if own_measurer:
             measurer = Measurer(options or MeasureOptions(timeout=timeout))
         objective.measurer = measurer
+        objective.measure_budget = measured
         objective.bar = bar = _progress_bar(progress, trials, problem.key_parts().op_name)
         try:
             if not objective.exhausted:                     # else: nothing left to measure

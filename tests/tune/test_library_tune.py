@@ -42,6 +42,8 @@ def test_tune_cli_then_lookup(tmp_path, monkeypatch, capsys):
 def test_bad_shape_is_reported(capsys):
     assert main(["tune", "selective_scan", "--shape", "B=2,D=8"]) == 2
     assert "needs B, D, N, L" in capsys.readouterr().err
+    assert main(["tune", "conv2d", "--shape", "N=1"]) == 2
+    assert "no tuning problem 'conv2d'; tunable: linear_scan" in capsys.readouterr().err
 
 
 def test_attention_problem_space_checks_and_call_time_lookup(tmp_path):
@@ -89,3 +91,8 @@ def test_triton_window_space_lists_feasible_configs_default_first(groups, k):
     variants = {json.loads(c)["variant"] for c in choices}
     assert "direct" in variants and variants <= {"direct", "gemm"}            # no fft for 2-D windows
     assert "gemm" in variants or groups > 1
+
+
+def test_measured_budget_is_for_in_process_tuning(capsys):
+    assert main(["tune", "linear_scan", "--shape", "C=8,L=16", "--measured", "3", "--workers", "2"]) == 2
+    assert "--measured budgets in-process tuning" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from opgen.tune.encode import to_params
 from opgen.tune.key import study_key
 from opgen.tune.store import default_store_path, open_storage
 from opgen.tune.testing import CumsumProblem
-from opgen.tune.tuner import HOST, nearby_configs, tune
+from opgen.tune.tuner import HOST, TuneError, nearby_configs, tune
 
 PLANTED = {"wrong": "wrong", "compile_error": "compile_error", "segfault": "crash", "hang": "timeout",
            "infeasible": "infeasible"}
@@ -161,6 +161,20 @@ def test_budgets_in_trials_and_seconds(tmp_path, measurer):
         elapsed = time.perf_counter() - t0
         # checked between trials: at most one trial (timeout 2 s) over; the 19 configs take longer than 0.2 s
         assert 1 <= r.trials < 19 and elapsed < 0.2 + measurer.options.timeout + 1.5
+
+
+def test_a_budget_in_measured_configs(tmp_path, measurer):
+    """``measured`` counts configs measured by this call: repeats answered from the study and infeasible configs
+    cost nothing and do not count; ``trials`` still caps the call."""
+    p = CumsumProblem(rows=8)
+    r = tune(p, trials=None, measured=4, cache_dir=tmp_path, seed=0, progress=False, measurer=measurer)
+    assert r.measured == 4 and r.trials == 4 + r.repeats + r.by_status.get("infeasible", 0)
+    again = tune(p, trials=None, measured=3, cache_dir=tmp_path, seed=0, progress=False, measurer=measurer)
+    assert again.measured == 3 and again.study_trials == r.trials + again.trials
+    capped = tune(p, trials=2, measured=50, cache_dir=tmp_path, seed=0, progress=False, measurer=measurer)
+    assert capped.trials == 2 and capped.measured <= 2
+    with pytest.raises(TuneError, match="measured must be at least 1"):
+        tune(p, trials=None, measured=0, cache_dir=tmp_path, progress=False, measurer=measurer)
 
 
 def test_a_new_shape_is_warm_started_from_the_nearest_bucket(tmp_path, measurer):
