@@ -454,20 +454,6 @@ def test_interpreter_matches_dense_reference(tmp_path):
 # ---------------------------------------------------------------------------------------------- AOT sm_90
 
 
-@pytest.fixture(scope="module")
-def aot_ready():
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"triton has no NVIDIA backend: {e}")
-    return True
-
-
 @pytest.mark.parametrize("kind,E", [("forward", 64), ("forward", 128), ("backward", 64), ("backward", 128),
                                     ("decode", 128)])
 def test_aot_sm90_default_config(kind, E, aot_ready, tmp_path):

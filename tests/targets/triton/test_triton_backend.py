@@ -304,18 +304,6 @@ def _aot_params():
     return out
 
 
-@pytest.fixture(scope="module")
-def aot_ready():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"triton has no NVIDIA backend: {e}")
-    return True
-
-
 @pytest.mark.parametrize("case,variant", _aot_params())
 def test_aot_sm90_default_config(case, variant, aot_ready, tmp_path):
     from opgen.targets.triton.compile import AotUnavailable, aot_compile

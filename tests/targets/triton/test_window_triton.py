@@ -361,20 +361,6 @@ def test_unsupported_forms_and_sizes_are_reported():
 # ---------------------------------------------------------------------------------------------- AOT sm_90
 
 
-@pytest.fixture(scope="module")
-def aot_ready():
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"triton has no NVIDIA backend: {e}")
-    return True
-
-
 def _aot_cases():
     f, b = DType.f32, DType.bf16
     out = []
