@@ -25,7 +25,7 @@ from opgen.ir.nodes import MAX, MIN, PROD, SUM, Reduce
 from opgen.ir.op import Op
 from opgen.ir.symbols import Dim
 
-from .expr import Code, ExprEmitter, IndexRenderer, Scope, compute_dtype, const_text, tvm_dtype
+from .expr import Code, ExprEmitter, IndexRenderer, Scope, compute_dtype, const_text, scratch_buffer, tvm_dtype
 
 SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
 #: terms (output elements x reduction extent) below which the session leaves a reduction to the interpreter
@@ -101,7 +101,7 @@ def render_reduce(op: Op, index_bits: int = 32, fast_math: bool = True, vector: 
 
     def alloc(dt: str, shape: tuple) -> str:
         name = f"vt{len(allocs)}"
-        allocs.append(f"{name} = T.alloc_buffer(({', '.join(shape)},), \"{dt}\", scope=\"local\")")
+        allocs.append(scratch_buffer(name, f"({', '.join(shape)},)", dt))
         return name
 
     masked = {n.arg for e in node.exprs() for n in e.walk()
@@ -169,7 +169,7 @@ def render_reduce(op: Op, index_bits: int = 32, fast_math: bool = True, vector: 
         q = f"T.floordiv(lane, {inner})" if inner else "lane"
         val = f"T.floormod({q}, {lane_ext[k]})" if k > 0 else q
         c.w(2, f"vb: T.let = {val} * {V}" if a == vax else f"i_{a.name}: T.let = {val}")
-    c.w(2, f"acc = T.alloc_buffer(({V},), \"{atxt}\", scope=\"local\")")
+    c.w(2, scratch_buffer("acc", f"({V},)", atxt))
     c.block(2, allocs)
     if V > 1:
         c.w(2, f"for v in T.vectorized({V}):")

@@ -48,7 +48,8 @@ from opgen.ir.symbols import Dim
 from opgen.targets.spectral import prefer_fft, window_fft_supported
 from opgen.targets.window_static import StaticDim, StaticWindow, static_window
 
-from .expr import Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, tvm_dtype
+from .expr import (Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, scratch_buffer,
+                   tvm_dtype)
 
 SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
 VARIANTS = ("direct", "gemm")
@@ -368,7 +369,7 @@ class _Renderer:
         self._nbuf += 1
         name = f"{prefix}{self._nbuf}"
         dims = ", ".join(str(s) for s in shape)
-        self.allocs.append(f"{name} = T.alloc_buffer(({dims},), \"{dtype}\", scope=\"local\")")
+        self.allocs.append(scratch_buffer(name, f"({dims},)", dtype))
         return name
 
     def _zero(self) -> str:
@@ -728,8 +729,8 @@ class _Renderer:
         else:
             tile(d3, CT)
         # allocations at the top of the parallel body
-        allocs = [f"P = T.alloc_buffer(({sh.Cg}, {PR}, {PC}), \"{pdt}\", scope=\"local\")",
-                  f"acc = T.alloc_buffer(({CT}, {RT}, {VW}), \"{self.adt}\", scope=\"local\")"] + self.allocs
+        allocs = [scratch_buffer("P", f"({sh.Cg}, {PR}, {PC})", pdt),
+                  scratch_buffer("acc", f"({CT}, {RT}, {VW})", self.adt)] + self.allocs
         c.lines[body_start:body_start] = ["    " * 2 + a for a in allocs]
 
     def _static_copy(self, c: Code, depth: int, n: int, V: int, dst, val) -> None:
@@ -828,7 +829,7 @@ class _Renderer:
             c.w(d2, f"co0: T.let = grp * {sh.Fg} + {cob_full * CT}")
             self._microkernel(c, d2, co_tail, src, "co0")
             self._epilogue(c, d2, co_tail, "co0", "oh0", "ow0")
-        allocs = [f"acc = T.alloc_buffer(({CT}, {RT}, {VW}), \"{self.adt}\", scope=\"local\")"] + self.allocs
+        allocs = [scratch_buffer("acc", f"({CT}, {RT}, {VW})", self.adt)] + self.allocs
         c.lines[body_start:body_start] = ["    " * 2 + a for a in allocs]
 
 

@@ -174,6 +174,29 @@ def test_linear_scan_vector_over_contiguous_axis(tvm_target, rnd):
     assert_close(got["h"], ref["h"], F32, "linear_scan vector q", rnd.seed)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_linear_scan_time_vector(tvm_target, rnd, dtype, reverse):
+    """Blocks of W steps scanned in registers (targets/tvm/scan_time_vector.py), the remainder as scalar steps:
+    lengths below, at and above W and not multiples of it, one lane, an initial state."""
+    op = declare_linear_scan(IR[dtype], IR[dtype], reverse, IR[dtype])
+    for W, (P, L) in [(4, (3, 37)), (8, (1, 8)), (8, (2, 3)), (16, (5, 53)), (16, (1, 1))]:
+        inputs = {"a": rnd.uniform(P, L, 1, lo=0.5, hi=1.05, dtype=dtype), "b": rnd.randn(P, L, 1, dtype=dtype),
+                  "initial": rnd.randn(P, 1, dtype=dtype)}
+        cfg = ScanConfig(time_vector=W)
+        got, ref, b = run_all(tvm_target, op, inputs, cfg)
+        assert tvm_target.config_for(op, b, cfg).time_vector == W
+        indep = linear_scan_loop(inputs["a"], inputs["b"], reverse, inputs["initial"])
+        assert_close(got["h"], indep, dtype, f"linear_scan time_vector={W} {(P, L)} reverse={reverse}", rnd.seed)
+    # strided steps (Q > 1): the variant does not apply; a stored config falls back to a valid one
+    b = bind(op, {"a": (2, 9, 3), "b": (2, 9, 3), "initial": (2, 3)})
+    ok, why = check_config(ScanConfig(time_vector=8), fuse_scan(op), b)
+    assert not ok and "contiguous" in why
+    assert tvm_target.config_for(op, b, ScanConfig(time_vector=8)).time_vector == 0
+    assert "T.Shuffle" in tvm_target.source(op, bind(op, {"a": (2, 9, 1), "b": (2, 9, 1), "initial": (2, 1)}),
+                                            ScanConfig(time_vector=4)).text
+
+
 # ----------------------------------------------------------------------------------------- selective_scan
 
 SS_CASES = [
@@ -495,7 +518,7 @@ def test_config_space_and_defaults():
     b = bind(op, {"u": (2, 24, 9), "delta": (2, 24, 9), "A": (24, 5), "B": (2, 5, 9), "C": (2, 5, 9)})
     sp = space(g).to_json()
     assert set(sp["knobs"]) == {"lanes_vector", "vector_axis", "time_tile", "static_state", "unroll_state",
-                                "fast_math", "interleave"}
+                                "fast_math", "interleave", "time_vector"}
     assert "d" in sp["knobs"]["vector_axis"]["values"]
     cfg = default_config(g, b)
     assert check_config(cfg, g, b) == (True, "")
@@ -510,6 +533,10 @@ def test_config_space_and_defaults():
     assert not check_config(ScanConfig(unroll_state=True), g, b)[0]
     ok, why = check_config(ScanConfig(interleave=True), g, b)
     assert not ok and "interleave requires lanes_vector > 1" in why
+    ok, why = check_config(ScanConfig(time_vector=8), g, b)          # a state axis n: not a first-order scan
+    assert not ok and "state has axes" in why
+    assert legalize(ScanConfig(time_vector=8), g, b).time_vector == 0
+    assert not check_config(ScanConfig(time_vector=6), g, b)[0]
     with pytest.raises(ValueError, match="vector_axis"):
         render_scan(g, ScanConfig(lanes_vector=8, vector_axis="n"))
 
