@@ -113,13 +113,15 @@ def _conv2d_weight(x, weight, groups):
     return weight.reshape(weight.shape[0], *weight.shape[2:]) if _depthwise(x, weight, groups) else weight
 
 
-@torch.library.custom_op("opgen::conv2d", mutates_args=())
-def conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+def conv2d_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
               dilation: list[int], groups: int) -> Tensor:
     """``F.conv2d`` on NCHW with ``padding`` = (top, bottom, left, right); returns x's dtype."""
     op = _conv2d_op(x, weight, bias, stride, padding, dilation, groups)
     ins = {"x": x.contiguous(), "weight": _conv2d_weight(x, weight.contiguous(), groups), "bias": bias}
     return _run(op, ins, "opgen.ops.conv2d")["out"]
+
+
+conv2d_op = torch.library.custom_op("opgen::conv2d", mutates_args=())(conv2d_impl)
 
 
 @conv2d_op.register_fake
@@ -169,11 +171,13 @@ def _causal_op(x, weight, bias, silu) -> Op:
     return declare_causal_conv1d(_dt(x), _dt(weight), _dt(bias), "silu" if silu else None)
 
 
-@torch.library.custom_op("opgen::causal_conv1d", mutates_args=())
-def causal_conv1d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+def causal_conv1d_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
     """Causal depthwise conv1d: x ``[batch, dim, L]``, weight ``[dim, W]``, optional SiLU; returns x's dtype."""
     ins = {"x": x.contiguous(), "weight": weight.contiguous(), "bias": bias}
     return _run(_causal_op(x, weight, bias, silu), ins, "opgen.ops.causal_conv1d")["out"]
+
+
+causal_conv1d_op = torch.library.custom_op("opgen::causal_conv1d", mutates_args=())(causal_conv1d_impl)
 
 
 @causal_conv1d_op.register_fake
@@ -213,11 +217,13 @@ causal_conv1d_op.register_autograd(_causal_backward, setup_context=_causal_setup
 
 # ----------------------------------------------------------------------------------------------- long_conv
 
-@torch.library.custom_op("opgen::long_conv", mutates_args=())
-def long_conv_op(u: Tensor, k: Tensor) -> Tensor:
+def long_conv_impl(u: Tensor, k: Tensor) -> Tensor:
     """Causal long convolution: u ``[B, H, L]``, k ``[H, Lk]`` (Lk <= L); returns ``[B, H, L]`` in u's dtype."""
     return _run(declare_long_conv(_dt(u), _dt(k)), {"u": u.contiguous(), "k": k.contiguous()},
                 "opgen.ops.long_conv")["y"]
+
+
+long_conv_op = torch.library.custom_op("opgen::long_conv", mutates_args=())(long_conv_impl)
 
 
 @long_conv_op.register_fake

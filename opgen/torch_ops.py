@@ -76,11 +76,13 @@ def _none_if_empty(gs: Sequence[Tensor], given: Sequence[Optional[Tensor]]) -> l
 
 # ------------------------------------------------------------------------------------------- linear_scan
 
-@torch.library.custom_op("opgen::linear_scan", mutates_args=())
-def linear_scan_op(a: Tensor, b: Tensor, initial: Optional[Tensor], reverse: bool) -> Tensor:
+def linear_scan_impl(a: Tensor, b: Tensor, initial: Optional[Tensor], reverse: bool) -> Tensor:
     """``h[p, t, q] = a * h[p, t-1, q] + b`` on the canonical [P, L, Q] layout."""
     op = declare_linear_scan(_dt(a), _dt(b), reverse, _dt(initial))
     return _run(op, {"a": a, "b": b, "initial": initial}, "opgen.ops.linear_scan")["h"]
+
+
+linear_scan_op = torch.library.custom_op("opgen::linear_scan", mutates_args=())(linear_scan_impl)
 
 
 @linear_scan_op.register_fake
@@ -123,14 +125,16 @@ def _ss_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> Op:
                                   _dt(D), _dt(z), _dt(delta_bias), bool(delta_softplus), True)
 
 
-@torch.library.custom_op("opgen::selective_scan", mutates_args=())
-def selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+def selective_scan_impl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor]:
     """Mamba's selective scan; returns (out, last_state)."""
     op = _ss_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     res = _run(op, dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias),
                "opgen.ops.selective_scan")
     return res["out"], res["last_state"]
+
+
+selective_scan_op = torch.library.custom_op("opgen::selective_scan", mutates_args=())(selective_scan_impl)
 
 
 @selective_scan_op.register_fake
@@ -180,13 +184,15 @@ def _gla_op(q, k, v, g, initial_state, scale) -> Op:
     return declare_chunk_gla(_dt(q), _dt(k), _dt(v), _dt(g), float(scale), _dt(initial_state), True)
 
 
-@torch.library.custom_op("opgen::chunk_gla", mutates_args=())
-def chunk_gla_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Optional[Tensor],
+def chunk_gla_impl(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Optional[Tensor],
                  scale: float) -> tuple[Tensor, Tensor]:
     """Gated linear attention; returns (o, final_state)."""
     res = _run(_gla_op(q, k, v, g, initial_state, scale),
                dict(q=q, k=k, v=v, g=g, initial_state=initial_state), "opgen.ops.chunk_gla")
     return res["o"], res["final_state"]
+
+
+chunk_gla_op = torch.library.custom_op("opgen::chunk_gla", mutates_args=())(chunk_gla_impl)
 
 
 @chunk_gla_op.register_fake

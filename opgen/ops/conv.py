@@ -9,6 +9,8 @@ import torch
 from opgen.ir import DType, OpBuilder, dims, silu
 from opgen.ir.symbols import make_axes
 
+from opgen.eager import call
+
 from . import _args
 
 # ------------------------------------------------------------------------------------------- causal_conv1d
@@ -44,9 +46,10 @@ def causal_conv1d(x, weight, bias=None, activation=None):
     if activation not in (None, "silu", "swish"):
         raise _args.ArgumentError(f"{who}: argument 'activation' expected None, 'silu' or 'swish', "
                                   f"got {_args.describe(activation)}")
-    import opgen.conv_ops  # noqa: F401  (registers torch.ops.opgen.causal_conv1d)
+    import opgen.conv_ops  # (registers torch.ops.opgen.causal_conv1d)
 
-    return torch.ops.opgen.causal_conv1d(x, weight, bias, activation is not None)
+    return call(torch.ops.opgen.causal_conv1d, opgen.conv_ops.causal_conv1d_impl, x, weight, bias,
+                activation is not None)
 
 
 # -------------------------------------------------------------------------------------------------- conv2d
@@ -157,9 +160,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             raise _args.ArgumentError(f"{who}: argument 'weight' has a kernel {axis} of {k} (dilation {d}, spanning "
                                       f"{d * (k - 1) + 1}) larger than the padded input {axis} {size} + {lo + hi} "
                                       f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")
-    import opgen.conv_ops  # noqa: F401  (registers torch.ops.opgen.conv2d)
+    import opgen.conv_ops  # (registers torch.ops.opgen.conv2d)
 
-    return torch.ops.opgen.conv2d(x, weight, bias, [sh, sw], list(pads), [dh, dw], groups)
+    return call(torch.ops.opgen.conv2d, opgen.conv_ops.conv2d_impl, x, weight, bias, [sh, sw], list(pads), [dh, dw],
+                groups)
 
 
 # ----------------------------------------------------------------------------------------------- long_conv
@@ -188,6 +192,6 @@ def long_conv(u, k):
     if k.shape[1] > u.shape[2]:
         raise _args.ArgumentError(f"{who}: argument 'k' has shape {tuple(k.shape)}: its length {k.shape[1]} "
                                   f"exceeds the sequence length L = {u.shape[2]} of u {tuple(u.shape)}")
-    import opgen.conv_ops  # noqa: F401  (registers torch.ops.opgen.long_conv)
+    import opgen.conv_ops  # (registers torch.ops.opgen.long_conv)
 
-    return torch.ops.opgen.long_conv(u, k)
+    return call(torch.ops.opgen.long_conv, opgen.conv_ops.long_conv_impl, u, k)

@@ -8,6 +8,8 @@ import torch
 from opgen.ir import DType, OpBuilder, accum_dtype, dims, exp, promote, silu, softplus
 from opgen.ir.symbols import Dim, make_axes
 
+from opgen.eager import call
+
 from . import _args
 
 # --------------------------------------------------------------------------------------------- linear_scan
@@ -59,7 +61,10 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int = -1, reverse: bool =
         p *= s
     shape3 = (p, a.shape[dim], a.numel() // (p * a.shape[dim]))
     init = initial.reshape(shape3[0], shape3[2]) if initial is not None else None
-    out = torch.ops.opgen.linear_scan(a.reshape(shape3), b.reshape(shape3), init, bool(reverse))
+    from opgen import torch_ops
+
+    out = call(torch.ops.opgen.linear_scan, torch_ops.linear_scan_impl, a.reshape(shape3), b.reshape(shape3), init,
+               bool(reverse))
     return out.reshape(a.shape)
 
 
@@ -143,7 +148,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if x.dim() == 4 and (x.shape[1] == 0 or channels % x.shape[1]):
             raise _args.ArgumentError(f"{who}: argument '{name}' has {x.shape[1]} groups (shape {tuple(x.shape)}), "
                                       f"which must divide dim = {channels} (u.shape[1])")
-    out, last_state = torch.ops.opgen.selective_scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    from opgen import torch_ops
+
+    out, last_state = call(torch.ops.opgen.selective_scan, torch_ops.selective_scan_impl, u, delta, A, B, C, D, z,
+                           delta_bias, bool(delta_softplus))
     return (out, last_state) if return_last_state else out
 
 
@@ -191,5 +199,8 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
         scale = q.shape[-1] ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise _args.ArgumentError(f"{who}: argument 'scale' expected a float or None, got {_args.describe(scale)}")
-    o, final_state = torch.ops.opgen.chunk_gla(q, k, v, g, initial_state, float(scale))
+    from opgen import torch_ops
+
+    o, final_state = call(torch.ops.opgen.chunk_gla, torch_ops.chunk_gla_impl, q, k, v, g, initial_state,
+                          float(scale))
     return o, (final_state if output_final_state else None)
