@@ -145,7 +145,7 @@ def _window_lowered(op, binding, shape: str, stage: str) -> str:
         return head + target.source(op, binding, cfg).text
     fft_ok, why = window_fft_supported(group, binding)
     lines = [f"plan of {op.name} at {shape}", group.describe(),
-             "variants: direct, gemm" + (", fft" if fft_ok else f" (no fft: {why})"),
+             "tvm variants: direct, gemm" + (", fft" if fft_ok else f" (no fft: {why})"),
              f"tvm default config: {cfg.to_json()}" + (f" (cost model: fft {'wins' if prefer_fft(group, binding) else 'loses'})"
                                                         if fft_ok else ""),
              "tvm knobs: " + "; ".join(f"{k.name} in {k.values}" for k in window_space(group, binding).knobs)]
@@ -153,6 +153,7 @@ def _window_lowered(op, binding, shape: str, stage: str) -> str:
 
     if tw.unsupported(group) is None:
         tsp = tw.space(group, binding)
+        lines.append(f"triton variants: {', '.join(tsp.knobs)}")
         lines.append(f"triton default config: {tsp.default.to_dict()}")
         lines += [f"triton {v} knobs: " + "; ".join(f"{k} in {c}" for k, c in knobs.items())
                   for v, knobs in tsp.knobs.items() if knobs]

@@ -33,7 +33,7 @@ def test_demo_one_op(capsys, monkeypatch, tmp_path):
     assert "variant=" in row                        # the window space was tuned first (2 trials)
 
 
-@pytest.mark.parametrize("name,marker", [("long_conv", "variants: direct, gemm, fft"),
+@pytest.mark.parametrize("name,marker", [("long_conv", "tvm variants: direct, gemm, fft"),
                                          ("conv2d", "no fft: the FFT variant takes 1-D windows")])
 def test_show_plan_and_source_of_convolutions(name, marker, capsys):
     pytest.importorskip("tvm")

@@ -16,11 +16,29 @@ Variants (``TritonWindowConfig.variant``):
     ``[BLOCK_M, BLOCK_K]`` input tile is gathered with index arithmetic and masks, the ``[BLOCK_K, BLOCK_N]``
     weight tile read from the weight, and ``tl.dot`` accumulates in fp32 (fp32 inputs: ``input_precision``
     "ieee", or "tf32" with the ``tf32`` knob).
+``im2win`` (Lu et al., "Im2win: An Efficient Convolution Paradigm on GPU", Euro-Par 2023)
+    Dense and grouped convolutions, in two steps. :func:`window_tensor` (torch: pad, ``as_strided``,
+    ``contiguous``) first materializes the window-ordered tensor, the zero padding included::
+
+        win[nb, g, oh, wp, kh, c] = xpad[nb, g * Cg + c, oh * SH + kh * DH, wp]     shape [NB, G, OH, WP, KH, Cg]
+
+    (``wp`` over the ``WP = (OW - 1) * SW + (KW - 1) * DW + 1`` padded columns the outputs read; 1-D windows are
+    the case ``KH = OH = 1``). Then a tiled GEMM like ``gemm`` ([BLOCK_M pixels x BLOCK_N channels of one group],
+    ``tl.dot`` into fp32, the same ``tf32`` knob and epilogue) reduces over ``K = KW * KH * Cg`` ordered
+    ``(kw, kh, c)``: the A tile of pixel ``(oh, ow)`` and reduction index ``kk`` is
+    ``win_row(oh, ow) + kw * DW * KH * Cg + (kk mod (KH * Cg))``. The layout is chosen for that address: with ``c``
+    innermost, then ``kh``, the reduction operands of one ``kw`` (``KH * Cg`` values) are one contiguous run;
+    with ``wp`` next, consecutive ``kw`` are the next runs, so with ``DW = 1`` the whole reduction of a pixel is
+    one contiguous, affine run of ``KW * KH * Cg`` elements (the A address is ``a_row + kk``), and with
+    ``DW > 1`` runs of ``KH * Cg`` separated by fixed gaps. The group sits outside ``oh`` and ``wp``, so a
+    group's channels are contiguous too (a grouped conv reads no other group's values). The A loads are masked
+    only by the M and K tails (the padding is in ``win``). The tensor costs about ``KH / SH`` times the
+    input; :data:`IM2WIN_MAX_BYTES` bounds it (a ValueError naming the op and the sizes beyond).
 ``fft``
     1-D depthwise windows with stride 1 (long convolutions): :func:`opgen.targets.spectral.run_window_fft`
     (torch.fft; the other knobs are ignored).
 
-Both kernels apply the fused epilogue (bias, activation, gating, rendered by
+The kernels apply the fused epilogue (bias, activation, gating, rendered by
 :class:`~opgen.targets.triton.expr.ValueRenderer`) to the fp32 tile before the store, in the output's dtype.
 Channel counts, window sizes, strides, dilations and offsets are baked into the source from the binding (one module
 per such combination, as in :mod:`opgen.targets.tvm.window`; :func:`opgen.targets.window_static.static_window`
@@ -45,7 +63,8 @@ from opgen.ir.passes.window import WindowGroup, fuse_window
 from .expr import TL_DTYPE, TL_SIGNATURE, AxisVar, Namer, Section, TensorArg, ValueRenderer, helper_source
 
 GENERATOR_VERSION = "triton-window-1"
-VARIANTS = ("direct", "gemm")
+VARIANTS = ("direct", "gemm", "im2win")
+GEMM_LIKE = ("gemm", "im2win")      # the tl.dot variants: the same tile knobs, constraints and epilogue
 SUPPORTED_DTYPES = (DType.f16, DType.bf16, DType.f32)
 H100_SHARED_MEMORY = 232448
 STATIC_TAPS = 25                  # windows with at most this many taps are fully unrolled (tl.static_range)
@@ -54,6 +73,7 @@ DIRECT_ELEMS_PER_THREAD = 32      # fp32 accumulator elements per thread allowed
 GEMM_ACC_PER_THREAD = 128         # fp32 accumulator elements per thread allowed in the gemm tile
 GEMM_GATHER_PER_THREAD = 64       # gathered input elements per thread (plus their index arithmetic)
 _INT32_LIMIT = 2**31 - 1
+IM2WIN_MAX_BYTES = 2**31          # the largest im2win window tensor (bytes); also keeps its offsets in 32 bits
 
 BLOCK_H = (1, 2, 4, 8, 16, 32)
 BLOCK_W = (16, 32, 64, 128, 256, 512, 1024)
@@ -70,8 +90,9 @@ STAGES = (1, 2, 3, 4)
 class TritonWindowConfig:
     """Schedule knobs of the window kernels (JSON-serializable through :meth:`to_dict`).
 
-    ``direct`` uses ``block_h`` x ``block_w`` (1 x ``block_w`` for 1-D windows), ``gemm`` uses ``block_m`` x
-    ``block_n`` tiles reduced in ``block_k`` chunks; ``tf32`` lets fp32 gemm dots use tf32 tensor cores.
+    ``direct`` uses ``block_h`` x ``block_w`` (1 x ``block_w`` for 1-D windows), ``gemm`` and ``im2win`` use
+    ``block_m`` x ``block_n`` tiles reduced in ``block_k`` chunks; ``tf32`` lets their fp32 dots use tf32 tensor
+    cores.
     """
 
     variant: str = "direct"
@@ -200,8 +221,8 @@ def _fft_ok(group: WindowGroup, binding=None) -> tuple[bool, str]:
 
 
 def _smem_estimate(group: WindowGroup, cfg: TritonWindowConfig) -> int:
-    """Shared-memory bytes of the gemm kernel: the pipelined operand tiles (an upper estimate)."""
-    if cfg.variant != "gemm":
+    """Shared-memory bytes of the gemm and im2win kernels: the pipelined operand tiles (an upper estimate)."""
+    if cfg.variant not in GEMM_LIKE:
         return 0
     eb = _elem_bytes(group)
     return max(1, cfg.num_stages) * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * eb
@@ -242,7 +263,8 @@ def check(group: WindowGroup, cfg: TritonWindowConfig | Mapping[str, Any], bindi
                     f"(> {GEMM_ACC_PER_THREAD}) with {c.num_warps} warps")
         gat = c.block_m * c.block_k / threads
         if gat > GEMM_GATHER_PER_THREAD:
-            return (f"registers: the gathered {c.block_m}x{c.block_k} input tile is {gat:.0f} elements per thread "
+            what = "gathered" if c.variant == "gemm" else "window"
+            return (f"registers: the {what} {c.block_m}x{c.block_k} input tile is {gat:.0f} elements per thread "
                     f"(> {GEMM_GATHER_PER_THREAD}) with {c.num_warps} warps")
         limit = int(getattr(caps, "shared_memory", 0) or 0) or H100_SHARED_MEMORY
         smem = _smem_estimate(group, c)
@@ -253,12 +275,49 @@ def check(group: WindowGroup, cfg: TritonWindowConfig | Mapping[str, Any], bindi
             ws = window_shape(group, binding)
         except ValueError as e:
             return str(e)
-        if c.variant == "gemm":
+        if c.variant in GEMM_LIKE:
             if c.block_n > max(16, _pow2(ws.Fg)):
                 return f"block_n={c.block_n} exceeds the padded output channels per group {max(16, _pow2(ws.Fg))}"
             if c.block_k > max(16, _pow2(ws.reduction)):
                 return f"block_k={c.block_k} exceeds the padded reduction size {max(16, _pow2(ws.reduction))}"
+        if c.variant == "im2win":
+            return _window_bytes_error(group, binding)
     return None
+
+
+# ------------------------------------------------------------------------------------ the im2win window tensor
+
+
+def window_width(ws: WindowShape, ow: int) -> int:
+    """``WP``: the padded input columns the ``ow`` outputs read (``(ow - 1) * SW + (KW - 1) * DW + 1``)."""
+    return (ow - 1) * ws.SW + (ws.KW - 1) * ws.DW + 1 if ow > 0 else 0
+
+
+def window_tensor_shape(group: WindowGroup, binding) -> tuple[int, int, int, int, int, int]:
+    """The shape ``[NB, G, OH, WP, KH, Cg]`` of the im2win window tensor of ``group`` at ``binding``."""
+    ws = window_shape(group, binding)
+    v = _size_values(group, binding)
+    return (v["NB"], ws.G, v.get("OH", 1), window_width(ws, v["OW"]), ws.KH, ws.Cg)
+
+
+def window_tensor_bytes(group: WindowGroup, binding) -> int:
+    """Bytes of the im2win window tensor (in the data's dtype) at ``binding``."""
+    return math.prod(window_tensor_shape(group, binding)) * _data_bytes(group)
+
+
+def _data_bytes(group: WindowGroup) -> int:
+    return 4 if group.op.tensor(group.data.tensor).dtype == DType.f32 else 2
+
+
+def _window_bytes_error(group: WindowGroup, binding) -> str | None:
+    """Why the im2win window tensor is too large at ``binding`` (op, sizes, limit), or None."""
+    n = window_tensor_bytes(group, binding)
+    if n <= IM2WIN_MAX_BYTES:
+        return None
+    shape = window_tensor_shape(group, binding)
+    return (f"triton target, op {group.op.name}: the im2win window tensor [NB, G, OH, WP, KH, Cg] = {list(shape)} "
+            f"at sizes {_shape_text(binding)} would take {n} bytes, over the limit IM2WIN_MAX_BYTES = "
+            f"{IM2WIN_MAX_BYTES}; use the gemm variant")
 
 
 def default_config(group: WindowGroup, binding, caps=None) -> TritonWindowConfig:
@@ -275,11 +334,7 @@ def default_config(group: WindowGroup, binding, caps=None) -> TritonWindowConfig
     out_sizes = [int(binding.extents[s.out_axis]) for s in group.spatial]
     ow = out_sizes[-1]
     if ws.Cg >= 8 and (ws.two_d or ws.Fg >= 2):
-        bk = min(32, max(16, _pow2(ws.reduction)))      # 64 with 16-bit inputs: 254 registers on sm_90
-        bn = min(64, max(16, _pow2(ws.Fg)))
-        pixels = math.prod(out_sizes)
-        bm = min(64, max(16, _pow2(pixels)))
-        return TritonWindowConfig("gemm", block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=3)
+        return dot_config(group, binding, "gemm")
     if not ws.two_d:
         if prefer_fft(group, binding):
             return TritonWindowConfig("fft", block_h=1)
@@ -291,6 +346,20 @@ def default_config(group: WindowGroup, binding, caps=None) -> TritonWindowConfig
     bh = min(16 if ws.taps <= 49 else 8, _pow2(oh), max(1, 1024 // bw))
     warps = 4 if bh * bw >= 512 else 2 if bh * bw >= 128 else 1
     return TritonWindowConfig("direct", block_h=bh, block_w=bw, num_warps=warps, num_stages=1)
+
+
+def dot_config(group: WindowGroup, binding, variant: str = "gemm") -> TritonWindowConfig:
+    """The untuned config of a tl.dot variant ("gemm" or "im2win"; :func:`default_config` uses it for gemm, the
+    tuner may choose im2win): 64 pixels x up to 64 channels, ``block_k`` 32 (16 for tiny reductions), 4 warps,
+    3 stages."""
+    if variant not in GEMM_LIKE:
+        raise ValueError(f"op {group.op.name}: {variant!r} is not a tl.dot window variant {GEMM_LIKE}")
+    ws = window_shape(group, binding)
+    pixels = math.prod(int(binding.extents[s.out_axis]) for s in group.spatial)
+    bk = min(32, max(16, _pow2(ws.reduction)))      # 64 with 16-bit inputs: 254 registers on sm_90
+    bn = min(64, max(16, _pow2(ws.Fg)))
+    bm = min(64, max(16, _pow2(pixels)))
+    return TritonWindowConfig(variant, block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=3)
 
 
 @dataclass(frozen=True)
@@ -324,19 +393,26 @@ class WindowSpace:
 
 
 def space(group: WindowGroup, binding=None, caps=None) -> WindowSpace:
-    """The knobs of the window kernels: the variant, the tile sizes of each, warps, stages, tf32 (fp32 gemm)."""
+    """The knobs of the window kernels: the variant, the tile sizes of each, warps, stages, tf32 (fp32 gemm and
+    im2win)."""
     two_d = len(group.spatial) == 2
     f32 = _in_dtype(group) == DType.f32
     knobs: dict[str, dict[str, tuple]] = {
         "direct": {"block_h": BLOCK_H if two_d else (1,), "block_w": BLOCK_W, "num_warps": WARPS,
                    "num_stages": (1,)},
-        "gemm": {"block_m": BLOCK_MN, "block_n": BLOCK_MN, "block_k": BLOCK_K, "num_warps": (2, 4, 8),
-                 "num_stages": STAGES, "tf32": (False, True) if f32 else (False,)},
+        "gemm": _gemm_knobs(f32),
+        "im2win": _gemm_knobs(f32),
     }
     if _fft_ok(group, binding)[0]:
         knobs["fft"] = {}
     default = default_config(group, binding, caps) if binding is not None else TritonWindowConfig()
     return WindowSpace(f"triton/{group.op.name}/{group.out}/window", knobs, default, group, binding, caps)
+
+
+def _gemm_knobs(f32: bool) -> dict[str, tuple]:
+    """The knobs of a tl.dot variant (gemm, im2win): tiles, warps, stages, tf32 for fp32 inputs."""
+    return {"block_m": BLOCK_MN, "block_n": BLOCK_MN, "block_k": BLOCK_K, "num_warps": (2, 4, 8),
+            "num_stages": STAGES, "tf32": (False, True) if f32 else (False,)}
 
 
 def launch_options(cfg: TritonWindowConfig) -> dict[str, int]:
@@ -352,7 +428,8 @@ class WindowModule:
     """A rendered window module: source text, the kernel name and its parameters in order.
 
     ``params`` are ``(name, kind, ref)``: kind "ptr" (ref: tensor name), "stride" (ref: (tensor, dim)),
-    "size" (ref: "NB", "H", "W", "OH", "OW", ``("batch", axis name)`` or ``("dim", dim name)``).
+    "size" (ref: "NB", "H", "W", "OH", "OW", "WP", ``("batch", axis name)`` or ``("dim", dim name)``), "win"
+    (the im2win window tensor; ref: the data tensor, whose dtype it has).
     """
 
     source: str
@@ -367,7 +444,8 @@ _RESERVED = ("pid", "r", "tw", "th", "n_tw", "n_th", "co", "grp", "pb", "oh", "o
              "ci", "kh", "kw", "kh_w", "kw_w", "ih", "iw", "ih_ok", "ld_ok", "wv", "xv", "x_chan", "x_base",
              "w_base", "val", "out_ok", "m", "m_ok", "cn", "co_ok", "k0", "kk", "k_ok", "kt", "a", "b", "a_ok",
              "n_pm", "pm", "pn", "NB", "H", "W", "OH", "OW", "BLOCK_H", "BLOCK_W", "BLOCK_M", "BLOCK_N",
-             "BLOCK_K", "DOT_PRECISION", "window_direct", "window_gemm")
+             "BLOCK_K", "DOT_PRECISION", "window_direct", "window_gemm", "window_im2win", "WIN", "WP", "a_row",
+             "kr")
 
 
 def _direct_env(group: WindowGroup, two_d: bool) -> dict:
@@ -440,7 +518,7 @@ def _render_epilogue(group: WindowGroup, env: dict, namer: Namer) -> tuple[list[
 
 def render(group: WindowGroup, binding, variant: str = "direct") -> WindowModule:
     """The Triton module of ``group`` at ``binding``'s static sizes (channels, window, strides, offsets) for
-    ``variant`` ("direct" or "gemm")."""
+    ``variant`` ("direct", "gemm" or "im2win")."""
     if variant not in VARIANTS:
         raise ValueError(f"op {group.op.name}: no Triton kernel for window variant {variant!r} (expected one of "
                          f"{VARIANTS})")
@@ -490,6 +568,8 @@ class _Renderer:
                 self.params.append((_sname(t.name, k), "stride", (t.name, k)))
         for d in _epilogue_dims(g):
             self.params.append((f"dim_{d.name}", "size", ("dim", d.name)))
+        if self.variant == "im2win":
+            self.params += [("WIN", "win", g.data.tensor), ("WP", "size", "WP")]
 
     # shared pieces ----------------------------------------------------------------------------------------
     def _batch_lines(self) -> list[str]:
@@ -574,6 +654,8 @@ class _Renderer:
         self._collect_params()
         if self.variant == "direct":
             return self._direct()
+        if self.variant == "im2win":
+            return self._im2win()
         return self._gemm()
 
     # direct -------------------------------------------------------------------------------------------------
@@ -653,20 +735,15 @@ class _Renderer:
         return WindowModule("\n".join(lines) + "\n", "window_direct", "direct", tuple(self.params),
                             tuple(constexprs), ws)
 
-    # gemm ---------------------------------------------------------------------------------------------------
-    def _gemm(self) -> WindowModule:
-        g, ws = self.g, self.ws
-        two_d = ws.two_d
-        env = _gemm_env(g, two_d)
-        epi, val, helpers = _render_epilogue(g, env, self.namer)
-        x = g.data.tensor
-        hd, wd = self._spatial_dims()
-        cd = g.channels.data_dim
-        taps = ws.taps
+    # gemm and im2win: the shared tile, weight tile, dot and epilogue -----------------------------------------
+    def _dot_tile_lines(self) -> list[str]:
+        """The program's output tile: pixels ``m`` (``oh``, ``ow``, ``m_ok``), channels ``co`` (``co_ok``) of group
+        ``grp``, batch entry ``pb`` (and the ``i_<axis>``), and the zero fp32 accumulator."""
+        ws = self.ws
         b: list[str] = []
         w = b.append
         w("pid = tl.program_id(0)")
-        pixels = "OH * OW" if two_d else "OW"
+        pixels = "OH * OW" if ws.two_d else "OW"
         w(f"n_pm = tl.cdiv({pixels}, BLOCK_M)")
         w("pm = pid % n_pm")
         w("r = pid // n_pm")
@@ -677,7 +754,7 @@ class _Renderer:
         b += self._batch_lines()
         w("m = pm * BLOCK_M + tl.arange(0, BLOCK_M)")
         w(f"m_ok = (m < {pixels})[:, None]")
-        if two_d:
+        if ws.two_d:
             w("oh = (m // OW)[:, None]")
             w("ow = (m % OW)[:, None]")
         else:
@@ -685,6 +762,55 @@ class _Renderer:
         w("cn = pn * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]")
         w(f"co_ok = cn < {ws.Fg}")
         w(f"co = grp * {ws.Fg} + cn")
+        return b
+
+    def _weight_tile_line(self) -> str:
+        """The ``[BLOCK_K, BLOCK_N]`` weight tile ``b`` of reduction entries ``kk`` (``ci``, ``kh``, ``kw``)."""
+        g, ws = self.g, self.ws
+        wt = g.weight.tensor
+        # the weight offset: a [1, BLOCK_N] channel row plus a [BLOCK_K, 1] reduction column
+        k_terms = self._weight_k_offset(ws.two_d, ws.Cg > 1)
+        ch_k = next(k for k, a in enumerate(g.weight.index) if a == g.channels.out_axis)
+        return (f"b = tl.load({_pname(wt)} + co * {_sname(wt, ch_k)} + ({k_terms})[:, None], "
+                f"mask=k_ok[:, None] & co_ok, other=0.0)")
+
+    def _dot_line(self) -> tuple[str, bool]:
+        """(the ``tl.dot`` accumulation of ``a`` and ``b``, whether it is an fp32 dot with ``DOT_PRECISION``)."""
+        dt_x, dt_w = self.data_t.dtype, self.weight_t.dtype
+        a_v, b_v = "a", "b"
+        if dt_x != dt_w:
+            a_v, b_v = "a.to(tl.float32)", "b.to(tl.float32)"
+        fp32_dot = dt_x != dt_w or dt_x == DType.f32
+        prec = ", input_precision=DOT_PRECISION" if fp32_dot else ""
+        return f"acc = tl.dot({a_v}, {b_v}, acc{prec})", fp32_dot
+
+    def _dot_module(self, body: list[str], epi: tuple[list[str], str, set], env: dict, fp32_dot: bool,
+                    kernel: str, doc: str) -> WindowModule:
+        """The module of a tl.dot kernel: ``body``, then the fused epilogue and the masked store of the tile."""
+        lines_epi, val, helpers = epi
+        b = body + lines_epi
+        out_dt = TL_DTYPE[self.out_t.dtype]
+        b.append(f"tl.store({_pname(self.g.out)} + {self._out_offset(env)}, ({val}).to({out_dt}), "
+                 f"mask=m_ok & co_ok)")
+        constexprs = ["BLOCK_M", "BLOCK_N", "BLOCK_K"] + (["DOT_PRECISION"] if fp32_dot else [])
+        lines = self._header(helpers) + self._signature(kernel, constexprs)
+        lines.append(f'    """{doc}"""')
+        lines += ["    " + ln if ln else "" for ln in b]
+        return WindowModule("\n".join(lines) + "\n", kernel, self.variant, tuple(self.params), tuple(constexprs),
+                            self.ws)
+
+    # gemm ---------------------------------------------------------------------------------------------------
+    def _gemm(self) -> WindowModule:
+        g, ws = self.g, self.ws
+        two_d = ws.two_d
+        env = _gemm_env(g, two_d)
+        epi = _render_epilogue(g, env, self.namer)
+        x = g.data.tensor
+        hd, wd = self._spatial_dims()
+        cd = g.channels.data_dim
+        taps = ws.taps
+        b = self._dot_tile_lines()
+        w = b.append
         w(f"x_base = {self._data_base()}")
         w("acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)")
         w(f"for k0 in range(0, {ws.reduction}, BLOCK_K):")
@@ -710,29 +836,55 @@ class _Renderer:
         else:
             chan = f"grp * {_sname(x, cd)}"
         w(ind + f"a = tl.load(x_base + {chan} + {xoff}, mask=a_ok, other=0.0)")
-        wt = g.weight.tensor
-        # the weight offset: a [1, BLOCK_N] channel row plus a [BLOCK_K, 1] reduction column
-        k_terms = self._weight_k_offset(two_d, ws.Cg > 1)
-        ch_k = next(k for k, a in enumerate(g.weight.index) if a == g.channels.out_axis)
-        w(ind + f"b = tl.load({_pname(wt)} + co * {_sname(wt, ch_k)} + ({k_terms})[:, None], "
-                f"mask=k_ok[:, None] & co_ok, other=0.0)")
-        dt_x, dt_w = self.data_t.dtype, self.weight_t.dtype
-        a_v, b_v = "a", "b"
-        if dt_x != dt_w:
-            a_v, b_v = "a.to(tl.float32)", "b.to(tl.float32)"
-        fp32_dot = dt_x != dt_w or dt_x == DType.f32
-        prec = ", input_precision=DOT_PRECISION" if fp32_dot else ""
-        w(ind + f"acc = tl.dot({a_v}, {b_v}, acc{prec})")
-        b += epi
-        out_dt = TL_DTYPE[self.out_t.dtype]
-        w(f"tl.store({_pname(g.out)} + {self._out_offset(env)}, ({val}).to({out_dt}), mask=m_ok & co_ok)")
-        constexprs = ["BLOCK_M", "BLOCK_N", "BLOCK_K"] + (["DOT_PRECISION"] if fp32_dot else [])
-        lines = self._header(helpers) + self._signature("window_gemm", constexprs)
-        lines.append(f'    """Implicit GEMM: [BLOCK_M pixels x BLOCK_N channels] per program, reduced over '
-                     f'{ws.Cg}*{taps} in BLOCK_K chunks."""')
-        lines += ["    " + ln if ln else "" for ln in b]
-        return WindowModule("\n".join(lines) + "\n", "window_gemm", "gemm", tuple(self.params),
-                            tuple(constexprs), ws)
+        w(ind + self._weight_tile_line())
+        dot, fp32_dot = self._dot_line()
+        w(ind + dot)
+        doc = (f"Implicit GEMM: [BLOCK_M pixels x BLOCK_N channels] per program, reduced over {ws.Cg}*{taps} in "
+               f"BLOCK_K chunks.")
+        return self._dot_module(b, epi, env, fp32_dot, "window_gemm", doc)
+
+    # im2win -------------------------------------------------------------------------------------------------
+    def _im2win(self) -> WindowModule:
+        """GEMM over the window tensor ``WIN`` ([NB, G, OH, WP, KH, Cg], contiguous): the A tile of a pixel is
+        the contiguous run ``a_row + kk`` (plus a fixed gap per ``kw`` when ``DW > 1``), masked only by the
+        M and K tails."""
+        g, ws = self.g, self.ws
+        env = _gemm_env(g, ws.two_d)
+        epi = _render_epilogue(g, env, self.namer)
+        run = ws.KH * ws.Cg                        # one kw's contiguous run: (kh, c)
+        b = self._dot_tile_lines()
+        w = b.append
+        plane = "pb" if ws.G == 1 else f"(pb * {ws.G} + grp)"
+        row = f"({plane} * OH + oh)" if ws.two_d else plane
+        w(f"a_row = WIN + {row} * WP * {run} + {_lin('ow', ws.SW * run)}")
+        w("acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)")
+        w(f"for k0 in range(0, {ws.reduction}, BLOCK_K):")
+        ind = "    "
+        w(ind + "kk = k0 + tl.arange(0, BLOCK_K)")
+        w(ind + f"k_ok = kk < {ws.reduction}")
+        b += [ind + ln for ln in self._im2win_k_lines(run)]
+        gap = (ws.DW - 1) * run
+        a_off = "kk" if gap == 0 or ws.KW == 1 else f"(kk + kw * {gap})"
+        w(ind + f"a = tl.load(a_row + {a_off}[None, :], mask=m_ok & k_ok[None, :], other=0.0)")
+        w(ind + self._weight_tile_line())
+        dot, fp32_dot = self._dot_line()
+        w(ind + dot)
+        doc = (f"im2win GEMM: [BLOCK_M pixels x BLOCK_N channels] per program; K = {ws.KW}*{ws.KH}*{ws.Cg} "
+               f"(kw, kh, c) runs of WIN.")
+        return self._dot_module(b, epi, env, fp32_dot, "window_im2win", doc)
+
+    def _im2win_k_lines(self, run: int) -> list[str]:
+        """``kw``, ``kh``, ``ci`` of reduction entries ``kk`` ordered (kw, kh, c), as the weight offset needs."""
+        ws = self.ws
+        lines = [f"kw = kk // {run}" if ws.KW > 1 else "kw = kk * 0"]
+        kr = "kk" if ws.KW == 1 else "kr"
+        if ws.KW > 1:
+            lines.append(f"kr = kk % {run}")
+        if ws.two_d:
+            lines.append(f"kh = {kr} // {ws.Cg}" if ws.Cg > 1 else f"kh = {kr}")
+        if ws.Cg > 1:
+            lines.append(f"ci = {kr} % {ws.Cg}")
+        return lines
 
     def _weight_k_offset(self, two_d: bool, cloop: bool) -> str:
         """The weight offset of reduction entries ``kk`` (ci, kh, kw; the window flipped where it is)."""
@@ -784,7 +936,7 @@ def _size_values(group: WindowGroup, binding) -> dict[str, int]:
 
 def _check_sizes(group: WindowGroup, binding, mod: WindowModule, cfg: TritonWindowConfig) -> int:
     """The number of programs; ValueError naming the op and the sizes when they break the kernel's assumptions
-    (32-bit offsets, the CUDA grid limit)."""
+    (32-bit offsets, the CUDA grid limit, the im2win window tensor's byte limit)."""
     for name, shp in binding.shapes.items():
         n = math.prod(int(s) for s in shp)
         if n > _INT32_LIMIT:
@@ -801,6 +953,10 @@ def _check_sizes(group: WindowGroup, binding, mod: WindowModule, cfg: TritonWind
     if progs > _INT32_LIMIT:
         raise ValueError(f"triton target, op {group.op.name}: {progs} programs at sizes {_shape_text(binding)} "
                          f"exceed the grid limit {_INT32_LIMIT}; use larger tiles")
+    if mod.variant == "im2win":
+        why = _window_bytes_error(group, binding)
+        if why is not None:
+            raise ValueError(why)
     return progs
 
 
@@ -808,14 +964,21 @@ def _shape_text(binding) -> str:
     return ", ".join(f"{k} {tuple(v)}" for k, v in binding.shapes.items())
 
 
-def kernel_args(group: WindowGroup, mod: WindowModule, binding, tensors: Mapping[str, Any]) -> list:
-    """The kernel's positional arguments (tensors by name; sizes from ``binding``; strides from the tensors)."""
+def kernel_args(group: WindowGroup, mod: WindowModule, binding, tensors: Mapping[str, Any],
+                window: Any = None) -> list:
+    """The kernel's positional arguments (tensors by name; sizes from ``binding``; strides from the tensors;
+    ``window``: the im2win window tensor, which only that variant takes)."""
     vals = _size_values(group, binding)
+    vals["WP"] = window_width(mod.shape, vals["OW"])
     dims = {d.name: int(v) for d, v in binding.dims.items()}
     out = []
     for name, kind, ref in mod.params:
         if kind == "ptr":
             out.append(tensors[ref])
+        elif kind == "win":
+            if window is None:
+                raise ValueError(f"triton target, op {group.op.name}: the im2win kernel needs its window tensor")
+            out.append(window)
         elif kind == "stride":
             t, k = ref
             out.append(int(tensors[t].stride(k)))
@@ -867,11 +1030,46 @@ def run(group: WindowGroup, inputs: Mapping[str, Any], binding, config=None, cac
         if out.numel():
             out.zero_()
         return {group.out: out}
+    window = window_tensor(group, binding, tensors[group.data.tensor]) if mod.variant == "im2win" else None
     m = load_module(mod.source, cache_dir if cache_dir is not None else _tmp_cache())
     kernel = getattr(m, mod.kernel)
-    kernel[(progs,)](*kernel_args(group, mod, binding, tensors), **constexpr_values(mod, cfg),
+    kernel[(progs,)](*kernel_args(group, mod, binding, tensors, window), **constexpr_values(mod, cfg),
                      **launch_options(cfg))
     return {group.out: out}
+
+
+def window_tensor(group: WindowGroup, binding, x):
+    """The im2win window tensor of data ``x`` (torch): ``win[nb, g, oh, wp, kh, c] = xpad[nb, g * Cg + c,
+    oh * SH + kh * DH, wp]``, contiguous, of shape :func:`window_tensor_shape` (ValueError beyond
+    :data:`IM2WIN_MAX_BYTES`). ``xpad`` is ``x`` with its batch dims flattened, zero-padded (or cropped) to the
+    rows and columns the outputs read."""
+    import torch.nn.functional as F
+
+    why = _window_bytes_error(group, binding)
+    if why is not None:
+        raise ValueError(why)
+    ws = window_shape(group, binding)
+    nb, G, oh, wp, kh, cg = window_tensor_shape(group, binding)
+    xc = _nchw(group, x)                                   # [NB, C, H, W] (H = 1 for 1-D windows)
+    H, W = xc.shape[-2:]
+    hp = (oh - 1) * ws.SH + (kh - 1) * ws.DH + 1 if oh > 0 else 0
+    xp = F.pad(xc, (-ws.OFF_W, ws.OFF_W + wp - W, -ws.OFF_H, ws.OFF_H + hp - H)).contiguous()
+    sn, sc, sh, sw = xp.stride()
+    view = xp.as_strided((nb, G, oh, wp, kh, cg), (sn, cg * sc, ws.SH * sh, sw, ws.DH * sh, sc))
+    return view.contiguous()
+
+
+def _nchw(group: WindowGroup, x):
+    """``x`` as [NB, C, H, W]: batch dims first (flattened, the first slowest), then channel and spatial dims."""
+    sp = group.spatial
+    order = [k for _, k in group.batch] + [group.channels.data_dim] + [s.data_dim for s in sp]
+    if len(order) != x.dim():
+        raise ValueError(f"triton target, op {group.op.name}: the im2win variant needs data dims batch, channel "
+                         f"and spatial only, got a {x.dim()}-D tensor")
+    xc = x.permute(order)
+    nb = math.prod(xc.shape[:len(group.batch)])
+    xc = xc.reshape(nb, *xc.shape[len(group.batch):])
+    return xc if len(sp) == 2 else xc.unsqueeze(2)
 
 
 @functools.lru_cache(maxsize=1)
@@ -885,13 +1083,14 @@ def aot_signature(group: WindowGroup, mod: WindowModule, binding=None) -> dict[s
     """The ``triton.compile`` signature of the kernel: pointer types from the op's dtypes, 32-bit ints."""
     sig = {}
     for name, kind, ref in mod.params:
-        sig[name] = TL_SIGNATURE[group.op.tensor(ref).dtype] if kind == "ptr" else "i32"
+        sig[name] = TL_SIGNATURE[group.op.tensor(ref).dtype] if kind in ("ptr", "win") else "i32"
     for c in mod.constexprs:
         sig[c] = "constexpr"
     return sig
 
 
-__all__ = ["GENERATOR_VERSION", "TritonWindowConfig", "VARIANTS", "WindowModule", "WindowShape", "WindowSpace",
-           "aot_signature", "as_config", "check", "constexpr_values", "default_config", "kernel_args",
-           "launch_options", "render", "resolve_config", "run", "space", "unsupported", "window_group",
-           "window_shape"]
+__all__ = ["GENERATOR_VERSION", "IM2WIN_MAX_BYTES", "TritonWindowConfig", "VARIANTS", "WindowModule", "WindowShape",
+           "WindowSpace", "aot_signature", "as_config", "check", "constexpr_values", "default_config", "dot_config",
+           "kernel_args", "launch_options", "render", "resolve_config", "run", "space", "unsupported",
+           "window_group", "window_shape", "window_tensor", "window_tensor_bytes", "window_tensor_shape",
+           "window_width"]

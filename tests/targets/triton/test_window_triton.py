@@ -293,10 +293,10 @@ def test_default_configs_valid_for_many_shapes():
 def test_space_enumerates_feasible_configs_and_check_rejects():
     g, b = _examples()[3]
     sp = TW.space(g, b)
-    assert set(sp.knobs) == {"direct", "gemm"} and sp.infeasible(sp.default) is None
+    assert set(sp.knobs) == {"direct", "gemm", "im2win"} and sp.infeasible(sp.default) is None
     some = list(sp.enumerate())
     assert some and all(TW.check(g, c, b) is None for c in some)
-    assert {c.variant for c in some} == {"direct", "gemm"}
+    assert {c.variant for c in some} == {"direct", "gemm", "im2win"}
     bad = {
         "variant": ({"variant": "winograd"}, "variant"),
         "unknown knob": ({"block_q": 16}, "unknown knobs"),
