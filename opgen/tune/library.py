@@ -17,7 +17,10 @@ from .problem import ProblemSpec
 #: dims each op's ``--shape`` must give
 SHAPE_DIMS = {"linear_scan": ("C", "L"), "selective_scan": ("B", "D", "N", "L"), "chunk_gla": ("B", "T", "H", "K", "V"),
               "attention": ("B", "H", "L", "D"), "long_conv": ("B", "H", "L", "Lk"), "causal_conv1d": ("B", "D", "L", "W"),
-              "depthwise_conv2d": ("N", "C", "H", "W", "K")}
+              "depthwise_conv2d": ("N", "C", "H", "W", "K"), "conv2d": ("N", "C", "F", "H", "W", "K")}
+
+#: dims a ``--shape`` may add (with their defaults): the stride and groups of a dense conv2d
+OPTIONAL_DIMS = {"conv2d": {"S": 1, "G": 1}}
 
 #: the mods of the tuned attention problem (the library example: ALiBi scores, causal 256-key sliding window)
 ATTENTION_WINDOW = 256
@@ -47,7 +50,7 @@ def _inputs(op_name: str, dims: Mapping[str, int], dtype, gen) -> tuple[Any, dic
         return op, {"q": r(b, t, h, k), "k": r(b, t, h, k), "v": r(b, t, h, v), "g": g}
     if op_name == "attention":
         return _attention_inputs(dims, dt, r)
-    if op_name in ("long_conv", "causal_conv1d", "depthwise_conv2d"):
+    if op_name in _CONVS:
         return _conv_inputs(op_name, dims, dt, r)
     raise ValueError(f"no tuning problem for op {op_name!r}; tunable: {sorted(SHAPE_DIMS)}")
 
@@ -66,10 +69,15 @@ def _attention_inputs(dims: Mapping[str, int], dt, r) -> tuple[Any, dict]:
     return op, {"q": r(b, h, n, d), "k": r(b, h, n, d), "v": r(b, h, n, d), "capture0": slopes}
 
 
+_CONVS = ("long_conv", "causal_conv1d", "depthwise_conv2d", "conv2d")
+
+
 def _conv_inputs(op_name: str, dims: Mapping[str, int], dt, r) -> tuple[Any, dict]:
-    """The library convolutions: long_conv (Hyena), causal_conv1d (Mamba, with bias and silu), and a depthwise
-    K x K conv2d with bias and "same" padding (ConvNeXt / RepLKNet)."""
-    from opgen.ops.conv import declare_causal_conv1d, declare_depthwise_conv2d, declare_long_conv
+    """The library convolutions: long_conv (Hyena), causal_conv1d (Mamba, with bias and silu), a depthwise
+    K x K conv2d with bias and "same" padding (ConvNeXt / RepLKNet), and a dense (or grouped: G) C -> F K x K
+    conv2d with padding K // 2, stride S and no bias (ResNet; the op ``opgen.ops.conv2d(x, w, stride=S,
+    padding=K // 2, groups=G)`` runs)."""
+    from opgen.ops.conv import declare_causal_conv1d, declare_conv2d, declare_depthwise_conv2d, declare_long_conv
 
     if op_name == "long_conv":
         b, h, n, k = dims["B"], dims["H"], dims["L"], dims["Lk"]
@@ -79,6 +87,12 @@ def _conv_inputs(op_name: str, dims: Mapping[str, int], dt, r) -> tuple[Any, dic
         return declare_causal_conv1d(dt, dt, dt, "silu"), {"x": r(b, d, n), "weight": r(d, w), "bias": r(d)}
     n, c, hh, ww, k = dims["N"], dims["C"], dims["H"], dims["W"], dims["K"]
     p = k // 2
+    if op_name == "conv2d":
+        f, s, g = dims["F"], dims.get("S", 1), dims.get("G", 1)
+        if c % g or f % g:
+            raise ValueError(f"opgen tune conv2d: groups G={g} must divide C={c} and F={f}")
+        op = declare_conv2d(dt, dt, None, (s, s), (p, p, p, p), (1, 1), g)
+        return op, {"x": r(n, c, hh, ww), "weight": r(f, c // g, k, k) / (k * (c // g) ** 0.5)}
     op = declare_depthwise_conv2d(dt, dt, dt, (1, 1), (p, p, p, p), (1, 1))     # what conv_ops runs for groups=C
     return op, {"x": r(n, c, hh, ww), "weight": r(c, k, k) / k, "bias": r(c)}
 
@@ -107,11 +121,15 @@ class LibraryProblem:
                                  "cache_dir": cache_dir})
         self.op_name, self.dims, self.backend = op, dict(dims), backend
         if op not in SHAPE_DIMS:
-            raise ValueError(f"no tuning problem {op!r}; tunable: {', '.join(SHAPE_DIMS)} (conv2d tunes "
-                             "as depthwise_conv2d)")
+            raise ValueError(f"no tuning problem {op!r}; tunable: {', '.join(SHAPE_DIMS)}")
         missing = [d for d in SHAPE_DIMS[op] if d not in dims]
         if missing:
             raise ValueError(f"opgen tune {op}: --shape needs {', '.join(SHAPE_DIMS[op])} (missing {missing})")
+        unknown = sorted(set(dims) - set(SHAPE_DIMS[op]) - set(OPTIONAL_DIMS.get(op, {})))
+        if unknown:
+            optional = ", ".join(f"{k} (default {v})" for k, v in OPTIONAL_DIMS.get(op, {}).items())
+            raise ValueError(f"opgen tune {op}: unknown --shape dims {unknown}; it takes {', '.join(SHAPE_DIMS[op])}"
+                             + (f" and optionally {optional}" if optional else ""))
         gen = torch.Generator().manual_seed(seed)
         device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
         self.op, inputs = _inputs(op, dims, getattr(torch, dtype), gen)
@@ -197,8 +215,8 @@ def baseline_ms(problem: LibraryProblem, repeats: int = 5) -> tuple[float, str]:
         bias = bias.masked_fill(~keep, float("-inf"))
         name, fn = "SDPA with a dense bias + boolean mask", lambda: F.scaled_dot_product_attention(
             x["q"], x["k"], x["v"], attn_mask=bias)
-    elif problem.op_name in ("long_conv", "causal_conv1d", "depthwise_conv2d"):
-        name, fn = _conv_baseline(problem.op_name, x)
+    elif problem.op_name in _CONVS:
+        name, fn = _conv_baseline(problem.op_name, x, problem.dims)
     else:
         def fn():
             q, k, v, g = x["q"], x["k"], x["v"], x["g"]
@@ -218,7 +236,7 @@ def baseline_ms(problem: LibraryProblem, repeats: int = 5) -> tuple[float, str]:
     return statistics.median(times), name
 
 
-def _conv_baseline(op_name: str, x: Mapping[str, Any]) -> tuple[str, Callable[[], Any]]:
+def _conv_baseline(op_name: str, x: Mapping[str, Any], dims: Mapping[str, int]) -> tuple[str, Callable[[], Any]]:
     """What a user would otherwise run: a torch.fft convolution, F.conv1d with padding and slicing, F.conv2d."""
     import torch
     import torch.nn.functional as F
@@ -232,6 +250,10 @@ def _conv_baseline(op_name: str, x: Mapping[str, Any]) -> tuple[str, Callable[[]
         w = x["weight"]
         return "F.conv1d + pad/slice, silu", lambda: F.silu(F.conv1d(
             x["x"], w[:, None], x["bias"], padding=w.shape[1] - 1, groups=w.shape[0])[..., :x["x"].shape[-1]])
+    if op_name == "conv2d":
+        w = x["weight"]
+        return "F.conv2d (oneDNN)", lambda: F.conv2d(x["x"], w, None, stride=dims.get("S", 1), padding=w.shape[-1] // 2,
+                                                     groups=dims.get("G", 1))
     w = x["weight"][:, None]
     return "F.conv2d", lambda: F.conv2d(x["x"], w, x["bias"], padding=w.shape[-1] // 2, groups=w.shape[0])
 

@@ -43,7 +43,37 @@ def test_bad_shape_is_reported(capsys):
     assert main(["tune", "selective_scan", "--shape", "B=2,D=8"]) == 2
     assert "needs B, D, N, L" in capsys.readouterr().err
     assert main(["tune", "conv2d", "--shape", "N=1"]) == 2
-    assert "no tuning problem 'conv2d'; tunable: linear_scan" in capsys.readouterr().err
+    assert "needs N, C, F, H, W, K" in capsys.readouterr().err
+    assert main(["tune", "conv2d", "--shape", "N=1,C=4,F=4,H=5,W=5,K=3,P=1"]) == 2
+    assert "unknown --shape dims ['P']" in capsys.readouterr().err
+    assert main(["tune", "conv3d", "--shape", "N=1"]) == 2
+    assert "no tuning problem 'conv3d'; tunable: linear_scan" in capsys.readouterr().err
+
+
+def test_tune_a_dense_conv2d_then_the_op_uses_it(tmp_path, monkeypatch, capsys):
+    """A strided dense conv2d (opgen.ops.conv2d(x, w, stride=S, padding=K // 2)) tunes over the TVM window
+    kernels; the op call then runs the stored best config and matches F.conv2d."""
+    import torch.nn.functional as F
+
+    from opgen.config import Config
+    from opgen.runtime import make_session
+    from opgen.tune.library import LibraryProblem
+
+    monkeypatch.setenv("OPGEN_CACHE_DIR", str(tmp_path))
+    shape = {"N": 1, "C": 8, "F": 12, "H": 9, "W": 11, "K": 3, "S": 2}
+    rc = main(["tune", "conv2d", "--shape", ",".join(f"{k}={v}" for k, v in shape.items()), "--measured", "2",
+               "--no-progress", "--timeout", "120"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "F.conv2d (oneDNN)" in out and "vs torch" in out
+    problem = LibraryProblem("conv2d", shape, "tvm", cache_dir=str(tmp_path))
+    session = make_session(Config(cache_dir=tmp_path))
+    cfg = session.tuned_config(problem.op, problem.binding, session.targets.get("tvm"))
+    assert cfg is not None and problem.space().infeasible(cfg.to_json()) is None
+    x, w = problem.inputs["x"], problem.inputs["weight"]
+    y = session.run(problem.op, {"x": x, "weight": w})["out"]
+    ref = F.conv2d(x.double(), w.double(), stride=2, padding=1)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def test_attention_problem_space_checks_and_call_time_lookup(tmp_path):
