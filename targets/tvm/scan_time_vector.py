@@ -43,7 +43,29 @@ def _step_position(index: tuple, step) -> tuple[int, bool]:
         return (-1, not pos)
     k = pos[0]
     rest = sympy.expand(sympy.sympify(index[k]) - step)
-    return k, not any(isinstance(s, Axis) for s in rest.free_symbols)
+    return k, rest.is_Integer
+
+
+def _padded_dim(acc: Access, j: int) -> bool:
+    if acc.pad is None:
+        return False
+    lo, hi = acc.pad[j]
+    return sympy.sympify(lo) != 0 or sympy.sympify(hi) != 0
+
+
+def padded_steps(group: ScanGroup) -> tuple[set, int, int]:
+    """(the padded step-dependent loads, how many steps at the start and at the end of the sequence may read
+    outside their tensor): the blocks stay inside (unmasked vector loads), the scalar steps at the edges mask."""
+    masked, lo, hi = set(), 0, 0
+    for e in (group.scan.combine.a, group.scan.combine.b):
+        for acc in loads(e):
+            k, _ = _step_position(tuple(acc.index), group.step)
+            if k < 0 or not _padded_dim(acc, k):
+                continue
+            masked.add(acc)
+            off = int(sympy.expand(sympy.sympify(acc.index[k]) - group.step))
+            lo, hi = max(lo, -off), max(hi, off)
+    return masked, lo, hi
 
 
 def time_vector_supported(group: ScanGroup, unit: Callable[[object], bool]) -> tuple[bool, str]:
@@ -59,8 +81,9 @@ def time_vector_supported(group: ScanGroup, unit: Callable[[object], bool]) -> t
         accesses += list(loads(e))
     outs = [(group.scan.out, group.scan.axes)] if group.store_state else []
     for acc in accesses:
-        if acc.pad is not None and any(sympy.sympify(lo) != 0 or sympy.sympify(hi) != 0 for lo, hi in acc.pad):
-            return False, f"the load of {acc.tensor} is padded"
+        k, _ = _step_position(tuple(acc.index), step)
+        if any(_padded_dim(acc, j) for j in range(len(acc.index)) if j != k):
+            return False, f"the load of {acc.tensor} is padded along a dim other than the step's"
     items = [(a.tensor, tuple(a.index)) for a in accesses] + [(n, tuple(ax)) for n, ax in outs]
     for name, index in items:
         k, ok = _step_position(index, step)
@@ -113,12 +136,16 @@ def time_vector_body(group: ScanGroup, width: int, *, sym: Mapping, buffers: Map
         allocs.append(scratch_buffer(name, f"({', '.join(shape)},)", dtype))
         return name
 
+    masked, lo, hi = padded_steps(group)
+
     def render(exprs, s, vector: bool = False) -> tuple[list[str], list[str], list[str]]:
         """(scalar statements, statements of the vector loop over the block's steps, value texts) of
         ``exprs`` in one scope (shared subexpressions emitted once). Vector temporaries are [W] local buffers:
-        TVM does not vectorize a loop that assigns scalar locals."""
+        TVM does not vectorize a loop that assigns scalar locals. Blocks read padded tensors unmasked (they
+        stay inside them); the scalar steps mask."""
         ir = IndexRenderer(s, index_dtype)
         em = ExprEmitter(buffers=buffers, shapes=shapes, dtypes=dtypes, index=ir, fast_math=fast_math,
+                         masked=() if vector else masked,
                          vector_axis=step if vector else None, vector_len=W if vector else 1, alloc=alloc)
         leaf = Scope("value", None, tuple(x for x in s if isinstance(x, Axis)), leaf=True)
         texts = [em.emit(e, leaf).text for e in exprs]
@@ -130,7 +157,8 @@ def time_vector_body(group: ScanGroup, width: int, *, sym: Mapping, buffers: Map
         body.append((0, f"st[0] = {conv(it, group.scan.init.dtype)}"))
     else:
         body.append((0, f"st[0] = {zero}"))
-    body.append((0, f"nfull: T.let = T.floordiv({ext_step}, {W})"))
+    # blocks cover steps [lo, lo + nfull * W): every load they make is inside its tensor
+    body.append((0, f"nfull: T.let = T.max(T.floordiv({ext_step} - {lo + hi}, {W}), 0)"))
 
     def values(step_text: str, vector: bool = False):
         s = dict(sym)
@@ -156,7 +184,7 @@ def time_vector_body(group: ScanGroup, width: int, *, sym: Mapping, buffers: Map
     def blocks() -> None:
         body.append((0, f"sv[T.Ramp(0, 1, {W})] = T.Broadcast(st[0], {W})"))
         body.append((0, "for s0 in range(nfull):"))
-        body.append((1, f"tb: T.let = {'(nfull - 1 - s0)' if rev else 's0'} * {W}"))
+        body.append((1, f"tb: T.let = {'(nfull - 1 - s0)' if rev else 's0'} * {W} + {lo}"))
         lets, vlines, at, bt, store = values("(tb + v)", vector=True)
         body.extend((1, ln) for ln in lets)
         body.append((1, f"for v in T.vectorized({W}):"))
@@ -181,11 +209,16 @@ def time_vector_body(group: ScanGroup, width: int, *, sym: Mapping, buffers: Map
             body.append((2, store("th[v]")))
         body.append((0, "st[0] = sv[0]"))
 
-    rest = f"{ext_step} - nfull * {W}"
+    end = f"({lo} + nfull * {W})"                          # the first step after the blocks
+    head = f"T.min({lo}, {ext_step})"                       # steps before the blocks
     if rev:
-        scalar_steps(rest, lambda s: f"({ext_step} - 1 - {s})")
+        scalar_steps(f"{ext_step} - {end}", lambda s: f"({ext_step} - 1 - {s})")
         blocks()
+        if lo:
+            scalar_steps(head, lambda s: f"({head} - 1 - {s})")
     else:
+        if lo:
+            scalar_steps(head, lambda s: s)
         blocks()
-        scalar_steps(rest, lambda s: f"(nfull * {W} + {s})")
+        scalar_steps(f"{ext_step} - T.max({end}, {head})", lambda s: f"(T.max({end}, {head}) + {s})")
     return allocs, body

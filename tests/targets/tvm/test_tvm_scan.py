@@ -197,6 +197,42 @@ def test_linear_scan_time_vector(tvm_target, rnd, dtype, reverse):
                                             ScanConfig(time_vector=4)).text
 
 
+def _shifted_scan(reverse: bool, shift: int):
+    """``h[t] = where(0 <= t + shift < L, a[t + shift], 0) * h[t -/+ 1] + b[t] * c[t - 1]`` (padded loads at
+    both ends of the sequence, as in the adjoint of a linear scan)."""
+    from opgen.ir import where
+
+    P, L = dims("P L")
+    with OpBuilder("shifted_scan") as bld:
+        a = bld.input("a", (P, L, 1), DType.f32)
+        b = bld.input("b", (P, L, 1), DType.f32)
+        c = bld.input("c", (P, L, 1), DType.f32)
+        p, t, q = make_axes("p t q")
+        inside = (t + shift >= 0) & (t + shift < L) if shift else True
+        coef = a.pad(0, abs(shift), 0)[p, t + shift, q]
+        h = bld.scan(t, a=where(inside, coef, 0.0) if shift else coef,
+                     b=b[p, t, q] * c.pad(0, 1, 0)[p, t - 1, q], reverse=reverse, axes=(p, t, q))
+        return bld.build({"h": h})
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shift", [1, -2])
+def test_time_vector_with_shifted_padded_loads(tvm_target, rnd, reverse, shift):
+    """Loads at t + 1 / t - 2 and t - 1 that fall outside the sequence read 0: the blocks stay inside (plain
+    vector loads), the scalar steps at both edges mask. Lengths around the block size and shorter than the
+    shifts."""
+    op = _shifted_scan(reverse, shift)
+    for W, (P, L) in [(8, (3, 29)), (4, (2, 4)), (16, (1, 2)), (4, (2, 1))]:
+        inputs = {n: rnd.randn(P, L, 1) for n in "bc"}
+        inputs["a"] = rnd.uniform(P, L, 1, lo=0.5, hi=1.0)
+        b = bind(op, {k: tuple(v.shape) for k, v in inputs.items()})
+        cfg = ScanConfig(time_vector=W)
+        assert check_config(cfg, fuse_scan(op), b) == (True, "")
+        got, ref, _ = run_all(tvm_target, op, inputs, cfg)
+        assert_close(got["h"], ref["h"], F32, f"shifted scan W={W} {(P, L)} reverse={reverse} shift={shift}",
+                     rnd.seed)
+
+
 # ----------------------------------------------------------------------------------------- selective_scan
 
 SS_CASES = [
