@@ -142,6 +142,24 @@ def test_conv2d_grouped_stride1_data_gradient():
     _check_against(ops.conv2d, _ref_conv2d, (x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 2), F32_TOL)
 
 
+def test_conv2d_strided_weight_gradient_on_the_gemm_kernel():
+    """8 output channels, 3 input channels, stride 2 on 23x21: the weight gradient is a window reduction with 132
+    taps (the output pixels) and a 3x3 output, which the default config runs on the implicit-GEMM kernel
+    (3 channels x 3 rows); input and weight gradients match F.conv2d autograd."""
+    pytest.importorskip("tvm")
+    from opgen.ir import bind
+    from opgen.ops.conv import declare_conv2d
+    from opgen.targets.tvm.window import default_window_config, window_group
+    from opgen.torch_ops import _backward
+
+    x, w = _t(2, 3, 23, 21, dtype=torch.float32), _t(8, 3, 3, 3, dtype=torch.float32)
+    _check_against(ops.conv2d, _ref_conv2d, (x, w, None, [2, 2], [1, 1, 1, 1], [1, 1], 1), F32_TOL)
+    back = _backward(declare_conv2d(stride=(2, 2), padding=(1, 1, 1, 1)), ("weight",))
+    b = bind(back, {"x": (2, 3, 23, 21), "weight": (8, 3, 3, 3), "grad_out": (2, 8, 12, 11)})
+    cfg = default_window_config(window_group(back), b)
+    assert (cfg.variant, cfg.co_tile, cfg.rows_tile) == ("gemm", 3, 3)
+
+
 def test_gradients_only_for_inputs_that_need_them():
     """One leaf needs a gradient: the backward op computes that gradient only, the others come back None."""
     x, w, b = _t(2, 3, 9), _t(3, 3, grad=False), _t(3, grad=False)
