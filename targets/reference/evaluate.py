@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import sympy
 import torch
@@ -260,15 +260,39 @@ def _inverse(perm: list[int]) -> list[int]:
     return inv
 
 
+def _pos_axes(index) -> list:
+    """The frame axes an index tuple uses (``floor(axis / k)`` counts as its axis)."""
+    return [(_floor_div(i) or (i,))[0] for i in index]
+
+
+def _floor_div(ie) -> tuple[Any, int] | None:
+    """(axis, k) when the index is ``floor(axis / k)`` with an integer k > 1."""
+    if isinstance(ie, sympy.floor):
+        num, den = sympy.fraction(sympy.together(ie.args[0]))
+        if den.is_Integer and int(den) > 1 and num.is_Symbol:
+            return num, int(den)
+    return None
+
+
 def _direct_view(src: torch.Tensor, acc: Access, fr: _Frame) -> torch.Tensor | None:
-    """``src`` as a broadcast view when every index is a distinct frame axis spanning its whole dim."""
+    """``src`` as a broadcast view when every index is a distinct frame axis spanning its whole dim; an index
+    ``floor(axis / k)`` (a zero-inserted or nearest-upsampled read) repeats each element k times along its dim
+    (one vectorized copy instead of a gather)."""
     pos = []
     for k, ie in enumerate(acc.index):
-        if ie not in fr.axes or ie in acc.index[:k]:
+        fd = _floor_div(ie)
+        ax = fd[0] if fd is not None else ie
+        if ax not in fr.axes or ax in _pos_axes(acc.index[:k]):
             return None
-        p = fr.axes.index(ie)
-        if fr.shape[p] != src.shape[k] or fr.env[ie].flatten()[0] != 0:
+        p = fr.axes.index(ax)
+        if fr.env[ax].flatten()[0] != 0:
             return None
+        if fd is None and fr.shape[p] != src.shape[k]:
+            return None
+        if fd is not None:
+            if not (src.shape[k] - 1) * fd[1] < fr.shape[p] <= src.shape[k] * fd[1]:
+                return None
+            src = src.repeat_interleave(fd[1], dim=k).narrow(k, 0, fr.shape[p])
         pos.append(p)
     order = sorted(range(len(pos)), key=lambda k: pos[k])
     v = src.permute(order) if order != list(range(len(pos))) else src
