@@ -38,6 +38,15 @@ def test_when_a_call_may_skip_the_dispatcher():
     assert seen == [False]
 
 
+def test_a_jit_trace_records_the_op():
+    """Under torch.jit.trace the custom op runs, so the trace holds it (a direct call would bake the output in)."""
+    a, b = torch.rand(3, 9) * 0.5 + 0.5, torch.randn(3, 9)
+    traced = torch.jit.trace(lambda a_, b_: opgen.ops.linear_scan(a_, b_), (a, b), check_trace=False)
+    assert "opgen::linear_scan" in str(traced.graph)
+    a2, b2 = torch.rand(3, 9) * 0.5 + 0.5, torch.randn(3, 9)
+    torch.testing.assert_close(traced(a2, b2), opgen.ops.linear_scan(a2, b2))
+
+
 def test_plain_and_dispatched_calls_agree_and_modes_see_the_op():
     a = torch.rand(5, 37) * 0.5 + 0.5
     b = torch.randn(5, 37)
