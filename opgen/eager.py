@@ -22,6 +22,8 @@ def direct_ok(*tensors: Any) -> bool:
         return False
     if torch._C._get_tracing_state() is not None:          # torch.jit.trace records the op
         return False
+    if torch.autograd.forward_ad._current_level >= 0:       # dual tensors: the op must see their tangents
+        return False
     if _get_current_dispatch_mode() is not None or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     grad = torch.is_grad_enabled()

@@ -36,6 +36,10 @@ def test_when_a_call_may_skip_the_dispatcher():
     seen = []
     torch.func.vmap(lambda t: seen.append(direct_ok(t)) or t)(x)
     assert seen == [False]
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        assert not direct_ok(fwAD.make_dual(x, torch.ones_like(x)))
 
 
 def test_a_jit_trace_records_the_op():
