@@ -90,11 +90,11 @@ class _Evaluator:
     def _load(self, acc: Access, fr: _Frame, node_out: str) -> torch.Tensor:
         src = self.tensors[acc.tensor]
         rank = len(fr.shape)
-        view = _direct_view(src, acc, fr)
+        masked = (node_out, acc) in self.masked
+        view = _direct_view(src, acc, fr, masked)
         if view is not None:
             return view
         idx, valid = [], None
-        masked = (node_out, acc) in self.masked
         for k, ie in enumerate(acc.index):
             i = eval_index(ie, fr.env)
             i = torch.as_tensor(i, device=self.device, dtype=torch.int64)
@@ -261,8 +261,8 @@ def _inverse(perm: list[int]) -> list[int]:
 
 
 def _pos_axes(index) -> list:
-    """The frame axes an index tuple uses (``floor(axis / k)`` counts as its axis)."""
-    return [(_floor_div(i) or (i,))[0] for i in index]
+    """The frame axes an index tuple uses (``floor(axis / k)`` and ``axis + c`` count as their axis)."""
+    return [(_floor_div(i) or _shifted(i) or (i,))[0] for i in index]
 
 
 def _floor_div(ie) -> tuple[Any, int] | None:
@@ -274,20 +274,44 @@ def _floor_div(ie) -> tuple[Any, int] | None:
     return None
 
 
-def _direct_view(src: torch.Tensor, acc: Access, fr: _Frame) -> torch.Tensor | None:
-    """``src`` as a broadcast view when every index is a distinct frame axis spanning its whole dim; an index
-    ``floor(axis / k)`` (a zero-inserted or nearest-upsampled read) repeats each element k times along its dim
-    (one vectorized copy instead of a gather)."""
+def _shifted(ie) -> tuple[Any, int] | None:
+    """(axis, c) when the index is ``axis + c`` with a nonzero integer c."""
+    if isinstance(ie, sympy.Add):
+        c, rest = ie.as_coeff_Add()
+        if c.is_Integer and c != 0 and rest.is_Symbol:
+            return rest, int(c)
+    return None
+
+
+def _shift_dim(src: torch.Tensor, k: int, c: int, extent: int) -> torch.Tensor:
+    """``out[.., t, ..] = src[.., t + c, ..]`` along dim k for t < extent, 0 where t + c falls outside."""
+    shape = list(src.shape)
+    shape[k] = extent
+    out = src.new_zeros(shape)
+    lo, hi = max(0, -c), min(extent, src.shape[k] - c)
+    if hi > lo:
+        out.narrow(k, lo, hi - lo).copy_(src.narrow(k, lo + c, hi - lo))
+    return out
+
+
+def _direct_view(src: torch.Tensor, acc: Access, fr: _Frame, masked: bool = False) -> torch.Tensor | None:
+    """``src`` as a broadcast view when every index is a distinct frame axis spanning its whole dim. An index
+    ``floor(axis / k)`` (a zero-inserted or nearest-upsampled read) repeats each element k times along its dim,
+    and in a masked (zero-padded) load an index ``axis + c`` shifts the dim with zeros shifted in (one
+    vectorized copy each instead of a gather)."""
     pos = []
     for k, ie in enumerate(acc.index):
         fd = _floor_div(ie)
-        ax = fd[0] if fd is not None else ie
+        sh = _shifted(ie) if masked and fd is None else None
+        ax = fd[0] if fd is not None else sh[0] if sh is not None else ie
         if ax not in fr.axes or ax in _pos_axes(acc.index[:k]):
             return None
         p = fr.axes.index(ax)
         if fr.env[ax].flatten()[0] != 0:
             return None
-        if fd is None and fr.shape[p] != src.shape[k]:
+        if sh is not None:
+            src = _shift_dim(src, k, sh[1], fr.shape[p])
+        elif fd is None and fr.shape[p] != src.shape[k]:
             return None
         if fd is not None:
             if not (src.shape[k] - 1) * fd[1] < fr.shape[p] <= src.shape[k] * fd[1]:

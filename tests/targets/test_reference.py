@@ -704,3 +704,21 @@ def test_bf16_reduction_accumulates_in_fp32(rnd):
     x = rnd.uniform(3, 301, lo=0.0, hi=1.0, dtype=BF16)
     got = run(op, {"x": x})["s"]
     _assert_one_bf16_rounding(got, (x.float() + 1.0).sum(1), "bf16 sum", rnd)
+
+
+def test_shifted_zero_padded_loads(rnd):
+    """Loads at t + 2 and t - 1 of zero-padded tensors take the interpreter's shifted copy instead of a gather;
+    the values match torch slicing, with zeros where a read falls outside. (Zero-inserted reads, floor(u / 2),
+    are checked through the strided convolution gradients in tests/test_conv_ops.py.)"""
+    P, L = dims("P L")
+    with OpBuilder("shifts") as bld:
+        x = bld.input("x", (P, L), DType.f32)
+        p, t = make_axes("p"), opgen.axis("t", L)
+        y = bld.map(x.pad(0, 2)[p, t + 2] + 10.0 * x.pad(0, 1)[p, t - 1], (p, t), name="y")
+        op = bld.build({"y": y})
+    for n in (7, 1, 2):
+        xv = rnd.randn(3, n, dtype=F32)
+        got = evaluate(op, {"x": xv}, bind(op, {"x": (3, n)}))["y"]
+        pad = F.pad(xv, (1, 2))
+        want = pad[:, 3:3 + n] + 10.0 * pad[:, 0:n]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
