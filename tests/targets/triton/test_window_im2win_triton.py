@@ -16,11 +16,7 @@ Usage as a script: ``TRITON_INTERPRET=1 python test_window_im2win_triton.py CACH
 """
 from __future__ import annotations
 
-import os
-import random
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +30,7 @@ from opgen.targets.triton import window as TW
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from test_window_triton import _nan_view, declare_gated_conv, patch_interpreter_bf16_dot  # noqa: E402
+from test_window_triton import _nan_view, declare_gated_conv, interpreter_lines, run_cases  # noqa: E402
 
 H100_SMEM = 232448
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
@@ -145,49 +141,14 @@ def run_case(name, c, cache_dir, seed):
 
 
 def main(argv):
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    cache_dir, only = argv[1], set(argv[2:])
-    patched = patch_interpreter_bf16_dot()
-    seed = random.randrange(2**31)
-    print(f"seed {seed}, bf16 dot patch {'applied' if patched else 'NOT applied'}", flush=True)
-    failures = 0
-    for name, c in cases().items():
-        if only and name not in only:
-            continue
-        if c["dtype"] == BF16 and not patched:
-            print(f"SKIP {name}: bf16 dots are wrong in this interpreter", flush=True)
-            continue
-        t0 = time.perf_counter()
-        try:
-            for label, summary in run_case(name, c, cache_dir, seed):
-                print(f"OK {name} {label}: {summary} ({time.perf_counter() - t0:.2f}s)", flush=True)
-                t0 = time.perf_counter()
-        except Exception as e:  # noqa: BLE001 (report every case)
-            import traceback
-
-            failures += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e} (seed {seed})", flush=True)
-            traceback.print_exc(file=sys.stdout)
-    print(f"{failures} failures (seed {seed})")
-    return failures
+    return run_cases(argv, cases(), run_case, lambda c: True)
 
 
 # ------------------------------------------------------------------------------------ in-process tests
 
 
 def test_interpreter_matches_torch(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    r = subprocess.run([sys.executable, str(HERE), str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=600)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-8000:]
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("OK ", "FAIL ", "SKIP "))]
-    assert lines and all(ln.startswith(("OK ", "SKIP ")) for ln in lines), out[-8000:]
-    for name, c in cases().items():
-        n = sum(ln.startswith(f"OK {name} ") for ln in lines)
-        skipped = any(ln.startswith(f"SKIP {name}:") for ln in lines)
-        assert skipped or n == len(c["configs"]), (name, n, out[-4000:])
+    interpreter_lines(HERE, tmp_path, cases())
 
 
 def _g(op, **shapes):

@@ -203,17 +203,20 @@ def patch_interpreter_bf16_dot() -> bool:
     return True
 
 
-def main(argv):
+def run_cases(argv, cases: dict, run_case, needs_bf16_dot) -> int:
+    """The script side of an interpreter test file: every case of ``cases`` (or those named in ``argv[2:]``)
+    through ``run_case(name, case, cache_dir, seed)``, printing OK / FAIL / SKIP lines; returns the failures.
+    ``needs_bf16_dot(case)``: the case is skipped when the interpreter's bf16 dot cannot be patched."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     cache_dir, only = argv[1], set(argv[2:])
     patched = patch_interpreter_bf16_dot()
     seed = random.randrange(2**31)
     print(f"seed {seed}, bf16 dot patch {'applied' if patched else 'NOT applied'}", flush=True)
     failures = 0
-    for name, c in cases().items():
+    for name, c in cases.items():
         if only and name not in only:
             continue
-        if c["dtype"] == BF16 and not patched and any(x and x.get("variant") == "gemm" for x in c["configs"]):
+        if c["dtype"] == BF16 and not patched and needs_bf16_dot(c):
             print(f"SKIP {name}: bf16 dots are wrong in this interpreter", flush=True)
             continue
         t0 = time.perf_counter()
@@ -227,26 +230,38 @@ def main(argv):
             failures += 1
             print(f"FAIL {name}: {type(e).__name__}: {e} (seed {seed})", flush=True)
             traceback.print_exc(file=sys.stdout)
-    print(f"{failures} failures")
+    print(f"{failures} failures (seed {seed})")
     return failures
+
+
+def interpreter_lines(script: Path, tmp_path, cases: dict) -> list[str]:
+    """Run ``script`` under TRITON_INTERPRET=1 and check that every case passed each of its configs (or was
+    skipped); returns the OK / SKIP lines."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-8000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("OK ", "FAIL ", "SKIP "))]
+    assert lines and all(ln.startswith(("OK ", "SKIP ")) for ln in lines), out[-8000:]
+    for name, c in cases.items():
+        n = sum(ln.startswith(f"OK {name} ") for ln in lines)
+        skipped = any(ln.startswith(f"SKIP {name}:") for ln in lines)
+        assert skipped or n == len(c["configs"]), (name, n, out[-4000:])
+    return lines
+
+
+def main(argv):
+    return run_cases(argv, cases(), run_case,
+                     lambda c: any(x and x.get("variant") == "gemm" for x in c["configs"]))
 
 
 # ------------------------------------------------------------------------------------ in-process tests
 
 
 def test_interpreter_matches_torch(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    r = subprocess.run([sys.executable, str(HERE), str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=600)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-8000:]
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("OK ", "FAIL ", "SKIP "))]
-    assert lines and all(ln.startswith(("OK ", "SKIP ")) for ln in lines), out[-8000:]
-    for name, c in cases().items():
-        n = sum(ln.startswith(f"OK {name} ") for ln in lines)
-        skipped = any(ln.startswith(f"SKIP {name}:") for ln in lines)
-        assert skipped or n == len(c["configs"]), (name, n, out[-4000:])
+    lines = interpreter_lines(HERE, tmp_path, cases())
     assert sum(" gemm " in ln for ln in lines) >= 6 and sum(" direct " in ln for ln in lines) >= 9
 
 
