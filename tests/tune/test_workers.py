@@ -112,15 +112,15 @@ def _wait_dead(pid: int, timeout: float = 10.0) -> None:
 
 @pytest.mark.slow
 def test_three_workers_tune_a_real_op_on_postgresql_and_survive_a_killed_worker(pg_url, tmp_path):
-    """``opgen tune --workers 3 --trials 60`` on a real PostgreSQL server, TVM CPU kernels. While the study runs,
+    """``opgen tune --workers 3 --trials 30`` on a real PostgreSQL server, TVM CPU kernels. While the study runs,
     one worker is killed with SIGKILL in the middle of a trial: the coordinator restarts it, the killed trial is
-    failed (heartbeat stale after ``--grace`` 3 s) and run again once, and the study still completes its cap of 60
+    failed (heartbeat stale after ``--grace`` 3 s) and run again once, and the study still completes its cap of 30
     finished trials with none lost and none left RUNNING."""
     from optuna.storages import RDBStorage
 
     env = {**os.environ, "OPGEN_CACHE_DIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "opgen.cli", "tune", "linear_scan", "--shape", "C=8,L=100", "--backend", "tvm",
-           "--storage", pg_url, "--workers", "3", "--trials", "60", "--no-progress", "--seed", "1",
+           "--storage", pg_url, "--workers", "3", "--trials", "30", "--no-progress", "--seed", "1",
            "--heartbeat", "1", "--grace", "3", "--max-restarts", "5"]
     store = RDBStorage(pg_url)                    # one connection pool for all the polling below
     coordinator = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -135,7 +135,7 @@ def test_three_workers_tune_a_real_op_on_postgresql_and_survive_a_killed_worker(
                 continue
             name = names[0]
             trials = store.get_all_trials(store.get_study_id_from_name(name), deepcopy=False)
-            if not 10 <= sum(t.state == TrialState.COMPLETE for t in trials) < 45:
+            if not 6 <= sum(t.state == TrialState.COMPLETE for t in trials) < 22:
                 continue
             victim = next((t.user_attrs["owner"]["pid"] for t in trials if t.state == TrialState.RUNNING
                            and t.user_attrs.get("owner") and t.user_attrs["owner"]["pid"] != coordinator.pid), None)
@@ -158,7 +158,7 @@ def test_three_workers_tune_a_real_op_on_postgresql_and_survive_a_killed_worker(
     study = optuna.load_study(study_name=name, storage=store)
     trials = study.get_trials(deepcopy=False)
     states = _assert_nothing_lost(trials)
-    assert 60 <= states["COMPLETE"] <= 62 and states.get("FAIL") == len(caught), states  # cap 60 (+ a start race)
+    assert 30 <= states["COMPLETE"] <= 32 and states.get("FAIL") == len(caught), states  # cap 30 (+ a start race)
     for killed in caught:
         dead = trials[killed]
         assert dead.state == TrialState.FAIL, dead
@@ -166,7 +166,7 @@ def test_three_workers_tune_a_real_op_on_postgresql_and_survive_a_killed_worker(
         assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == dead.params
     assert f"retried {sorted(caught)}" in out
     by_worker = collections.Counter(t.user_attrs["owner"]["pid"] for t in trials)
-    assert len(by_worker) >= 3 and sorted(by_worker.values())[-2] >= 5, by_worker   # (the restart may find none)
+    assert len(by_worker) >= 3 and sorted(by_worker.values())[-2] >= 3, by_worker   # (the restart may find none)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min((t for t in done if t.user_attrs["status"] == "ok"), key=lambda t: t.value)
     assert _space_of("linear_scan", {"C": 8, "L": 100}).infeasible(best.user_attrs["config"]) is None
