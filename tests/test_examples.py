@@ -4,6 +4,9 @@ The scripts run one after another in **one** fresh interpreter (``runpy`` with `
 own argv, working directory and captured output, and ``torch._dynamo.reset()`` between them): importing torch and
 TVM costs ~8 s per process on the CI machine, which one process per script paid nine times. A script that fails
 (an exception or a non-zero ``SystemExit``) fails its own test, with its output and traceback.
+
+The scripts are split into two halves, each an ``xdist_group``: with ``pytest -n 2 --dist loadgroup`` the halves run
+in two interpreters on the two workers at once (each worker runs only the half its tests belong to).
 """
 from __future__ import annotations
 
@@ -52,21 +55,38 @@ for script in scripts:
 """
 
 
+HALVES = 2
+
+
+def _half(script: Path) -> int:
+    return EXAMPLES.index(script) % HALVES
+
+
 @pytest.fixture(scope="module")
-def example_results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("examples")
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([str(p) for p in EXAMPLES]), str(out)],
-                          capture_output=True, text=True, timeout=1500)
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results["__driver__"] = {"rc": proc.returncode, "out": proc.stdout[-3000:] + proc.stderr[-3000:]}
+def example_results(tmp_path_factory):
+    """``results(half)``: the driver's results for one half of the scripts, run on first use (once per worker)."""
+    done: dict[int, dict] = {}
+
+    def results(half: int) -> dict:
+        if half not in done:
+            scripts = [str(p) for p in EXAMPLES if _half(p) == half]
+            out = tmp_path_factory.mktemp(f"examples{half}")
+            proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(scripts), str(out)],
+                                  capture_output=True, text=True, timeout=1500)
+            path = out / "results.json"
+            res = json.loads(path.read_text()) if path.exists() else {}
+            res["__driver__"] = {"rc": proc.returncode, "out": proc.stdout[-3000:] + proc.stderr[-3000:]}
+            done[half] = res
+        return done[half]
+
     return results
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [pytest.param(p, id=p.name, marks=pytest.mark.xdist_group(f"examples{_half(p)}"))
+                                    for p in EXAMPLES])
 def test_example_runs(script, example_results):
-    res = example_results.get(script.name)
-    assert res is not None, ("the examples' interpreter ended before this script ran: "
-                             + example_results["__driver__"]["out"])
+    results = example_results(_half(script))
+    res = results.get(script.name)
+    assert res is not None, "the examples' interpreter ended before this script ran: " + results["__driver__"]["out"]
     assert res["rc"] == 0, res["out"][-4000:]
     assert "max" in res["out"]  # each example prints the errors it checked

@@ -661,10 +661,12 @@ class _Renderer:
         c.w(d, f"for owb in range(OWB):")
         d += 1
         c.w(d, f"ow0: T.let = owb * {TW}")
-        # stage the patch
+        # stage the patch: only the rows and columns the block's tiles read (a small image or the last block
+        # reads less than the static patch; staging all of it zero-filled up to 16 KiB per channel for nothing)
         c.w(d, f"iw0: T.let = {_lin('ow0', sh.col.stride, sh.col.off)}")
-        c.w(d, "jlo: T.let = T.max(0, 0 - iw0)")
-        c.w(d, f"jhi: T.let = T.min({PC}, {self.in_cols} - iw0)")
+        c.w(d, f"pcn: T.let = T.min({PC}, {self._read_extent('OW - ow0', VW, sh.col)})")
+        c.w(d, "jlo: T.let = T.min(pcn, T.max(0, 0 - iw0))")
+        c.w(d, f"jhi: T.let = T.max(jlo, T.min(pcn, {self.in_cols} - iw0))")
         ci_loop = sh.Cg > 1
         dd = d
         if ci_loop:
@@ -672,7 +674,10 @@ class _Renderer:
             dd += 1
         ci = "ci" if ci_loop else "0"
         chan = self._chan("grp", ci)
-        c.w(dd, f"for i in range({PR}):")
+        if sh.row.real:
+            c.w(dd, f"for i in range(T.min({PR}, {self._read_extent('OH - oh0', RT, sh.row)})):")
+        else:
+            c.w(dd, "for i in range(1):")
         dd += 1
         if sh.row.real:
             c.w(dd, f"ih: T.let = {_lin('oh0', sh.row.stride, sh.row.off)} + i")
@@ -693,9 +698,11 @@ class _Renderer:
         # a border row: zeros left of the image, the image, zeros right of it
         self._range_copy(c, dd + 1, "0", "jlo", V, dst, lambda j: self._zero())
         self._range_copy(c, dd + 1, "jlo", "jhi", V, dst, lambda j: xval(f"iw0 + {j}"))
-        self._range_copy(c, dd + 1, "jhi", str(PC), V, dst, lambda j: self._zero())
-        c.w(dd, "else:")
+        self._range_copy(c, dd + 1, "jhi", "pcn", V, dst, lambda j: self._zero())
+        c.w(dd, f"elif pcn == {PC}:")
         self._static_copy(c, dd + 1, PC, V, dst, lambda j: self._zero())
+        c.w(dd, "else:")
+        self._range_copy(c, dd + 1, "0", "pcn", V, dst, lambda j: self._zero())
         # register tiles
         c.w(d, f"for r0 in range({RH // RT}):")
         c.w(d + 1, f"for vb in range({TW // VW}):")
@@ -722,6 +729,12 @@ class _Renderer:
         allocs = [scratch_buffer("P", f"({sh.Cg}, {PR}, {PC})", pdt),
                   scratch_buffer("acc", f"({CT}, {RT}, {VW})", self.adt)] + self.allocs
         c.lines[body_start:body_start] = ["    " * 2 + a for a in allocs]
+
+    def _read_extent(self, left: str, tile: int, sp: StaticDim) -> str:
+        """The input positions read along ``sp`` by the register tiles that start among the ``left`` outputs
+        still to compute (whole tiles of ``tile`` outputs: the last one may run past the image)."""
+        n_out = f"T.floordiv({left} + {tile - 1}, {tile}) * {tile}"
+        return f"({n_out} - 1) * {sp.stride} + {(sp.K - 1) * sp.dil + 1}"
 
     def _static_copy(self, c: Code, depth: int, n: int, V: int, dst, val) -> None:
         """``dst(j) = val(j)`` for j in [0, n): vector chunks, then a static tail."""
