@@ -299,8 +299,29 @@ def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfi
     return _shrink(cfg, group, binding)
 
 
+def _fit_blocks(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
+    """A direct config whose blocks exceed the image: each block dim cut to the fewest tiles, a power of two, that
+    cover the output (so at most four block sizes, i.e. kernels, per dim). Measured with 56 x 64 blocks against
+    fitted ones, depthwise 7x7: C=384 14x14 0.50 -> 0.35 ms, C=768 7x7 0.42 -> 0.16 ms (the loops and the patch are
+    sized by the static block, the work by the image)."""
+    if cfg.variant != "direct":
+        return cfg
+    sh = static_window(group, binding)
+
+    def fit(block: int, tile: int, n_out: int) -> int:
+        tiles = 1
+        while tiles * tile < min(block, n_out):
+            tiles *= 2
+        return min(block, tiles * tile)
+
+    bw = fit(cfg.block_width, cfg.tile_width, int(binding.extents[sh.col.out_axis]))
+    br = fit(cfg.block_rows, cfg.rows_tile, int(binding.extents[sh.row.out_axis])) if sh.row.real else cfg.block_rows
+    return replace(cfg, block_rows=br, block_width=bw)
+
+
 def _shrink(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
-    """Halve the direct blocks until the staged patch fits."""
+    """Fit the direct blocks to the image (:func:`_fit_blocks`), then halve them until the staged patch fits."""
+    cfg = _fit_blocks(cfg, group, binding)
     while not check_window_config(cfg, group, binding)[0]:
         if cfg.variant != "direct":
             break

@@ -252,17 +252,32 @@ def _group_binding(op, **shapes):
     return g, bind(op, shapes)
 
 
-def test_one_kernel_serves_every_image_size(rnd):
+def test_one_kernel_serves_every_image_size_of_a_block_bucket(rnd):
+    """Batch and image sizes stay symbolic: images that fill the default blocks share one kernel; smaller images get
+    blocks fitted to a power of two of tiles (here rows 14 and columns 32 for both 13 x 17 and 9 x 30, then 7 x 8)."""
     cache = KernelCache(None)
     op = declare_conv2d(padding=(3, 3, 3, 3), groups=6)
     w = rnd.randn(6, 1, 7, 7)
-    for N, H, W in ((1, 13, 17), (2, 9, 30), (1, 1, 1)):
+    compiled = []
+    for N, H, W in ((1, 60, 70), (2, 57, 65), (1, 13, 17), (2, 9, 30), (1, 1, 1)):
         x = rnd.randn(N, 6, H, W)
         got, _ = run(op, {"x": x, "weight": w}, cache)
         ref = F.conv2d(x.to(F64), w.to(F64), padding=3, groups=6)
         bound = F.conv2d(x.to(F64).abs(), w.to(F64).abs(), padding=3, groups=6)
         check(got, ref, bound, 49, F32, f"dw7 at {(N, H, W)}", rnd.seed)
-    assert cache.stats.compiled == 1
+        compiled.append(cache.stats.compiled)
+    assert compiled == [1, 1, 2, 2, 3]
+
+
+def test_direct_blocks_fit_a_small_image():
+    dw, b = _group_binding(declare_conv2d(padding=(3,) * 4, groups=768), x=(1, 768, 7, 7), weight=(768, 1, 7, 7))
+    small = default_window_config(dw, b)
+    dw2, b2 = _group_binding(declare_conv2d(padding=(3,) * 4, groups=768), x=(1, 768, 200, 300),
+                             weight=(768, 1, 7, 7))
+    big = default_window_config(dw2, b2)
+    assert big.block_rows > small.block_rows >= 7 and big.block_width > small.block_width >= 7
+    assert small.block_rows % small.rows_tile == 0 and small.block_width % small.tile_width == 0
+    assert small.block_rows <= 2 * small.rows_tile and small.block_width == small.tile_width
 
 
 def test_default_configs_follow_the_channel_structure():
