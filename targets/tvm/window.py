@@ -28,7 +28,8 @@ vectorized along the output width) in a ``local`` buffer that LLVM keeps in regi
 The epilogue (bias, activation, gating with another tensor) is applied to the register tile before the store, by
 :class:`~opgen.targets.tvm.expr.ExprEmitter` (vectorized; the partial last column tile runs it as scalar code).
 
-Sizes: batch and spatial sizes (N, H, W, L) stay symbolic (one kernel serves every image size); channel counts,
+Sizes: batch and spatial sizes (N, H, W, L) stay symbolic (one kernel serves every image size that fills the default
+blocks; the default config fits the blocks of smaller images, :func:`_fit_blocks`); channel counts,
 kernel sizes and the padding / offsets are baked in from the binding (one kernel per such combination).
 """
 from __future__ import annotations
@@ -247,7 +248,8 @@ def _round_up(x: int, m: int) -> int:
 
 def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfig:
     """A heuristic config from the channel structure and the static sizes only (channels, kernel, strides), so
-    that the untuned kernel of a convolution serves every batch and image size (tuned on AVX2).
+    that the untuned kernel of a convolution serves every batch size and every image size that fills its blocks
+    (smaller images get blocks fitted to them, :func:`_fit_blocks`; tuned on AVX2).
 
     1-D (causal conv1d): the FFT variant where :func:`~opgen.targets.spectral.prefer_fft` says so (long depthwise
     windows), else direct, 4 vectors per tile, 512 outputs per staged block, the window unrolled (dense 1-D
