@@ -57,7 +57,9 @@ class TargetRegistry:
 
     A target may also offer kernels for single nodes that it would not take as a whole op (the reductions of a
     generated backward op, run node by node): ``supports_node(op, device_kind, binding) -> bool`` and
-    ``run_node(op, inputs, binding) -> dict`` (:meth:`select_node`)."""
+    ``run_node(op, inputs, binding) -> dict`` (:meth:`select_node`); and ``prepare(op, binding, config)``: its
+    ``run`` at fixed sizes as a callable ``inputs -> outputs``, or None (the session memoizes it per call
+    signature)."""
 
     def __init__(self, targets: tuple[Target, ...] = ()) -> None:
         self._targets: list[Target] = []

@@ -332,8 +332,6 @@ class TVMTarget:
     def run(self, op: Op, inputs: Mapping, binding, config: ScanConfig | Mapping | None = None) -> dict:
         """Compute the op's outputs (fresh tensors in their declared dtypes). Inputs are made contiguous and
         converted to their declared dtypes when needed; misaligned views are passed as they are."""
-        from opgen.targets.memory import empty
-
         group = attention_group(op)
         if group is not None:
             return run_forward(group, inputs, binding, self.cache, self.caps(), config)
@@ -343,25 +341,50 @@ class TVMTarget:
                 return _on_cpu(op, inputs, lambda: run_correlation_fft(correlation_group(op), inputs, binding))
             if wg is not None and self._window_variant(wg, binding, config) == "fft":
                 return _on_cpu(op, inputs, lambda: run_window_fft(wg, inputs, binding))
+        return self._bound_call(op, binding, config)(inputs)
+
+    def prepare(self, op: Op, binding, config: ScanConfig | Mapping | None = None):
+        """``run`` at these sizes and config as a callable ``inputs -> outputs`` that skips the per-call dispatch
+        (the caller keys it by the op and the inputs' shapes, dtypes and devices), or None where ``run`` takes
+        another path (attention, the FFT variants)."""
+        if attention_group(op) is not None:
+            return None
+        if _group(op) is None:
+            wg = window_group(op)
+            if wg is None and correlation_group(op) is not None:
+                return None
+            if wg is not None and self._window_variant(wg, binding, config) == "fft":
+                return None
+        return self._bound_call(op, binding, config)
+
+    def _bound_call(self, op: Op, binding, config):
+        """The kernel call at ``binding``: allocate the outputs, convert the inputs, run."""
+        from opgen.targets.memory import empty
+
         fn, plan, scalars = self._plan(op, binding, config)
-        args = []
-        outs = {}
-        for name, is_output, dtype in plan:
-            if is_output:
-                x = empty(binding.shapes[name], dtype=dtype)
-                outs[name] = x
-            else:
-                x = inputs[name]
-                if x.device.type != "cpu":
-                    raise ValueError(f"the tvm target runs on CPU tensors; input {name!r} is on {x.device}")
-                if x.dtype != dtype:
-                    x = x.to(dtype)
-                if not x.is_contiguous():
-                    x = x.contiguous()
-            args.append(x)
-        args += [binding.dims[d] for d in scalars]
-        fn(*args)
-        return outs
+        shapes = binding.shapes
+        tail = [binding.dims[d] for d in scalars]
+
+        def call(inputs: Mapping) -> dict:
+            args = []
+            outs = {}
+            for name, is_output, dtype in plan:
+                if is_output:
+                    x = empty(shapes[name], dtype=dtype)
+                    outs[name] = x
+                else:
+                    x = inputs[name]
+                    if x.device.type != "cpu":
+                        raise ValueError(f"the tvm target runs on CPU tensors; input {name!r} is on {x.device}")
+                    if x.dtype != dtype:
+                        x = x.to(dtype)
+                    if not x.is_contiguous():
+                        x = x.contiguous()
+                args.append(x)
+            fn(*args, *tail)
+            return outs
+
+        return call
 
     def supports_node(self, op: Op, device_kind: str, binding=None) -> bool:
         """A single builtin reduction (node by node execution of a generated backward op), on the CPU, with at
