@@ -332,16 +332,16 @@ class TVMTarget:
     def run(self, op: Op, inputs: Mapping, binding, config: ScanConfig | Mapping | None = None) -> dict:
         """Compute the op's outputs (fresh tensors in their declared dtypes). Inputs are made contiguous and
         converted to their declared dtypes when needed; misaligned views are passed as they are."""
+        call = self.prepare(op, binding, config)
+        if call is not None:
+            return call(inputs)
         group = attention_group(op)
         if group is not None:
             return run_forward(group, inputs, binding, self.cache, self.caps(), config)
-        if _group(op) is None:
-            wg = window_group(op)
-            if wg is None and correlation_group(op) is not None:
-                return _on_cpu(op, inputs, lambda: run_correlation_fft(correlation_group(op), inputs, binding))
-            if wg is not None and self._window_variant(wg, binding, config) == "fft":
-                return _on_cpu(op, inputs, lambda: run_window_fft(wg, inputs, binding))
-        return self._bound_call(op, binding, config)(inputs)
+        wg = window_group(op)               # not a kernel call: one of the FFT paths (see prepare)
+        if wg is None:
+            return _on_cpu(op, inputs, lambda: run_correlation_fft(correlation_group(op), inputs, binding))
+        return _on_cpu(op, inputs, lambda: run_window_fft(wg, inputs, binding))
 
     def prepare(self, op: Op, binding, config: ScanConfig | Mapping | None = None):
         """``run`` at these sizes and config as a callable ``inputs -> outputs`` that skips the per-call dispatch
