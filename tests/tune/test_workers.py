@@ -163,7 +163,10 @@ def test_three_workers_tune_a_real_op_on_postgresql_and_survive_a_killed_worker(
         dead = trials[killed]
         assert dead.state == TrialState.FAIL, dead
         retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
-        assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == dead.params
+        # the retry repeats every parameter the dead trial had recorded; a worker killed while its trial was still
+        # suggesting parameters leaves only some of them, and the retry suggests the rest (seen once in CI)
+        assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+        assert dead.params.items() <= retries[0].params.items(), (dead.params, retries[0].params)
     assert f"retried {sorted(caught)}" in out
     by_worker = collections.Counter(t.user_attrs["owner"]["pid"] for t in trials)
     assert len(by_worker) >= 3 and sorted(by_worker.values())[-2] >= 3, by_worker   # (the restart may find none)
