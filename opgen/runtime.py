@@ -93,40 +93,54 @@ class Session:
     def _node_runner(self, op: Op, binding: Binding, device: str, inputs: Mapping):
         """For an op no compiled target runs whole (a backward op with two scans, say): run each scan node
         that a compiled target supports as its own kernel, the rest in the interpreter. None when not useful."""
-        from opgen.ir import Reduce, Scan
-        from opgen.ir.passes.split import node_op
-
         if self.config.backend != "auto" or _needs_autograd(inputs) or len(op.nodes) < 2:
             return None
-        compiled = {}
-        for k, n in enumerate(op.nodes):
-            if not isinstance(n, (Scan, Reduce)):
-                continue
-            sub = node_op(op, k)
-            try:
-                t = self.targets.select(sub, device)
-            except LookupError:
-                continue
-            if t.name != "reference":
-                compiled[k] = (sub, t, False)
-            elif isinstance(n, Reduce):
-                nt = self.targets.select_node(sub, device, _sub_binding(binding, sub))
-                if nt is not None:
-                    compiled[k] = (sub, nt, True)
+        key = ("nodes", op, tuple(sorted((d.name, v) for d, v in binding.dims.items())), device)
+        compiled = self._bindings.get(key)
+        if compiled is None:
+            compiled = self._bindings[key] = self._node_plan(op, binding, device)
         if not compiled:
             return None
 
         def run_node(k: int, tensors: dict):
             if k not in compiled:
                 return None
-            sub, t, node_kernel = compiled[k]
-            sb = _sub_binding(binding, sub)
+            sub, t, node_kernel, sb, config, call = compiled[k]
             ins = {x.name: tensors[x.name] for x in sub.inputs}
             if node_kernel:
                 return t.run_node(sub, ins, sb)[sub.outputs[0].name]
-            return t.run(sub, ins, sb, self.tuned_config(sub, sb, t))[sub.outputs[0].name]
-        run_node.compiled = {op.nodes[k].out: t.name for k, (_, t, _) in compiled.items()}  # type: ignore[attr-defined]
+            if call is not None:
+                return call(ins)[sub.outputs[0].name]
+            return t.run(sub, ins, sb, config)[sub.outputs[0].name]
+        run_node.compiled = {op.nodes[k].out: c[1].name for k, c in compiled.items()}  # type: ignore[attr-defined]
         return run_node
+
+    def _node_plan(self, op: Op, binding: Binding, device: str) -> dict:
+        """``{node index: (single-node op, target, runs as a node kernel, its binding, tuned config, prepared call or
+        None)}`` for the scan and reduction nodes of ``op`` that a compiled target runs (memoized per op, sizes
+        and device)."""
+        from opgen.ir import Reduce, Scan
+        from opgen.ir.passes.split import node_op
+
+        compiled = {}
+        for k, n in enumerate(op.nodes):
+            if not isinstance(n, (Scan, Reduce)):
+                continue
+            sub = node_op(op, k)
+            sb = _sub_binding(binding, sub)
+            try:
+                t = self.targets.select(sub, device)
+            except LookupError:
+                continue
+            if t.name != "reference":
+                config = self.tuned_config(sub, sb, t)
+                prepare = getattr(t, "prepare", None)
+                compiled[k] = (sub, t, False, sb, config, prepare(sub, sb, config) if prepare is not None else None)
+            elif isinstance(n, Reduce):
+                nt = self.targets.select_node(sub, device, sb)
+                if nt is not None:
+                    compiled[k] = (sub, nt, True, sb, None, None)
+        return compiled
 
     def target_for(self, op: Op, device: str):
         """The target a call runs on: the configured backend, or the first available one that supports it."""

@@ -142,6 +142,31 @@ def test_conv2d_grouped_stride1_data_gradient():
     _check_against(ops.conv2d, _ref_conv2d, (x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 2), F32_TOL)
 
 
+@pytest.mark.parametrize("case", [
+    (2, 5, 13, 12, 6, 3, 3, [2, 2], [1, 1, 1, 1], [1, 1], 1, False),    # odd height
+    (1, 4, 9, 1, 4, 5, 1, [3, 2], [2, 1, 0, 0], [1, 1], 2, True),      # grouped, a size-1 width, stride 3
+    (1, 6, 11, 10, 6, 7, 7, [2, 2], [3, 3, 3, 3], [1, 1], 6, False),   # depthwise 7x7
+], ids=["dense", "grouped-width1", "depthwise7"])
+def test_conv2d_strided_data_gradient_runs_one_kernel_per_phase(case):
+    """A strided data gradient is split into one window reduction per phase (tests/ir/test_restage.py); each runs
+    on the TVM window kernel, and input and weight gradients match F.conv2d autograd in float32."""
+    pytest.importorskip("tvm")
+    from opgen.ir import bind
+    from opgen.runtime import default_session
+
+    args = _conv2d_args(case, torch.float32)
+    _check_against(ops.conv2d, _ref_conv2d, args, F32_TOL)
+    x, w, _, stride, pads, dil, groups = args
+    op = opgen.conv_ops._conv2d_op(x, w, None, stride, pads, dil, groups)
+    back = opgen.conv_ops._backward(op, ("x",))
+    y = _ref_conv2d(x.detach(), w.detach(), None, stride, pads, dil, groups)
+    ins = {"x": x.detach(), "weight": opgen.conv_ops._conv2d_weight(x, w.detach(), groups), "grad_out": y}
+    b = bind(back, {k: tuple(v.shape) for k, v in ins.items()})
+    runner = default_session()._node_runner(back, b, "cpu", ins)
+    phases = {k: v for k, v in runner.compiled.items() if "_p" in k}
+    assert len(phases) == stride[0] * stride[1] and set(phases.values()) == {"tvm"}
+
+
 def test_conv2d_strided_weight_gradient_on_the_gemm_kernel():
     """8 output channels, 3 input channels, stride 2 on 23x21: the weight gradient is a window reduction with 132
     taps (the output pixels) and a 3x3 output, which the default config runs on the implicit-GEMM kernel

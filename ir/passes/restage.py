@@ -21,22 +21,33 @@ from __future__ import annotations
 import sympy
 
 from ..expr import Access, Expr, ExprOp, index, load, where
-from ..nodes import SUM, Map, Reduce, TensorParam
+from ..nodes import Map, Reduce, TensorParam
 from ..op import Op
 from ..symbols import Axis, axes_in
-from .window import _factors, _strip_cast, fuse_window
+from .phases import split_strided_phases
+from .rewrite import conjuncts, fresh_axes, fresh_name, insert_before, product_of_loads, replace_load
+from .window import fuse_window
 
 __all__ = ["restage_windows", "upsample_strided_reads", "relayout_operands"]
 
 
 def restage_windows(op: Op) -> Op:
-    """``op`` with every SUM reduction that is not a window reduction, but becomes one after
-    :func:`upsample_strided_reads` and / or :func:`relayout_operands`, rewritten so (``op`` itself when none)."""
+    """``op`` with every SUM reduction that is not a window reduction, but becomes one or several after
+    :func:`~.phases.split_strided_phases` (a strided data gradient: one window reduction per phase), or else
+    after :func:`upsample_strided_reads` and / or :func:`relayout_operands`, rewritten so (``op`` itself when
+    none)."""
     from .split import node_op
 
     k = 0
     while k < len(op.nodes):
         if isinstance(op.nodes[k], Reduce) and fuse_window(node_op(op, k)) is None:
+            split = split_strided_phases(op, k)
+            if split is not None:
+                added = len(split.nodes) - len(op.nodes)
+                phases = [j for j in range(k, k + added + 1) if isinstance(split.nodes[j], Reduce)]
+                if all(fuse_window(node_op(split, j)) is not None for j in phases):
+                    op, k = split, k + added + 1
+                    continue
             new, at = op, k
             for rewrite in (upsample_strided_reads, relayout_operands):
                 done = rewrite(new, at)
@@ -48,65 +59,6 @@ def restage_windows(op: Op) -> Op:
     return op
 
 
-def _product(node: Reduce) -> tuple[Expr, Expr] | None:
-    """The two load factors of a SUM reduction's value (casts of floats stripped), or None."""
-    if node.monoid != SUM:
-        return None
-    fs = [_strip_cast(f) for f in _factors(node.value)]
-    if len(fs) != 2 or any(f.op is not ExprOp.LOAD for f in fs):
-        return None
-    return fs[0], fs[1]
-
-
-def _replace_load(e: Expr, old: Expr, new: Expr) -> Expr:
-    """``e`` with the load node ``old`` replaced by ``new`` (same dtype)."""
-    memo: dict[Expr, Expr] = {}
-    for n in e.walk():
-        if n is old or (n.op is ExprOp.LOAD and n == old):
-            memo[n] = new
-        elif n.src:
-            memo[n] = Expr(n.op, n.dtype, tuple(memo[s] for s in n.src), n.arg)
-        else:
-            memo[n] = n
-    return memo[e]
-
-
-def _fresh_name(op: Op, base: str) -> str:
-    names = {t.name for t in op.tensors}
-    name, i = base, 0
-    while name in names:
-        i += 1
-        name = f"{base}{i}"
-    return name
-
-
-def _fresh_axes(op: Op, base: str, n: int) -> tuple[Axis, ...]:
-    used = {a.name for a, _ in op.extents}
-    out = []
-    for j in range(n):
-        name, i = f"{base}{j}", 0
-        while name in used:
-            i += 1
-            name = f"{base}{j}_{i}"
-        used.add(name)
-        out.append(Axis(name))
-    return tuple(out)
-
-
-def _insert(op: Op, k: int, temp: TensorParam, map_node: Map, map_ext, node: Reduce) -> Op:
-    """``op`` with ``map_node`` (writing ``temp``) inserted before node ``k``, which becomes ``node``."""
-    tensors = list(op.tensors)
-    first_other = next((i for i, t in enumerate(tensors) if t.kind != "input"), len(tensors))
-    tensors.insert(first_other, temp)
-    nodes = op.nodes[:k] + (map_node, node) + op.nodes[k + 1:]
-    extents = tuple(map_ext) + tuple((a, e) for a, e in op.extents)
-    return Op(op.name, tuple(tensors), nodes, extents, op.derived, op.constraints, op.attrs)
-
-
-def _conjuncts(pred: sympy.Basic) -> list[sympy.Basic]:
-    return list(pred.args) if isinstance(pred, sympy.And) else [pred]
-
-
 def upsample_strided_reads(op: Op, k: int) -> Op | None:
     """Node ``k`` (a SUM of two loads under a predicate made only of ``Eq(Mod(num, s), 0)`` terms, each matching
     an index ``rest + floor(num / s)`` of one factor) reading the zero-inserted factor at ``s * rest + num``
@@ -114,11 +66,11 @@ def upsample_strided_reads(op: Op, k: int) -> Op | None:
     node = op.nodes[k]
     if not isinstance(node, Reduce) or node.predicate is None or node.predicate.op is not ExprOp.INDEX:
         return None
-    fs = _product(node)
+    fs = product_of_loads(node)
     if fs is None:
         return None
     strides: dict[sympy.Expr, int] = {}
-    for c in _conjuncts(node.predicate.arg):
+    for c in conjuncts(node.predicate.arg):
         if not (isinstance(c, sympy.Eq) and c.rhs == 0 and isinstance(c.lhs, sympy.Mod) and c.lhs.args[1].is_Integer
                 and int(c.lhs.args[1]) > 1):
             return None
@@ -141,8 +93,8 @@ def upsample_strided_reads(op: Op, k: int) -> Op | None:
         src = op.tensor(acc.tensor)
         shape = tuple(sympy.expand((src.shape[j] - 1) * hits[j][1] + 1) if j in hits else src.shape[j]
                       for j in range(src.rank))
-        name = _fresh_name(op, f"{acc.tensor}_up")
-        ys = _fresh_axes(op, f"{name}_", src.rank)
+        name = fresh_name(op, f"{acc.tensor}_up")
+        ys = fresh_axes(op, f"{name}_", src.rank)
         inner = load(acc.tensor, [sympy.floor(ys[j] / hits[j][1]) if j in hits else ys[j] for j in range(src.rank)],
                      src.dtype)
         cond = sympy.And(*[sympy.Eq(sympy.Mod(ys[j], hits[j][1]), 0) for j in sorted(hits)])
@@ -158,9 +110,9 @@ def upsample_strided_reads(op: Op, k: int) -> Op | None:
         idx = tuple(hits[j][2] if j in hits else acc.index[j] for j in range(src.rank))
         any_pad = any(lo != 0 or hi != 0 for lo, hi in pad)
         new_load = Expr(ExprOp.LOAD, f.dtype, (), Access(name, idx, tuple(pad) if any_pad else None))
-        value = _replace_load(node.value, f, new_load)
+        value = replace_load(node.value, f, new_load)
         temp = TensorParam(name, shape, src.dtype, "temp")
-        return _insert(op, k, temp, map_node, zip(ys, shape), Reduce(node.out, node.axes, node.raxes, value,
+        return insert_before(op, k, temp, map_node, zip(ys, shape), Reduce(node.out, node.axes, node.raxes, value,
                                                                        node.monoid, None))
     return None
 
@@ -173,7 +125,7 @@ def relayout_operands(op: Op, k: int) -> Op | None:
     node = op.nodes[k]
     if not isinstance(node, Reduce) or node.predicate is not None:
         return None
-    fs = _product(node)
+    fs = product_of_loads(node)
     if fs is None:
         return None
     order = tuple(node.axes) + tuple(node.raxes)
@@ -195,10 +147,10 @@ def relayout_operands(op: Op, k: int) -> Op | None:
         shape = tuple(ext[a] for a in axes)
         if sympy.simplify(sympy.Mul(*shape) - sympy.Mul(*src.shape)) != 0:
             continue                         # not a permutation of the factor's elements
-        name = _fresh_name(op, f"{acc.tensor}_r")
+        name = fresh_name(op, f"{acc.tensor}_r")
         map_node = Map(name, axes, Expr(ExprOp.LOAD, src.dtype, (), acc))
         new_load = Expr(ExprOp.LOAD, f.dtype, (), Access(name, axes, None))
-        value = _replace_load(node.value, f, new_load)
+        value = replace_load(node.value, f, new_load)
         temp = TensorParam(name, shape, src.dtype, "temp")
-        return _insert(op, k, temp, map_node, (), Reduce(node.out, node.axes, node.raxes, value, node.monoid, None))
+        return insert_before(op, k, temp, map_node, (), Reduce(node.out, node.axes, node.raxes, value, node.monoid, None))
     return None

@@ -9,6 +9,7 @@ reductions are chunked along a reduction axis to stay within a memory budget. Au
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -119,13 +120,42 @@ class _Evaluator:
                 continue
             if isinstance(node, Map):
                 fr = _frame(node.axes, self.binding, self.device)
-                val = self.expr(node.value, fr, node.out).expand(fr.shape)
+                val = self._interleave(node, fr)
+                if val is None:
+                    val = self.expr(node.value, fr, node.out).expand(fr.shape)
             elif isinstance(node, Reduce):
                 val = self._reduce(node)
             else:
                 val = self._scan(node)
             self.tensors[node.out] = val
         return {t.name: self.tensors[t.name].to(to_torch(t.dtype)).contiguous() for t in self.op.outputs}
+
+    def _interleave(self, node: Map, fr: _Frame) -> torch.Tensor | None:
+        """A map that takes each position from one of several tensors, chosen by the residues of some axes
+        modulo their strides and read at ``floor(axis / s)`` (the phase interleave of
+        :mod:`opgen.ir.passes.phases`), as one strided copy per tensor; None for any other map."""
+        branches = _phase_branches(node.value, fr.axes)
+        if branches is None or any(fr.env[a].flatten()[0] != 0 for a in fr.axes):
+            return None
+        out = torch.empty(fr.shape, dtype=_compute_dtype(node.value.dtype), device=self.device)
+        for residues, acc in branches:
+            src = self.tensors[acc.tensor]
+            dst, part = [], []
+            for p, a in enumerate(fr.axes):
+                if a in residues:
+                    s, r = residues[a]
+                    n = len(range(r, fr.shape[p], s))
+                    if src.shape[p] < n:
+                        return None
+                    dst.append(slice(r, None, s))
+                    part.append(slice(0, n))
+                else:
+                    if src.shape[p] != fr.shape[p]:
+                        return None
+                    dst.append(slice(None))
+                    part.append(slice(None))
+            out[tuple(dst)] = src[tuple(part)]
+        return out
 
     def _reduce(self, node: Reduce) -> torch.Tensor:
         if node.monoid == SUM and node.value.op is ExprOp.MUL and self._factors_fit(node):
@@ -253,6 +283,47 @@ class _Evaluator:
         return flat, valid
 
 
+@functools.lru_cache(maxsize=256)
+def _phase_branches(value: Expr, axes: tuple) -> list[tuple[dict, Access]] | None:
+    """``[(residues, access)]`` when ``value`` is ``where(c1, t1[..], where(c2, t2[..], .. tn[..]))`` with each
+    condition a conjunction of ``Eq(Mod(axis, s), r)`` over the same axes and strides, every residue combination
+    covered once (the last branch takes the one left), and each tensor read unpadded at the frame's axes in
+    order, ``floor(axis / s)`` for the strided ones; None for anything else."""
+    found: list[tuple[dict, Access]] = []
+    e = value
+    while e.op is ExprOp.WHERE:
+        cond, a, e = e.src
+        if cond.op is not ExprOp.INDEX or a.op is not ExprOp.LOAD:
+            return None
+        res = {}
+        for cj in (cond.arg.args if isinstance(cond.arg, sympy.And) else (cond.arg,)):
+            if not (isinstance(cj, sympy.Eq) and isinstance(cj.lhs, sympy.Mod) and cj.lhs.args[0] in axes
+                    and cj.lhs.args[1].is_Integer and cj.rhs.is_Integer):
+                return None
+            res[cj.lhs.args[0]] = (int(cj.lhs.args[1]), int(cj.rhs))
+        found.append((res, a.arg))
+    if e.op is not ExprOp.LOAD or not found:
+        return None
+    strides = {ax: s for ax, (s, _) in found[0][0].items()}
+    combos = set(itertools.product(*(range(s) for s in strides.values())))
+    for res, _ in found:
+        key = tuple(res.get(ax, (0, -1))[1] for ax in strides)
+        if {ax: s for ax, (s, _) in res.items()} != strides or key not in combos:
+            return None
+        combos.discard(key)
+    if len(combos) != 1:
+        return None
+    (last,) = combos
+    found.append(({ax: (strides[ax], r) for ax, r in zip(strides, last)}, e.arg))
+    for res, acc in found:
+        if acc.pad is not None or len(acc.index) != len(axes):
+            return None
+        for ie, ax in zip(acc.index, axes):
+            if ie != (sympy.floor(ax / res[ax][0]) if ax in res else ax):
+                return None
+    return found
+
+
 def _inverse(perm: list[int]) -> list[int]:
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
@@ -260,9 +331,20 @@ def _inverse(perm: list[int]) -> list[int]:
     return inv
 
 
-def _pos_axes(index) -> list:
-    """The frame axes an index tuple uses (``floor(axis / k)`` and ``axis + c`` count as their axis)."""
-    return [(_floor_div(i) or _shifted(i) or (i,))[0] for i in index]
+@functools.lru_cache(maxsize=1024)
+def _index_forms(index: tuple) -> tuple | None:
+    """Per dim ``(axis, k, m, c)``: the index is ``floor(axis / k)`` (k > 1; m = 1, c = 0) or ``m*axis + c``
+    (k = 1; the plain axis when m = 1, c = 0), each dim a distinct axis; None for any other index."""
+    forms, seen = [], set()
+    for ie in index:
+        fd = _floor_div(ie)
+        sh = _shifted(ie) if fd is None else None
+        form = (fd[0], fd[1], 1, 0) if fd is not None else (sh[0], 1, sh[1], sh[2]) if sh is not None else (ie, 1, 1, 0)
+        if form[0] in seen:
+            return None
+        seen.add(form[0])
+        forms.append(form)
+    return tuple(forms)
 
 
 def _floor_div(ie) -> tuple[Any, int] | None:
@@ -274,49 +356,56 @@ def _floor_div(ie) -> tuple[Any, int] | None:
     return None
 
 
-def _shifted(ie) -> tuple[Any, int] | None:
-    """(axis, c) when the index is ``axis + c`` with a nonzero integer c."""
-    if isinstance(ie, sympy.Add):
-        c, rest = ie.as_coeff_Add()
-        if c.is_Integer and c != 0 and rest.is_Symbol:
-            return rest, int(c)
+def _shifted(ie) -> tuple[Any, int, int] | None:
+    """(axis, m, c) when the index is ``m*axis + c`` with integers m >= 1 and c, not the plain axis."""
+    c, rest = ie.as_coeff_Add() if isinstance(ie, sympy.Add) else (sympy.Integer(0), ie)
+    m, ax = rest.as_coeff_Mul() if isinstance(rest, sympy.Mul) else (sympy.Integer(1), rest)
+    if c.is_Integer and m.is_Integer and int(m) >= 1 and ax.is_Symbol and (c != 0 or m != 1):
+        return ax, int(m), int(c)
     return None
 
 
-def _shift_dim(src: torch.Tensor, k: int, c: int, extent: int) -> torch.Tensor:
-    """``out[.., t, ..] = src[.., t + c, ..]`` along dim k for t < extent, 0 where t + c falls outside."""
+def _shift_dim(src: torch.Tensor, k: int, m: int, c: int, extent: int) -> torch.Tensor:
+    """``out[.., t, ..] = src[.., m*t + c, ..]`` along dim k for t < extent, 0 where m*t + c falls outside."""
+    lo = max(0, -(c // m))                                  # first t with m*t + c >= 0
+    hi = min(extent, (src.shape[k] - 1 - c) // m + 1)       # one past the last t with m*t + c < size
+    sl = [slice(None)] * src.dim()
+    if hi > lo:
+        start = m * lo + c
+        sl[k] = slice(start, start + m * (hi - lo - 1) + 1, m)
+    if lo == 0 and hi == extent:
+        return src[tuple(sl)]                               # nothing falls outside: a strided view
     shape = list(src.shape)
     shape[k] = extent
     out = src.new_zeros(shape)
-    lo, hi = max(0, -c), min(extent, src.shape[k] - c)
     if hi > lo:
-        out.narrow(k, lo, hi - lo).copy_(src.narrow(k, lo + c, hi - lo))
+        out.narrow(k, lo, hi - lo).copy_(src[tuple(sl)])
     return out
 
 
 def _direct_view(src: torch.Tensor, acc: Access, fr: _Frame, masked: bool = False) -> torch.Tensor | None:
     """``src`` as a broadcast view when every index is a distinct frame axis spanning its whole dim. An index
     ``floor(axis / k)`` (a zero-inserted or nearest-upsampled read) repeats each element k times along its dim,
-    and in a masked (zero-padded) load an index ``axis + c`` shifts the dim with zeros shifted in (one
-    vectorized copy each instead of a gather)."""
+    and an index ``m*axis + c`` takes every m-th element from c, with zeros where a masked (zero-padded) load
+    falls outside (one vectorized copy each instead of a gather)."""
+    forms = _index_forms(tuple(acc.index))
+    if forms is None:
+        return None
     pos = []
-    for k, ie in enumerate(acc.index):
-        fd = _floor_div(ie)
-        sh = _shifted(ie) if masked and fd is None else None
-        ax = fd[0] if fd is not None else sh[0] if sh is not None else ie
-        if ax not in fr.axes or ax in _pos_axes(acc.index[:k]):
+    for k, (ax, div, m, c) in enumerate(forms):
+        if ax not in fr.axes:
             return None
         p = fr.axes.index(ax)
         if fr.env[ax].flatten()[0] != 0:
             return None
-        if sh is not None:
-            src = _shift_dim(src, k, sh[1], fr.shape[p])
-        elif fd is None and fr.shape[p] != src.shape[k]:
+        if m != 1 or c != 0:
+            src = _shift_dim(src, k, m, c, fr.shape[p])
+        elif div == 1 and fr.shape[p] != src.shape[k]:
             return None
-        if fd is not None:
-            if not (src.shape[k] - 1) * fd[1] < fr.shape[p] <= src.shape[k] * fd[1]:
+        if div != 1:
+            if not (src.shape[k] - 1) * div < fr.shape[p] <= src.shape[k] * div:
                 return None
-            src = src.repeat_interleave(fd[1], dim=k).narrow(k, 0, fr.shape[p])
+            src = src.repeat_interleave(div, dim=k).narrow(k, 0, fr.shape[p])
         pos.append(p)
     order = sorted(range(len(pos)), key=lambda k: pos[k])
     v = src.permute(order) if order != list(range(len(pos))) else src

@@ -1,6 +1,7 @@
-"""Restaging backward convolutions (``opgen.ir.passes.restage``): strided data gradients read a zero-inserted
-output gradient, grouped ones a re-laid-out weight, so both become window reductions; the rewritten op computes
-the same gradients (float64, the reference interpreter, fresh random data, odd sizes)."""
+"""Restaging backward convolutions (``opgen.ir.passes.restage``): strided data gradients split into one window
+reduction per phase (``opgen.ir.passes.phases``) or, where the dilation is a multiple of the stride, read a
+zero-inserted output gradient; grouped ones read a re-laid-out weight, so all become window reductions; the
+rewritten op computes the same gradients (float64, the reference interpreter, fresh random data, odd sizes)."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from opgen.ir import DType, Map, Reduce, bind
 from opgen.ir.passes.grad import grad_op
+from opgen.ir.passes.phases import split_strided_phases
 from opgen.ir.passes.restage import relayout_operands, restage_windows, upsample_strided_reads
 from opgen.ir.passes.split import node_op
 from opgen.ir.passes.window import fuse_window
@@ -53,6 +55,41 @@ def test_a_strided_data_gradient_reads_the_zero_inserted_gradient():
     assert new.nodes[k].predicate is None and "t0" in _windows(new)
     # x 11 x 13, kernel 3 x 5, stride 2 x 3, dilation 2 x 1 (a multiple of the stride), padding (1, 2) x (2, 0)
     _check_same_gradients(back, new, (2, 3, 11, 13), (4, 3, 3, 5))
+
+
+# stride, padding (t, b, l, r), groups, x (N, C, H, W), weight (F, C/groups, KH, KW)
+PHASE_CASES = {
+    "3x3-stride2-odd": ((2, 2), (1, 1, 1, 1), 1, (2, 3, 9, 10), (4, 3, 3, 3)),
+    "3x5-stride2x3-asym": ((2, 3), (1, 2, 2, 0), 1, (1, 2, 11, 13), (3, 2, 3, 5)),
+    "1x1-stride2-size1": ((2, 2), (0, 0, 0, 0), 1, (1, 3, 7, 1), (2, 3, 1, 1)),    # phases with no tap
+    "2x3-stride3x2": ((3, 2), (1, 0, 0, 1), 1, (1, 2, 8, 9), (3, 2, 2, 3)),
+    "grouped": ((2, 2), (1, 1, 1, 1), 2, (1, 4, 7, 6), (6, 2, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(PHASE_CASES), ids=list(PHASE_CASES))
+def test_a_strided_data_gradient_splits_into_one_window_per_phase(case):
+    stride, pads, groups, xs, ws = PHASE_CASES[case]
+    back = _backward(stride, pads, (1, 1), groups)
+    assert "t0" not in _windows(back)
+    new = restage_windows(back)
+    phases = [n for n in new.nodes if isinstance(n, Reduce) and n.out.startswith("t0_p")]
+    assert len(phases) == stride[0] * stride[1]
+    assert all(n.predicate is None for n in phases) and set(_windows(new)) >= {n.out for n in phases}
+    assert not any(n.out.endswith("_up") for n in new.nodes)            # nothing zero-inserted
+    _check_same_gradients(back, new, xs, ws)
+
+
+def test_phase_taps_partition_the_kernel():
+    """A 3x5 kernel at stride 2x3: the six phases read 2x2, 2x2, 2x1, 1x2, 1x2, 1x1 taps (15 in all, as the kernel
+    has), instead of 15 taps per output position through the zero-inserted gradient."""
+    back = _backward((2, 3), (1, 2, 2, 0), (1, 1), 1)
+    new = split_strided_phases(back, next(k for k, n in enumerate(back.nodes) if n.out == "t0"))
+    b = bind(new, {"x": (1, 2, 11, 13), "weight": (3, 2, 3, 5), "grad_out": (1, 3, 6, 4)})
+    taps = sorted(tuple(b.extents[a] for a in n.raxes if a.name.startswith("t0_p")) for n in new.nodes
+                  if isinstance(n, Reduce) and n.out.startswith("t0_p"))
+    assert sum(h * w for h, w in taps) == 3 * 5
+    assert taps == sorted([(2, 2), (2, 2), (2, 1), (1, 2), (1, 2), (1, 1)])
 
 
 def test_a_grouped_data_gradient_reads_a_relaid_weight():

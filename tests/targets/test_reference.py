@@ -722,3 +722,48 @@ def test_shifted_zero_padded_loads(rnd):
         pad = F.pad(xv, (1, 2))
         want = pad[:, 3:3 + n] + 10.0 * pad[:, 0:n]
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_strided_zero_padded_loads(rnd):
+    """Loads at 2t - 1 and 3t + 1 of zero-padded tensors (the weight taps of a phase-split strided gradient) take
+    the interpreter's strided copy instead of a gather; the values match torch slicing, zeros outside."""
+    P, L = dims("P L")
+    with OpBuilder("strided") as bld:
+        x = bld.input("x", (P, L), DType.f32)
+        p, t = make_axes("p"), opgen.axis("t", L)
+        y = bld.map(x.pad(1, L)[p, 2 * t - 1] + 10.0 * x.pad(0, 2 * L)[p, 3 * t + 1], (p, t), name="y")
+        op = bld.build({"y": y})
+    for n in (7, 1, 2):
+        xv = rnd.randn(3, n, dtype=F32)
+        got = evaluate(op, {"x": xv}, bind(op, {"x": (3, n)}))["y"]
+        pad = F.pad(xv, (1, 3 * n + 2))
+        want = pad[:, 0:2 * n:2] + 10.0 * pad[:, 2:3 * n + 2:3]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_phase_interleave(rnd, monkeypatch, m):
+    """A map choosing between tensors by the residue of an axis mod 2, each read at floor(t / 2) (the interleave
+    of a phase-split strided gradient), takes strided copies; it equals the generic evaluation and torch."""
+    import importlib
+
+    import sympy
+
+    from opgen.ir.expr import index
+
+    M = dims("M")
+    with OpBuilder("interleave") as bld:
+        a = bld.input("a", (3, M), DType.f32)
+        b = bld.input("b", (3, M), DType.f32)
+        p, t = make_axes("p"), opgen.axis("t", 2 * M - 1)
+        y = bld.map(where(index(sympy.Eq(sympy.Mod(t, 2), 0)), a[p, t // 2], b[p, t // 2]), (p, t), name="y")
+        op = bld.build({"y": y})
+    av, bv = rnd.randn(3, m, dtype=F32), rnd.randn(3, m, dtype=F32)
+    want = torch.stack([av, bv], -1).reshape(3, 2 * m)[:, :2 * m - 1]
+    got = evaluate(op, {"a": av, "b": bv}, bind(op, {"a": (3, m), "b": (3, m)}))["y"]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ev = importlib.import_module("opgen.targets.reference.evaluate")
+    assert ev._phase_branches(op.nodes[0].value, op.nodes[0].axes) is not None
+    monkeypatch.setattr(ev, "_phase_branches", lambda value, axes: None)
+    generic = evaluate(op, {"a": av, "b": bv}, bind(op, {"a": (3, m), "b": (3, m)}))["y"]
+    torch.testing.assert_close(generic, want, rtol=0, atol=0)
