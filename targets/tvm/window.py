@@ -778,6 +778,34 @@ class _Renderer:
         c.w(depth, f"for j in range(T.floormod({hi} - {lo}, {V})):")
         c.w(depth + 1, f"{dst(f'{hi} - 1 - j')} = {val(f'{hi} - 1 - j')}")
 
+
+    def _padding_row(self, c: Code, d: int, rok: str, lo: int, xval) -> None:
+        """One workspace row: zeros left of the input, its columns (vector chunks, a scalar tail), zeros right."""
+        V, sh = self.cfg.vector, self.sh
+        c.w(d, f"if {rok}jhi > {lo}:")
+        e = d + 1
+        if lo:
+            c.w(e, f"for j in range({lo}):")
+            c.w(e + 1, f"Xp[pb, cin, hp, j] = {self._zero()}")
+        c.w(e, f"for j0 in range(T.floordiv(jhi - {lo}, {V})):")
+        c.w(e + 1, f"for v in T.vectorized({V}):")
+        c.w(e + 2, f"Xp[pb, cin, hp, {lo} + j0 * {V} + v] = {xval(f'{lo} + j0 * {V} + v + {sh.col.off}')}")
+        c.w(e, f"for j in range(T.floormod(jhi - {lo}, {V})):")
+        c.w(e + 1, f"Xp[pb, cin, hp, jhi - 1 - j] = {xval(f'jhi - 1 - j + {sh.col.off}')}")
+        c.w(e, "for j in range(Wp - jhi):")
+        c.w(e + 1, f"Xp[pb, cin, hp, jhi + j] = {self._zero()}")
+        c.w(d, "else:")
+        c.w(d + 1, "for j in range(Wp):")
+        c.w(d + 2, f"Xp[pb, cin, hp, j] = {self._zero()}")
+
+    def _phase_padding(self, c: Code, d: int, cs: int, rok: str, lo: int, xval) -> None:
+        """One workspace row as its ``cs`` column phases: ``Xp[.., ph, q]`` = padded column ``q*cs + ph``."""
+        c.w(d, f"for ph in range({cs}):")
+        c.w(d + 1, "for wq in range(Wq):")
+        c.w(d + 2, f"j: T.let = wq * {cs} + ph")
+        c.w(d + 2, f"Xp[pb, cin, hp, ph, wq] = T.if_then_else({rok}j >= {lo} and j < jhi, "
+                   f"{xval(f'j + {self.sh.col.off}')}, {self._zero()})")
+
     # gemm variant -------------------------------------------------------------------------------------------
     def _gemm(self, c: Code) -> None:
         cfg, sh, g = self.cfg, self.sh, self.g
@@ -793,7 +821,14 @@ class _Renderer:
         else:
             c.w(1, "Hp: T.let = 1")
         c.w(1, f"Wp: T.let = (OWB * {VW} - 1) * {sh.col.stride} + {(sh.col.K - 1) * sh.col.dil + 1}")
-        c.w(1, f"Xp = T.alloc_buffer((NB, {Cin}, Hp, Wp), \"{self.adt}\")")
+        cs = sh.col.stride
+        if cs > 1:
+            # strided columns: the workspace holds each row as its cs column phases, Xp[.., w % cs, w // cs], so
+            # that a tile's input vector (columns ow*cs + kw*dil for consecutive ow) is one contiguous load
+            c.w(1, f"Wq: T.let = T.floordiv(Wp + {cs - 1}, {cs})")
+            c.w(1, f"Xp = T.alloc_buffer((NB, {Cin}, Hp, {cs}, Wq), \"{self.adt}\")")
+        else:
+            c.w(1, f"Xp = T.alloc_buffer((NB, {Cin}, Hp, Wp), \"{self.adt}\")")
         # padding pass
         c.w(1, f"for q in T.parallel(NB * {Cin} * Hp):")
         d = 2
@@ -814,21 +849,10 @@ class _Renderer:
             return self._cast(self._data_index("cin" if g.channels.data_dim is not None else "0", row, col),
                               data_dt)
 
-        c.w(d, f"if {rok}jhi > {lo}:")
-        e = d + 1
-        if lo:
-            c.w(e, f"for j in range({lo}):")
-            c.w(e + 1, f"Xp[pb, cin, hp, j] = {self._zero()}")
-        c.w(e, f"for j0 in range(T.floordiv(jhi - {lo}, {V})):")
-        c.w(e + 1, f"for v in T.vectorized({V}):")
-        c.w(e + 2, f"Xp[pb, cin, hp, {lo} + j0 * {V} + v] = {xval(f'{lo} + j0 * {V} + v + {sh.col.off}')}")
-        c.w(e, f"for j in range(T.floormod(jhi - {lo}, {V})):")
-        c.w(e + 1, f"Xp[pb, cin, hp, jhi - 1 - j] = {xval(f'jhi - 1 - j + {sh.col.off}')}")
-        c.w(e, "for j in range(Wp - jhi):")
-        c.w(e + 1, f"Xp[pb, cin, hp, jhi + j] = {self._zero()}")
-        c.w(d, "else:")
-        c.w(d + 1, "for j in range(Wp):")
-        c.w(d + 2, f"Xp[pb, cin, hp, j] = {self._zero()}")
+        if cs > 1:
+            self._phase_padding(c, d, cs, rok, lo, xval)
+        else:
+            self._padding_row(c, d, rok, lo, xval)
         # compute
         c.w(1, "for p in T.parallel(NB * OHB):")
         d = 2
@@ -844,7 +868,11 @@ class _Renderer:
         def src(ci_: str, row_: str, col_: str) -> str:
             chan = f"grp * {sh.Cg} + {ci_}" if sh.Cg > 1 else "grp"
             r = f"oh0 * {sh.row.stride} + {row_}"
-            return f"Xp[pb, {chan}, {r}, ow0 * {sh.col.stride} + {col_}]"
+            if cs > 1:
+                assert col_ == f"v * {cs} + kw * {sh.col.dil}", col_      # the microkernel's column offset
+                tap = f"kw * {sh.col.dil}" if sh.col.dil != 1 else "kw"
+                return f"Xp[pb, {chan}, {r}, T.floormod({tap}, {cs}), ow0 + v + T.floordiv({tap}, {cs})]"
+            return f"Xp[pb, {chan}, {r}, ow0 * {cs} + {col_}]"
 
         if cob_full:
             c.w(d2, f"for cob in range({cob_full}):")

@@ -90,6 +90,9 @@ CONV_CASES = [
     ("size1-stride2-gemm", (1, 1, 13, 17), 1, (3, 2), (2, 2), (0, 1, 2, 0), (1, 1), 1, False, F32, GEMM),
     ("dil2-groups2", (2, 4, 13, 17), 6, (3, 3), (1, 1), (2, 1, 0, 3), (2, 2), 2, True, F32, None),
     ("dil2-groups2-gemm", (2, 4, 13, 17), 6, (3, 3), (1, 2), (2, 1, 0, 3), (2, 2), 2, True, F32, GEMM),
+    # strided columns: the gemm workspace holds each row as its column phases (a tap kw*2 at stride 3: phases 0, 2, 1)
+    ("stride3-dil2-gemm", (2, 3, 13, 17), 4, (3, 5), (2, 3), (1, 1, 2, 2), (1, 2), 1, True, F32, GEMM),
+    ("stride2-width1-gemm", (1, 4, 13, 1), 3, (3, 1), (2, 2), (1, 1, 0, 0), (1, 1), 1, False, F32, GEMM),
     ("dense16-co-tail", (1, 16, 13, 17), 14, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, False, F32, None),
     ("dense16-direct", (1, 16, 13, 17), 14, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, False, F32, DIRECT),
     ("dense-f64", (2, 16, 13, 17), 14, (3, 3), (2, 1), (1, 1, 1, 1), (1, 1), 1, True, F64, None),
