@@ -34,18 +34,20 @@ class _Frame:
     shape: tuple[int, ...]
     env: dict
     device: torch.device
+    starts: tuple[int, ...] = ()     # each axis's first value (0 unless a range was given)
 
 
 def _frame(axes, binding: Binding, device, ranges: Mapping | None = None) -> _Frame:
     env: dict = {d: v for d, v in binding.dims.items()}
-    shape = []
+    shape, starts = [], []
     for k, a in enumerate(axes):
         start, n = (ranges or {}).get(a, (0, binding.extents[a]))
         view = [1] * len(axes)
         view[k] = n
         env[a] = torch.arange(start, start + n, device=device).view(view)
         shape.append(n)
-    return _Frame(tuple(axes), tuple(shape), env, device)
+        starts.append(int(start))
+    return _Frame(tuple(axes), tuple(shape), env, device, tuple(starts))
 
 
 @functools.lru_cache(maxsize=256)
@@ -135,7 +137,7 @@ class _Evaluator:
         modulo their strides and read at ``floor(axis / s)`` (the phase interleave of
         :mod:`opgen.ir.passes.phases`), as one strided copy per tensor; None for any other map."""
         branches = _phase_branches(node.value, fr.axes)
-        if branches is None or any(fr.env[a].flatten()[0] != 0 for a in fr.axes):
+        if branches is None or any(fr.starts):
             return None
         out = torch.empty(fr.shape, dtype=_compute_dtype(node.value.dtype), device=self.device)
         for residues, acc in branches:
@@ -375,12 +377,13 @@ def _shift_dim(src: torch.Tensor, k: int, m: int, c: int, extent: int) -> torch.
         sl[k] = slice(start, start + m * (hi - lo - 1) + 1, m)
     if lo == 0 and hi == extent:
         return src[tuple(sl)]                               # nothing falls outside: a strided view
-    shape = list(src.shape)
-    shape[k] = extent
-    out = src.new_zeros(shape)
-    if hi > lo:
-        out.narrow(k, lo, hi - lo).copy_(src[tuple(sl)])
-    return out
+    if hi <= lo:
+        shape = list(src.shape)
+        shape[k] = extent
+        return src.new_zeros(shape)
+    pad = [0, 0] * (src.dim() - k)                          # F.pad lists the last dim first
+    pad[-2:] = [lo, extent - hi]
+    return F.pad(src[tuple(sl)], pad)
 
 
 def _direct_view(src: torch.Tensor, acc: Access, fr: _Frame, masked: bool = False) -> torch.Tensor | None:
@@ -396,7 +399,7 @@ def _direct_view(src: torch.Tensor, acc: Access, fr: _Frame, masked: bool = Fals
         if ax not in fr.axes:
             return None
         p = fr.axes.index(ax)
-        if fr.env[ax].flatten()[0] != 0:
+        if fr.starts[p]:
             return None
         if m != 1 or c != 0:
             src = _shift_dim(src, k, m, c, fr.shape[p])
@@ -436,7 +439,7 @@ def _combine(m: Monoid, acc: torch.Tensor, x: torch.Tensor, ev: _Evaluator) -> t
     fast = {"sum": torch.add, "prod": torch.mul, "max": torch.maximum, "min": torch.minimum}
     if m.name in fast and m.combine == _builtin_combine(m.name):
         return fast[m.name](acc, x)
-    fr = _Frame((), (), {}, ev.device)
+    fr = _Frame((), (), {}, ev.device, ())
     return ev.expr(m.combine, fr, "", (acc, x))
 
 

@@ -1,7 +1,8 @@
 """The Triton window kernels on the reductions of generated backward convolutions, in Triton's interpreter.
 
 On CUDA the session runs a backward op node by node, and every reduction node that is a window group runs on the
-Triton window kernels: the flipped-window data gradient, the zero-inserted gradient of a strided conv, the
+Triton window kernels: the flipped-window data gradient, the phases of a strided conv's data gradient
+(``opgen.ir.passes.phases``), the zero-inserted gradient where the dilation is a multiple of the stride, the
 re-laid-out weight of a grouped conv (``opgen.ir.passes.restage``), and the strided weight gradient (a window
 whose "weight" is the output gradient). Run as a script with ``TRITON_INTERPRET=1`` (set before triton is
 imported, hence a subprocess), this file evaluates each backward op node by node with the reference interpreter
@@ -85,8 +86,11 @@ def test_backward_window_nodes_match_the_interpreter(tmp_path):
     ran = [ln for ln in lines if ln.startswith("OK")]
     # every case's data gradient and the strided dense weight gradient run on the window kernels
     assert len(ran) >= 4, proc.stdout
-    assert all(any(ln.startswith(f"OK {label} t0 ") for ln in ran) for label, *_ in
+    # (a strided data gradient runs as one window per phase, t0_p00 ..., or, with a dilation that is a multiple of
+    # the stride, as one window over the zero-inserted gradient, t0)
+    assert all(any(ln.startswith((f"OK {label} t0 ", f"OK {label} t0_p")) for ln in ran) for label, *_ in
                [("dense stride 2",), ("groups 2 stride 2 dilation 2",), ("depthwise 5x5 stride 2",)]), proc.stdout
+    assert sum(ln.startswith("OK dense stride 2 t0_p") for ln in ran) == 4, proc.stdout
 
 
 if __name__ == "__main__":
