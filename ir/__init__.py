@@ -1,6 +1,6 @@
 """opgen.ir: the symbolic IR (dims, axes, value expressions, Map/Reduce/Scan nodes, ops), range inference,
 verification, binding and printing. Needs only sympy, networkx and numpy."""
-from .bind import Binding, bind
+from .bind import Binding, bind, reduction_terms
 from .builder import (BF16, F16, F32, F64, Float, OpBuilder, OpDef, TensorRef, active, axes, axis, compute, max,
                       min, op, prod, reduce, scan, sum)
 from .dtypes import DType, accum_dtype, as_dtype, promote
@@ -21,6 +21,6 @@ __all__ = [
     "ExprOp", "absolute", "cast", "const", "exp", "index", "load", "log", "maximum", "minimum", "sigmoid", "silu",
     "softplus", "sqrt", "tanh", "where", "MAX", "MIN", "PROD", "SUM", "Affine", "Associative", "Map", "Monoid",
     "Reduce", "Scan", "TensorParam", "monoid", "Op", "expr_str", "index_str", "op_str", "Axis", "Dim", "dims",
-    "Traversal", "backward", "column_major", "forward", "row_major", "strided", "zigzag", "Binding", "bind",
+    "Traversal", "backward", "column_major", "forward", "row_major", "strided", "zigzag", "Binding", "bind", "reduction_terms",
     "AccessStatus", "access_report",
 ]

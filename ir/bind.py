@@ -26,6 +26,14 @@ class Binding:
         return evaluate_int(e, {**self.dims, **self.extents})
 
 
+def reduction_terms(node, binding: Binding) -> int:
+    """Output elements times reduction extent of a Reduce ``node`` at ``binding``'s sizes (its multiply-adds)."""
+    n = 1
+    for a in tuple(node.axes) + tuple(node.raxes):
+        n *= int(binding.extents[a])
+    return n
+
+
 def _shape_str(shape: Sequence[sympy.Expr]) -> str:
     return "[" + ", ".join(index_str(s) for s in shape) + "]"
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import itertools
+
 import sympy
 
 from .symbols import Axis
@@ -125,24 +127,50 @@ def _corner_products(bs: list[Bounds]) -> list[sympy.Expr]:
 
 
 def _proved(rel: sympy.Basic) -> bool:
-    """True only when sympy can decide ``rel`` is true for all positive dims."""
+    """True only when sympy can decide ``rel`` is true for all positive dims. A ``Max`` / ``Min`` term is first
+    replaced, where that is sound, by one of its arguments (``Max(0, x) >= x`` and ``>= 0``), so that a padding
+    written ``Max(0, need)`` proves without sympy's slow and rarely successful simplification of ``Max``."""
     r = sympy.sympify(rel)
     if r is sympy.true:
         return True
     if r is sympy.false or not isinstance(r, sympy.core.relational.Relational):
         return False
-    diff = sympy.simplify(r.lhs - r.rhs)
-    if isinstance(r, (sympy.GreaterThan,)):
-        return bool(diff.is_nonnegative)
-    if isinstance(r, (sympy.StrictGreaterThan,)):
-        return bool(diff.is_positive)
-    if isinstance(r, (sympy.LessThan,)):
-        return bool(diff.is_nonpositive) or bool(_drop_floors(diff).is_nonpositive)
-    if isinstance(r, (sympy.StrictLessThan,)):
-        return bool(diff.is_negative)
     if isinstance(r, sympy.Equality):
-        return bool(diff == 0)
-    return False
+        return bool(sympy.simplify(r.lhs - r.rhs) == 0)
+    upper = isinstance(r, (sympy.LessThan, sympy.StrictLessThan))      # prove diff <= 0 (< 0), else >= 0 (> 0)
+    diff = sympy.expand(r.lhs - r.rhs)
+    variants = [d for d in _minmax_free(diff, upper) if not d.has(sympy.Max, sympy.Min)]
+    if any(_sign_holds(d, r) for d in variants):          # decided without simplification (cheap)
+        return True
+    return any(_sign_holds(sympy.simplify(d), r) for d in variants[:2])    # simplify is slow: two tries
+
+
+def _sign_holds(diff: sympy.Expr, r: sympy.Basic) -> bool:
+    if isinstance(r, sympy.GreaterThan):
+        return bool(diff.is_nonnegative)
+    if isinstance(r, sympy.StrictGreaterThan):
+        return bool(diff.is_positive)
+    if isinstance(r, sympy.LessThan):
+        return bool(diff.is_nonpositive) or bool(_drop_floors(diff).is_nonpositive)
+    return bool(diff.is_negative)
+
+
+def _minmax_free(e: sympy.Expr, upper: bool, limit: int = 16) -> list[sympy.Expr]:
+    """``e`` itself, then bounds of ``e`` (upper bounds if ``upper``, else lower) with its top-level ``Max`` /
+    ``Min`` terms replaced by one argument each where the replacement bounds the term the right way: a ``Max``
+    whose coefficient's sign makes a smaller value a bound (``Max(a, b) >= a``), a ``Min`` the other way."""
+    out = [e]
+    choices = []
+    for t in sympy.Add.make_args(e):
+        coeff, rest = t.as_independent(sympy.Max, sympy.Min)
+        if not isinstance(rest, (sympy.Max, sympy.Min)) or not coeff.is_number or coeff == 0:
+            continue
+        shrink = (coeff < 0) == upper       # replacing the term by a smaller value bounds e the right way
+        if isinstance(rest, sympy.Max) == shrink:
+            choices.append((t, [coeff * a for a in rest.args]))
+    for combo in itertools.islice(itertools.product(*(alts for _, alts in choices)), limit):
+        out.append(sympy.expand(e - sum(t for t, _ in choices) + sum(combo)))
+    return out
 
 
 def _drop_floors(e: sympy.Expr) -> sympy.Expr:

@@ -7,6 +7,8 @@ zero-padded halo, is guarded by a predicate, or must be checked when sizes are b
 """
 from __future__ import annotations
 
+import functools
+
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
@@ -207,8 +209,10 @@ def access_status(acc: Access, shape: tuple[sympy.Expr, ...], ext: Mapping[Axis,
     return AccessStatus(proven, padded, guarded and not proven)
 
 
-def access_report(op: "Op") -> list[tuple[str, Access, AccessStatus]]:
-    """(node output, access, status) for every distinct access of every node."""
+@functools.lru_cache(maxsize=256)
+def access_report(op: "Op") -> tuple[tuple[str, Access, AccessStatus], ...]:
+    """(node output, access, status) for every distinct access of every node; computed once per op (the proofs
+    are symbolic, ~0.1 s an access, and every binding of the op at new sizes asks)."""
     ext = dict(op.extents)
     out = []
     for n in op.nodes:
@@ -220,4 +224,4 @@ def access_report(op: "Op") -> list[tuple[str, Access, AccessStatus]]:
                     continue
                 seen.add(acc)
                 out.append((n.out, acc, access_status(acc, op.tensor(acc.tensor).shape, ext, guarded)))
-    return out
+    return tuple(out)

@@ -23,17 +23,21 @@ class Config:
     backend: "auto" picks the best available target; "reference" forces the torch interpreter.
     reference_max_elements: memory budget (elements) of one reference reduction before it is chunked.
     tune_storage: tuning store URL (None: the embedded journal under ``cache_dir``/tune).
+    min_node_kernel_work: a reduction node of an op run node by node (a generated backward op) gets a compiled
+        kernel only from this many terms (output elements x reduction extent) at the call's sizes; below, the
+        interpreter runs it as fast as a kernel would, without a compile (~2 s per kernel).
     """
 
     cache_dir: Path = field(default_factory=_default_cache_dir)
     backend: str = "auto"
     reference_max_elements: int = 1 << 26
     tune_storage: str | None = None
+    min_node_kernel_work: int = 1 << 20
 
 
 def from_env(env: dict[str, str] | None = None) -> Config:
     """A :class:`Config` from ``OPGEN_CACHE_DIR``, ``OPGEN_BACKEND``, ``OPGEN_TUNE_STORAGE``,
-    ``OPGEN_REFERENCE_MAX_ELEMENTS``."""
+    ``OPGEN_REFERENCE_MAX_ELEMENTS``, ``OPGEN_MIN_NODE_KERNEL_WORK``."""
     env = dict(os.environ if env is None else env)
     kw: dict = {}
     if env.get("OPGEN_CACHE_DIR"):
@@ -44,4 +48,6 @@ def from_env(env: dict[str, str] | None = None) -> Config:
         kw["tune_storage"] = env["OPGEN_TUNE_STORAGE"]
     if env.get("OPGEN_REFERENCE_MAX_ELEMENTS"):
         kw["reference_max_elements"] = int(env["OPGEN_REFERENCE_MAX_ELEMENTS"])
+    if env.get("OPGEN_MIN_NODE_KERNEL_WORK"):
+        kw["min_node_kernel_work"] = int(env["OPGEN_MIN_NODE_KERNEL_WORK"])
     return Config(**kw)

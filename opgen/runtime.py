@@ -10,7 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from opgen.ir import ArgumentError, Binding, Op, ShapeError, bind
+from opgen.ir import ArgumentError, Binding, Op, ShapeError, bind, reduction_terms
 from opgen.targets.base import TargetRegistry
 
 from .config import Config, from_env
@@ -128,6 +128,8 @@ class Session:
                 continue
             sub = node_op(op, k)
             sb = _sub_binding(binding, sub)
+            if isinstance(n, Reduce) and reduction_terms(n, sb) < self.config.min_node_kernel_work:
+                continue                     # small: the interpreter is as fast, and there is no compile
             try:
                 t = self.targets.select(sub, device)
             except LookupError:

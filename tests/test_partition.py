@@ -18,10 +18,7 @@ pytest.importorskip("tvm")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-11)])
-def test_backward_scans_run_compiled(tmp_path, dtype, tol, monkeypatch):
-    import opgen.targets.tvm.reduce as reduce_kernels
-
-    monkeypatch.setattr(reduce_kernels, "MIN_WORK", 0)        # small sizes: compile the reductions anyway
+def test_backward_scans_run_compiled(tmp_path, dtype, tol):
     F = DType.f32 if dtype == torch.float32 else DType.f64
     op = declare_selective_scan(F, F, F, F, F, "variable", "variable", F, F, F, True, True)
     back = grad_op(op, ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"])
@@ -30,7 +27,7 @@ def test_backward_scans_run_compiled(tmp_path, dtype, tol, monkeypatch):
     ins = dict(u=r(b, d, length), delta=r(b, d, length), A=-torch.rand(d, n, dtype=dtype), B=r(b, n, length),
                C=r(b, n, length), D=r(d), z=r(b, d, length), delta_bias=r(d), grad_out=r(b, d, length),
                grad_last_state=r(b, d, n))
-    session = make_session(Config(cache_dir=tmp_path))
+    session = make_session(Config(cache_dir=tmp_path, min_node_kernel_work=0))   # small: compile them anyway
     binding = bind(back, {k: tuple(v.shape) for k, v in ins.items()})
     runner = session._node_runner(back, binding, "cpu", ins)
     assert runner is not None
@@ -38,8 +35,8 @@ def test_backward_scans_run_compiled(tmp_path, dtype, tol, monkeypatch):
     assert reductions and runner.compiled == {"h": "tvm", "adj_h": "tvm", **{r: "tvm" for r in reductions}}
     got = session.run(back, ins)
     want = evaluate(back, ins, binding)
-    monkeypatch.setattr(reduce_kernels, "MIN_WORK", 10**12)   # and above the work threshold they are left alone
-    fresh = make_session(Config(cache_dir=tmp_path))             # (a session memoizes its node plans)
+    # below the work threshold the reductions are left to the interpreter
+    fresh = make_session(Config(cache_dir=tmp_path, min_node_kernel_work=10**12))
     assert fresh._node_runner(back, binding, "cpu", ins).compiled == {"h": "tvm", "adj_h": "tvm"}
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=tol, atol=tol * max(1.0, want[k].abs().max().item()))

@@ -29,8 +29,6 @@ from .expr import (Code, ExprEmitter, IndexRenderer, Scope, compute_dtype, const
                    write_func_head)
 
 SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
-#: terms (output elements x reduction extent) below which the session leaves a reduction to the interpreter
-MIN_WORK = 1 << 20
 _MONOIDS = {SUM: ("0", "{a} + {v}"), PROD: ("1", "{a} * {v}"), MAX: ("-inf", "T.max({a}, {v})"),
             MIN: ("inf", "T.min({a}, {v})")}
 
@@ -58,15 +56,6 @@ def reduce_supported(op: Op) -> tuple[bool, str]:
         if n.op is ExprOp.ARG:
             return False, f"op {op.name}: the value uses monoid arguments"
     return True, ""
-
-
-def reduce_work(op: Op, binding) -> int:
-    """Output elements times reduction extent of the single-Reduce ``op`` at ``binding``'s sizes."""
-    node = op.nodes[0]
-    work = 1
-    for a in tuple(node.axes) + tuple(node.raxes):
-        work *= int(binding.extents[a])
-    return work
 
 
 def render_reduce(op: Op, index_bits: int = 32, fast_math: bool = True, vector: int = 1) -> ReduceSource:

@@ -387,15 +387,11 @@ class TVMTarget:
         return call
 
     def supports_node(self, op: Op, device_kind: str, binding=None) -> bool:
-        """A single builtin reduction (node by node execution of a generated backward op), on the CPU, with at
-        least :data:`~.reduce.MIN_WORK` terms at ``binding``'s sizes (below that the interpreter is as fast and a
-        kernel's compile, ~1 s, does not pay)."""
-        from .reduce import reduce_supported, reduce_work
-        from . import reduce as _reduce
+        """A single builtin reduction (node by node execution of a generated backward op) on the CPU. (Whether a
+        node is worth a kernel at its sizes is the session's call: ``Config.min_node_kernel_work``.)"""
+        from .reduce import reduce_supported
 
-        if device_kind != "cpu" or not reduce_supported(op)[0]:
-            return False
-        return binding is None or reduce_work(op, binding) >= _reduce.MIN_WORK
+        return device_kind == "cpu" and reduce_supported(op)[0]
 
     def run_node(self, op: Op, inputs: Mapping, binding) -> dict:
         """Run a single-reduction op with the reduction kernel (:mod:`.reduce`)."""
