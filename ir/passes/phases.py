@@ -159,8 +159,7 @@ def split_strided_phases(op: Op, k: int) -> Op | None:
             new_ext.append((j, taps))
             subst_w[d.k] = k0 + d.s * j
             dindex[d.dim] = q + e - j
-            rows = sympy.floor((ext[d.u] + d.s - 1) / d.s)
-            dpad[d.dim] = (sympy.Max(0, taps - 1 - e), sympy.Max(0, rows + e - dsrc.shape[d.dim]))
+            dpad[d.dim] = (sympy.Max(0, taps - 1 - e), sympy.Max(0, dict(new_ext)[q] + e - dsrc.shape[d.dim]))
             wdim = weight.arg.index.index(d.k)
             wpad[wdim] = (_ZERO, sympy.Max(0, k0 + d.s * (taps - 1) - ext[d.k] + 1))
         # the weight's phase taps at plain axes: output axes first, then reduction axes (window axes -> j)
@@ -176,8 +175,8 @@ def split_strided_phases(op: Op, k: int) -> Op | None:
         nodes.append(Map(wname, tuple(w_axes), Expr(ExprOp.LOAD, wsrc.dtype, (), Access(
             weight.arg.tensor, windex, tuple(wpad)))))
         # the phase: a stride-1 (flipped) window reduction over the data
-        p_axes = tuple(q_of(a, dims, qs) for a in node.axes)
-        p_raxes = tuple(j_of(a, dims, js) for a in node.raxes)
+        p_axes = tuple(_q_of(a, dims, qs) for a in node.axes)
+        p_raxes = tuple(_j_of(a, dims, js) for a in node.raxes)
         any_pad = any(lo != 0 or hi != 0 for lo, hi in dpad)
         new_data = Expr(ExprOp.LOAD, data.dtype, (), Access(data.arg.tensor, tuple(dindex),
                                                              tuple(dpad) if any_pad else None))
@@ -187,8 +186,8 @@ def split_strided_phases(op: Op, k: int) -> Op | None:
         pshape = tuple(w_ext[a] for a in p_axes)
         temps.append(TensorParam(pname, pshape, out_t.dtype, "temp"))
         nodes.append(Reduce(pname, p_axes, p_raxes, value, node.monoid, None))
-        read = load(pname, [sympy.floor(a / dims[[d.u for d in dims].index(a)].s) if a in {d.u for d in dims} else a
-                            for a in node.axes], out_t.dtype)
+        strides = {d.u: d.s for d in dims}
+        read = load(pname, [sympy.floor(a / strides[a]) if a in strides else a for a in node.axes], out_t.dtype)
         phase_reads.append((ph, read))
     # dx[.., u] = phase[u mod s][.., u // s]: the last phase is the fallthrough
     value = phase_reads[-1][1]
@@ -199,7 +198,7 @@ def split_strided_phases(op: Op, k: int) -> Op | None:
     return splice(op, k, temps, nodes, new_ext)
 
 
-def q_of(a: Axis, dims: list[_Strided], qs: tuple[Axis, ...]) -> Axis:
+def _q_of(a: Axis, dims: list[_Strided], qs: tuple[Axis, ...]) -> Axis:
     """The phase row axis that replaces output axis ``a`` (``a`` itself when it is not strided)."""
     for d, q in zip(dims, qs):
         if d.u == a:
@@ -207,7 +206,7 @@ def q_of(a: Axis, dims: list[_Strided], qs: tuple[Axis, ...]) -> Axis:
     return a
 
 
-def j_of(a: Axis, dims: list[_Strided], js: tuple[Axis, ...]) -> Axis:
+def _j_of(a: Axis, dims: list[_Strided], js: tuple[Axis, ...]) -> Axis:
     """The phase tap axis that replaces window axis ``a`` (``a`` itself when it is not strided)."""
     for d, j in zip(dims, js):
         if d.k == a:
