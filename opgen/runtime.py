@@ -45,6 +45,7 @@ class Session:
     def run(self, op: Op, inputs: Mapping, dims: Mapping[str, int] | None = None, who: str | None = None) -> dict:
         """Execute ``op`` on named torch ``inputs`` with the tuned config for this shape (default config when
         nothing was tuned); returns the outputs by name."""
+        inputs = resolve_views(inputs)
         needs_grad = _needs_autograd(inputs)
         key = None
         if not needs_grad:
@@ -81,6 +82,8 @@ class Session:
         ``out`` and ``lse`` and the output gradient ``dout``: the flash backward of the target that runs the
         forward when it has one, else the reference (torch autograd through the interpreter)."""
         who = who or f"op {op.name}"
+        inputs = resolve_views(inputs)
+        out, lse, dout = (_resolved(x) for x in (out, lse, dout))
         shapes = {name: tuple(x.shape) for name, x in inputs.items()}
         b = self.binding(op, shapes, {}, who)
         device = next(iter(inputs.values())).device.type
@@ -159,6 +162,21 @@ class Session:
             self._bindings[key] = lookup_config(op, binding, target, self.config.tune_storage,
                                                 self.config.cache_dir)
         return self._bindings[key]
+
+
+def _resolved(x):
+    """``x`` with a pending negation or conjugation (``torch._neg_view``, ``.conj()``) applied: kernels read the
+    storage through its data pointer, which does not see those bits."""
+    if x.is_neg() or x.is_conj():
+        return x.resolve_neg().resolve_conj()
+    return x
+
+
+def resolve_views(inputs: Mapping) -> Mapping:
+    """``inputs`` with every neg / conj view resolved (the same mapping when there is none: the usual case)."""
+    if not any(x.is_neg() or x.is_conj() for x in inputs.values()):
+        return inputs
+    return {k: _resolved(x) for k, x in inputs.items()}
 
 
 def _sub_binding(binding: Binding, sub: Op) -> Binding:
