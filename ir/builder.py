@@ -27,6 +27,7 @@ import sympy
 
 from .dtypes import DType, accum_dtype, as_dtype, promote
 from .errors import IRError
+from .names import check_qualname
 from .expr import Access, Expr, ExprLike, ExprOp, as_expr, load
 from .nodes import MAX, MIN, PROD, SUM, Affine, Associative, Map, Monoid, Reduce, Scan, TensorParam
 from .op import Op
@@ -106,7 +107,7 @@ class OpBuilder:
     """Collects tensors and nodes of one op; :meth:`build` infers extents, verifies and returns the :class:`Op`."""
 
     def __init__(self, name: str, attrs: Mapping[str, Any] | None = None) -> None:
-        self.name = name
+        self.name = check_qualname("op", name)
         self.attrs = tuple(sorted((attrs or {}).items()))
         self._inputs: list[TensorParam] = []
         self._nodes: list = []

@@ -19,6 +19,7 @@ import sympy
 
 from .dtypes import DType, promote
 from .errors import IRError
+from .names import check_name
 
 
 class ExprOp(enum.Enum):
@@ -75,6 +76,9 @@ class Access:
     tensor: str
     index: tuple[sympy.Expr, ...]
     pad: tuple[tuple[sympy.Expr, sympy.Expr], ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_name("tensor", self.tensor)
 
     def padding(self, k: int) -> tuple[sympy.Expr, sympy.Expr]:
         """The (lo, hi) zero padding of dimension ``k``."""

@@ -13,6 +13,7 @@ import sympy
 
 from .dtypes import DType
 from .expr import Expr, ExprOp, arg, binary
+from .names import check_name
 from .symbols import Axis
 from .traversal import Traversal
 
@@ -26,6 +27,9 @@ class TensorParam:
     dtype: DType
     kind: str = "input"   # "input" | "output" | "temp"
     lookup: bool = False  # a table read at computed positions: its sizes never define axis extents
+
+    def __post_init__(self) -> None:
+        check_name("tensor", self.name)
 
     @property
     def rank(self) -> int:
@@ -43,6 +47,9 @@ class Monoid:
     name: str
     identity: float
     combine: Expr
+
+    def __post_init__(self) -> None:
+        check_name("monoid", self.name)
 
     def __str__(self) -> str:
         return self.name

@@ -15,6 +15,7 @@ import networkx as nx
 import sympy
 
 from .expr import loads
+from .names import check_qualname
 from .nodes import Node, TensorParam
 from .symbols import Axis, Dim
 
@@ -30,6 +31,9 @@ class Op:
     derived: tuple[tuple[Dim, sympy.Expr], ...] = ()
     constraints: tuple[tuple[sympy.Basic, str], ...] = ()
     attrs: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        check_qualname("op", self.name)
 
     def __hash__(self) -> int:
         """Computed once per op (an op is hashed on every call: binding, config and kernel caches are keyed by

@@ -9,11 +9,14 @@ from typing import Iterable
 
 import sympy
 
+from .names import check_name
+
 
 class Dim(sympy.Symbol):
     """A symbolic size: a positive integer bound when an op is called."""
 
     def __new__(cls, name: str) -> "Dim":
+        check_name("dim", name)
         return super().__new__(cls, name, integer=True, positive=True)
 
 
@@ -21,6 +24,7 @@ class Axis(sympy.Symbol):
     """A loop index ranging over ``[0, extent)``; its extent is declared or inferred from the tensors it indexes."""
 
     def __new__(cls, name: str) -> "Axis":
+        check_name("axis", name)
         return super().__new__(cls, name, integer=True, nonnegative=True)
 
 

@@ -42,7 +42,8 @@ from opgen.ir import ArgumentError, DType, Expr, accum_dtype, as_dtype, promote
 from opgen.ir.dtypes import to_torch
 from opgen.ir.errors import FallbackWarning, UnsupportedConstruct
 from opgen.ir.serialize import expr_from_obj, expr_to_obj
-from opgen.ir.symbols import Dim
+from opgen.ir.expr import ExprOp
+from opgen.ir.symbols import Axis, Dim
 from opgen.runtime import default_session
 
 WHO = "torch.ops.opgen.attention"
@@ -75,8 +76,13 @@ def spec_to_json(score_dtype: DType, score: Expr, mask: Expr | None,
 @functools.lru_cache(maxsize=256)
 def parse_spec(spec: str) -> AttentionSpec:
     """Parse (and cache) a ``spec`` string written by :func:`spec_to_json`."""
+    if not isinstance(spec, str) or len(spec) > MAX_SPEC_CHARS:
+        raise ArgumentError(f"{WHO}: argument 'spec' must be a string of at most {MAX_SPEC_CHARS} characters, got "
+                            f"{type(spec).__name__} of length {len(spec) if isinstance(spec, str) else '-'}")
     try:
         obj = json.loads(spec)
+    except RecursionError:
+        raise ArgumentError(f"{WHO}: argument 'spec' is nested too deeply to be an attention spec") from None
     except (TypeError, ValueError) as exc:
         raise ArgumentError(f"{WHO}: argument 'spec' is not valid JSON ({exc}); build it with "
                             f"opgen.attention_op.prepare_mods") from None
@@ -84,11 +90,74 @@ def parse_spec(spec: str) -> AttentionSpec:
         raise ArgumentError(f"{WHO}: argument 'spec' is not an attention spec of format {SPEC_FORMAT!r} version "
                             f"{SPEC_VERSION}; build it with opgen.attention_op.prepare_mods")
     try:
-        caps = tuple((DType(c["dtype"]), tuple(Dim(d) for d in c["dims"])) for c in obj["captures"])
+        caps = _spec_captures(obj["captures"])
         mask = None if obj["mask"] is None else expr_from_obj(obj["mask"])
-        return AttentionSpec(DType(obj["score_dtype"]), expr_from_obj(obj["score"]), mask, caps)
-    except (KeyError, TypeError, ValueError) as exc:
+        parsed = AttentionSpec(DType(obj["score_dtype"]), expr_from_obj(obj["score"]), mask, caps)
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise ArgumentError(f"{WHO}: argument 'spec' is malformed: {exc}") from None
+    _check_spec_leaves(parsed)
+    return parsed
+
+
+# A spec is data from outside (a string argument: it can come from an edited exported program), so everything
+# in it must be what the tracer writes: captures named capture{n}, their dims capture{n}_{k}, loads of the raw
+# score over (b, h, i, j) or of a capture with one index per dim, and index symbols from that fixed set.
+MAX_SPEC_CHARS = 1 << 20
+MAX_CAPTURES = 64
+MAX_CAPTURE_RANK = 8
+
+
+def _spec_captures(items: Any) -> tuple[tuple[DType, tuple[Dim, ...]], ...]:
+    if not isinstance(items, list) or len(items) > MAX_CAPTURES:
+        raise ValueError(f"'captures' must be a list of at most {MAX_CAPTURES} entries")
+    out = []
+    for n, c in enumerate(items):
+        if not isinstance(c, dict) or set(c) != {"dtype", "dims"} or not isinstance(c["dims"], list):
+            raise ValueError(f"captures[{n}] must be an object with keys 'dtype' and 'dims' (a list)")
+        expected = [f"capture{n}_{k}" for k in range(len(c["dims"]))]
+        if len(expected) > MAX_CAPTURE_RANK or c["dims"] != expected:
+            raise ValueError(f"captures[{n}].dims must be {expected[:MAX_CAPTURE_RANK]} (at most "
+                             f"{MAX_CAPTURE_RANK}), got {str(c['dims'])[:120]}")
+        out.append((DType(c["dtype"]), tuple(Dim(d) for d in expected)))
+    return tuple(out)
+
+
+def _check_spec_leaves(spec: AttentionSpec) -> None:
+    """Raise :class:`ArgumentError` unless every load and index symbol of ``spec`` is one the tracer makes."""
+    from opgen.ops.attention import _AXES, _EXTENTS, SCORE  # lazy: opgen.ops.attention imports this module
+
+    symbols = set(_AXES) | set(_EXTENTS) | {d for _, dims_ in spec.captures for d in dims_}
+    ranks = {f"capture{n}": len(dims_) for n, (_, dims_) in enumerate(spec.captures)}
+    for what, e in (("score", spec.score), ("mask", spec.mask)):
+        if e is None:
+            continue
+        for node in e.walk():
+            bad = ""
+            if node.op is ExprOp.ARG:
+                bad = "a monoid operand"
+            elif node.op is ExprOp.LOAD:
+                acc = node.arg
+                if acc.tensor == SCORE and what == "score":
+                    if tuple(acc.index) != tuple(_AXES) or acc.pad is not None:
+                        bad = f"a load of {SCORE} at {acc.index} (only [b, h, i, j])"
+                elif ranks.get(acc.tensor) != len(acc.index):
+                    bad = f"a load of {acc.tensor!r} with {len(acc.index)} indices (loads: " \
+                          f"{'score, ' if what == 'score' else ''}{', '.join(ranks) or 'no captures'})"
+                leaves = [*acc.index, *(x for pair in acc.pad or () for x in pair)]
+            elif node.op is ExprOp.INDEX:
+                leaves = [node.arg]
+            else:
+                leaves = []
+            if not bad:
+                for leaf in leaves:
+                    unknown = sorted(map(str, getattr(leaf, "free_symbols", set()) - symbols))
+                    foreign = [s for s in getattr(leaf, "free_symbols", ()) if type(s) not in (Axis, Dim)]
+                    if unknown or foreign:
+                        bad = f"the index symbols {unknown or foreign} (allowed: b, h, i, j, B, HQ, L, S, capture dims)"
+                        break
+            if bad:
+                raise ArgumentError(f"{WHO}: argument 'spec' is malformed: its {what} expression has {bad}; build "
+                                    f"the spec with opgen.attention_op.prepare_mods")
 
 
 def _trace(who: str, score_mod: Callable | None, mask_mod: Callable | None, score_dtype: DType):
