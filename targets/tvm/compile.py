@@ -1,56 +1,42 @@
 """Compiling TVMScript source to callable kernels, cached in memory and on disk.
 
-Key: sha256 of (source text, target JSON, tvm version, tvm-ffi version). In memory a dict maps the key to the
-``tvm_ffi.Function`` (``ex["main"]`` costs ~16-20 us per lookup, so it is looked up once). On disk the compiled
-module is exported to ``<cache_dir>/tvm/<key>.so`` (written to a temporary file, then ``os.replace``d, so a
-concurrent reader never sees half a file) and a later process loads it with ``tvm.runtime.load_module`` instead of
-compiling (<1 ms instead of 0.1-0.5 s). A file that fails to load (corrupted, truncated, foreign) is compiled again
-and replaced. Generated sources are written the same way to ``<cache_dir>/tvm/src/<key>.py`` and imported under a
-unique module name: TVMScript reads the source of the function it parses, so it must live in a real file.
+Key: sha256 of (source text, target JSON, tvm version, tvm-ffi version); the source is rendered from the
+schedule config, so the key covers the config too. In memory a dict maps the key to the ``tvm_ffi.Function``
+(``ex["main"]`` costs ~16-20 us per lookup, so it is looked up once).
+
+On disk (``<cache_dir>/tvm``, see :mod:`opgen.targets.cache_files` for how the directory is chosen and checked)
+the compiled module is exported to a temporary file, fsynced, renamed to ``<key>.so``, and then a sidecar
+``<key>.so.sum`` holding the key, the size and the sha256 of the file's bytes is written (fsynced, last). A later
+process reads the ``.so``, and only if its bytes match the sidecar (and the sidecar names this key) loads it with
+``tvm.runtime.load_module`` (<1 ms instead of 0.1-0.5 s of compiling). A missing or malformed sidecar, a size or
+hash mismatch (a truncated or damaged file), or the ``.so`` + sidecar of another key copied under this name are
+never loaded: the kernel is compiled again and both files replaced (``CacheStats.rejected``). A cache directory
+that is not owned by this user or that other users can write is not used at all.
+
+The generated source is executed from the text in memory (``compile`` + ``exec``: no import system, so no
+``__pycache__`` is read or written); the text is also written to ``<cache_dir>/tvm/src/<key>.py`` for reading
+(best effort; TVMScript reads the function's source through ``linecache``, where the in-memory text is
+registered, never from that file).
+
+When the cache directory cannot be written (read-only, full, unwritable ``HOME``) kernels are still compiled and
+kept in memory, with one :class:`~opgen.targets.cache_files.CacheDirWarning`.
 
 tvm is imported on first use only.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import itertools
 import os
-import sys
-import tempfile
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cache_files import cache_subdir, exec_source, give_up, read_private_file, read_verified
+from ..cache_files import sidecar_path, temp_name, write_atomic, write_sidecar
+
 _MODULE_IDS = itertools.count()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-_SRC_DIR: Path | None = None
-
-
-def _process_src_dir() -> Path:
-    """One temporary directory per process for the sources of caches without a cache_dir (removed at exit)."""
-    global _SRC_DIR
-    if _SRC_DIR is None:
-        import atexit
-        import shutil
-
-        _SRC_DIR = Path(tempfile.mkdtemp(prefix="opgen-tvm-src-"))
-        atexit.register(shutil.rmtree, _SRC_DIR, True)
-    return _SRC_DIR
 
 
 def host_target():
@@ -67,7 +53,9 @@ class CacheStats:
     compiled: int = 0        # tvm.compile calls
     loaded: int = 0          # .so files loaded from disk
     memory_hits: int = 0
-    load_failures: int = 0   # .so files that could not be loaded (then compiled again)
+    load_failures: int = 0   # .so files not used (refused by the check, or failing to load): compiled again
+    rejected: int = 0        # of those, refused before loading (no/wrong sidecar, size or sha256 mismatch)
+    last_rejection: str = ""
 
 
 @dataclass
@@ -108,16 +96,18 @@ class KernelCache:
         return h.hexdigest()
 
     def so_path(self, key: str) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / "tvm" / f"{key}.so"
+        """Where the compiled module of ``key`` lives (None: no usable cache directory, memory only)."""
+        d = cache_subdir(self.cache_dir, "tvm")
+        return None if d is None else d / f"{key}.so"
 
-    def source_path(self, key: str) -> Path:
-        if self.cache_dir is not None:
-            return self.cache_dir / "tvm" / "src" / f"{key}.py"
-        return _process_src_dir() / f"{key}.py"
+    def source_path(self, key: str) -> Path | None:
+        """Where the generated source of ``key`` is written for reading (None: not written)."""
+        d = cache_subdir(self.cache_dir, "tvm", "src")
+        return None if d is None else d / f"{key}.py"
 
     # lookup ------------------------------------------------------------------------------------------------
     def get(self, source: str, func_name: str = "main"):
-        """The compiled ``func_name`` of ``source`` (memory, then disk, then compile)."""
+        """The compiled ``func_name`` of ``source`` (memory, then a verified file, then compile)."""
         key = self.key(source)
         fn = self._mem.get(key)
         if fn is not None:
@@ -136,15 +126,23 @@ class KernelCache:
 
     def _load(self, key: str, func_name: str):
         path = self.so_path(key)
-        if path is None or not path.exists():
+        if path is None:
+            return None
+        data, why = read_verified(path, key)
+        if data is None:
+            if why:                          # a file is there but is not the one this key's sidecar vouches for
+                self.stats.load_failures += 1
+                self.stats.rejected += 1
+                self.stats.last_rejection = f"{path}: {why}"
             return None
         import tvm
 
         try:
             mod = tvm.runtime.load_module(str(path))
             fn = mod[func_name]
-        except Exception:  # noqa: BLE001 - any unreadable file is rebuilt
+        except Exception as exc:  # noqa: BLE001 - a verified file that still fails to load is rebuilt
             self.stats.load_failures += 1
+            self.stats.last_rejection = f"{path}: {type(exc).__name__}: {exc}"
             return None
         self._modules[key] = mod
         self.stats.loaded += 1
@@ -153,35 +151,56 @@ class KernelCache:
     def _compile(self, key: str, source: str, func_name: str):
         import tvm
 
-        src_path = self.source_path(key)
-        if not src_path.exists() or src_path.read_text() != source:
-            _atomic_write_text(src_path, source)
-        name = f"opgen_tvm_kernel_{key[:16]}_{next(_MODULE_IDS)}"
-        spec = importlib.util.spec_from_file_location(name, src_path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.modules.pop(name, None)
+        filename = self._write_source(key, source)
+        module = exec_source(source, f"opgen_tvm_kernel_{key[:16]}_{next(_MODULE_IDS)}", filename)
         prim = getattr(module, func_name)
         ex = tvm.compile(prim, target=self._target())
         self.stats.compiled += 1
         fn = ex[func_name]
         self._modules[key] = ex
-        path = self.so_path(key)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.so")
-            try:
-                ex.export_library(str(tmp))
-                os.replace(tmp, path)
-            except Exception:  # noqa: BLE001 - a read-only or full cache dir must not fail the call
-                pass
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+        self._export(key, ex)
         return fn
+
+    def _write_source(self, key: str, source: str) -> str:
+        """Write the source for reading (best effort); the file name its code and tracebacks will show."""
+        path = self.source_path(key)
+        if path is None:
+            return f"<opgen tvm kernel {key[:16]}>"
+        try:
+            if read_private_file(path).decode() == source:
+                return str(path)
+        except (OSError, ValueError):
+            pass
+        try:
+            write_atomic(path, source)
+        except OSError as exc:
+            give_up(self.cache_dir, path.parent, f"writing {path} failed: {exc.strerror or exc}")
+            return f"<opgen tvm kernel {key[:16]}>"
+        return str(path)
+
+    def _export(self, key: str, ex) -> None:
+        """``<key>.so`` (fsynced, renamed into place), then its sidecar (last); a failed write warns once and the
+        kernel stays in memory."""
+        path = self.so_path(key)
+        if path is None:
+            return
+        tmp = temp_name(path, ".tmp.so")
+        try:
+            ex.export_library(str(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            write_sidecar(path, key)
+        except Exception as exc:  # noqa: BLE001 - OSError, or tvm's error when the linker cannot write
+            for p in (tmp, sidecar_path(path)):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            lines = str(exc).strip().splitlines()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (lines[-1] if lines else
+                                                                                      type(exc).__name__)
+            give_up(self.cache_dir, path.parent, f"writing {path} failed: {reason}")
 
     def clear_memory(self) -> None:
         """Forget the in-memory kernels (the disk cache stays)."""
