@@ -1,16 +1,21 @@
 """Loading generated Triton modules, and an ahead-of-time compile check for a GPU target.
 
-A generated source is written once, atomically (a temporary file in the same directory, then ``os.replace``),
-to ``<cache_dir>/triton/<sha256 of the source>.py`` and imported under a unique module name with
-``importlib.util.spec_from_file_location``. ``@triton.jit`` needs the function's source file (it reads it with
-``inspect``), hence files rather than ``exec``. Loaded modules are kept in memory per (source hash, interpreter
-mode): ``TRITON_INTERPRET`` is read when ``@triton.jit`` runs, so a module imported in one mode stays in it.
-Triton's own compile cache is keyed by the source text, so regenerated identical code reuses its binaries.
+A generated source is executed from the text in memory (``compile`` + ``exec`` into a fresh module, see
+:func:`opgen.targets.cache_files.exec_source`): the import system is not involved, so no ``__pycache__`` is read
+or written and the file on disk is never what runs. ``@triton.jit`` (and the interpreter) read the function's
+source with ``inspect``, which finds the in-memory text through ``linecache``. The text is also written once,
+atomically (a fsynced temporary file, ``os.replace``, a fsynced directory), to
+``<cache_dir>/triton/<sha256 of the source>.py`` so that tracebacks and a reader can open it. A cache directory
+that cannot be written, or that is not owned by this user or can be written by others, is replaced by a private
+temporary one with one :class:`~opgen.targets.cache_files.CacheDirWarning` (the module loads either way).
+
+Loaded modules are kept in memory per (source hash, interpreter mode): ``TRITON_INTERPRET`` is read when
+``@triton.jit`` runs, so a module loaded in one mode stays in it. Triton's own compile cache is keyed by the
+source text, so regenerated identical code reuses its binaries.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
+
+from ..cache_files import cache_subdir, exec_source, give_up, read_private_file, write_atomic
 
 H100_SHARED_MEMORY = 232448   # bytes per block (sm_90 opt-in maximum)
 
@@ -38,38 +45,34 @@ def source_hash(source: str) -> str:
 
 
 def source_path(source: str, cache_dir: str | os.PathLike) -> Path:
-    """Where ``source`` lives under ``cache_dir``."""
+    """Where ``source`` is written under ``cache_dir`` (when that directory can be used)."""
     return Path(cache_dir) / "triton" / f"{source_hash(source)}.py"
 
 
-def write_source(source: str, cache_dir: str | os.PathLike) -> Path:
-    """Write ``source`` to its content-addressed path (atomically; a no-op when it is already there)."""
-    path = source_path(source, cache_dir)
-    if path.exists():
-        try:
-            if path.read_text() == source:
-                return path
-        except OSError:
-            pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
+def write_source(source: str, cache_dir: str | os.PathLike) -> Path | None:
+    """Write ``source`` to its content-addressed path for reading (a no-op when it is already there) and return
+    that path; under a private temporary directory when ``cache_dir`` cannot be used (one warning), None when no
+    directory can be written. Never raises for an unwritable cache."""
+    d = cache_subdir(cache_dir, "triton")
+    if d is None:
+        return None
+    path = d / f"{source_hash(source)}.py"
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        if read_private_file(path).decode() == source:
+            return path
+    except (OSError, ValueError):
+        pass
+    try:
+        write_atomic(path, source)
+    except OSError as exc:
+        give_up(cache_dir, d, f"writing {path} failed: {exc.strerror or exc}")
+        return write_source(source, cache_dir) if cache_subdir(cache_dir, "triton") not in (None, d) else None
     return path
 
 
 def load_module(source: str, cache_dir: str | os.PathLike) -> ModuleType:
-    """The imported module of ``source`` (written under ``cache_dir`` first); cached in memory."""
+    """The module of ``source``, executed from memory (its text also written under ``cache_dir``); cached in
+    memory."""
     interp = interpreter_enabled()
     key = (source_hash(source), interp)
     with _LOCK:
@@ -78,16 +81,8 @@ def load_module(source: str, cache_dir: str | os.PathLike) -> ModuleType:
             return mod
         path = write_source(source, cache_dir)
         name = f"_opgen_triton_{key[0][:32]}{'_interp' if interp else ''}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot import generated Triton source {path}")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
+        filename = str(path) if path is not None else f"<opgen triton module {key[0][:16]}>"
+        mod = exec_source(source, name, filename, keep=True)
         _MODULES[key] = mod
         return mod
 

@@ -61,6 +61,10 @@ def _run(cache_dir, reverse: bool = False):
     return target
 
 
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "mkdtemp")
+
+
 def _cache_warnings(caught) -> list:
     from opgen.targets.cache_files import CacheDirWarning
 
@@ -203,10 +207,12 @@ def test_cache_dir_writable_by_others_is_not_loaded_from(tmp_path, how):
 # ------------------------------------------------------------------------------------------ no writable cache
 
 
-@pytest.mark.parametrize("how", ["not-a-directory", "read-only", "disk-full", "chmod-0500"])
-def test_unwritable_cache_dir_still_compiles_with_one_warning(tmp_path, deny_writes, how):
+@pytest.mark.parametrize("how", ["not-a-directory", "read-only", "disk-full", "chmod-0500", "no-temp-dir-either"])
+def test_unwritable_cache_dir_still_compiles_with_one_warning(tmp_path, deny_writes, monkeypatch, how):
     cache = tmp_path / "cache"
-    if how == "not-a-directory":
+    if how == "no-temp-dir-either":
+        monkeypatch.setattr("tempfile.mkdtemp", _no_space)
+    if how in ("not-a-directory", "no-temp-dir-either"):
         (tmp_path / "file").write_text("")
         cache = tmp_path / "file" / "cache"
     elif how == "chmod-0500":
@@ -225,6 +231,7 @@ def test_unwritable_cache_dir_still_compiles_with_one_warning(tmp_path, deny_wri
     assert t1.cache.stats.compiled == 1 and t2.cache.stats.compiled == 1
     (w,) = _cache_warnings(caught)
     assert str(cache) in str(w.message), w.message
+    assert ("in memory only" in str(w.message)) == (how == "no-temp-dir-either"), w.message
     if how == "chmod-0500":
         cache.chmod(0o700)
 
