@@ -11,15 +11,26 @@ from pathlib import Path
 
 
 def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "opgen"
+    """``$XDG_CACHE_HOME/opgen`` or ``~/.cache/opgen``; without a home directory, ``<tmp>/opgen-cache-<uid>``
+    (the kernel caches refuse it, with a warning, unless it is this user's and private)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if base:
+        return Path(base) / "opgen"
+    try:
+        return Path.home() / ".cache" / "opgen"
+    except (RuntimeError, KeyError):
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / f"opgen-cache-{os.geteuid()}"
 
 
 @dataclass(frozen=True)
 class Config:
     """Settings of one opgen session.
 
-    cache_dir: where generated sources, compiled kernels and the tuning store live.
+    cache_dir: where generated sources, compiled kernels and the tuning store live. The kernel caches create
+        missing directories with mode 0700 and do not use one that another user owns or can write, nor one that
+        cannot be written: they then compile into a private temporary directory, with one warning.
     backend: "auto" picks the best available target; "reference" forces the torch interpreter.
     reference_max_elements: memory budget (elements) of one reference reduction before it is chunked.
     tune_storage: tuning store URL (None: the embedded journal under ``cache_dir``/tune).

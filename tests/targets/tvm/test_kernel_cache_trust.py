@@ -248,3 +248,22 @@ def test_unwritable_home_without_cache_dir_setting(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         _run(cfg.cache_dir)
     assert len(_cache_warnings(caught)) == 1
+
+
+def test_no_home_directory_at_all(tmp_path, monkeypatch):
+    import pwd
+
+    for var in ("HOME", "XDG_CACHE_HOME", "OPGEN_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    from opgen.config import from_env
+
+    cfg = from_env()                                # used to raise RuntimeError("Could not determine home ...")
+    assert cfg.cache_dir == tmp_path / f"opgen-cache-{os.geteuid()}"
+    _run(cfg.cache_dir)
+    assert stat.S_IMODE(cfg.cache_dir.stat().st_mode) == 0o700
