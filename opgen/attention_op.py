@@ -176,7 +176,15 @@ def _score_dtype(q_dtype: Any, k_dtype: Any) -> DType:
     return accum_dtype(promote(as_dtype(q_dtype), as_dtype(k_dtype)))
 
 
-@torch._dynamo.assume_constant_result
+def _assume_constant_result(fn: Callable) -> Callable:
+    """``torch._dynamo.assume_constant_result`` without importing ``torch._dynamo`` (1-2 s, a third of
+    ``import torch``) when this module is imported: that decorator only sets the attribute set here (a test
+    compares the two), and dynamo reads it when it traces a call."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_assume_constant_result
 def prepare_mods(who: str, score_mod: Callable | None, mask_mod: Callable | None,
                  q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[str, tuple[Tensor, ...], str]:
     """Trace ``score_mod`` / ``mask_mod`` for q and k of these dtypes into ``(spec, captures, unsupported)``: the
@@ -382,6 +390,8 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor, captures: Sequence[Tensor], 
     _check(v.shape[1] == k.shape[1], lambda: f"{WHO}: argument 'v' must have k's number of heads {shapes()}")
     _check(v.shape[2] == k.shape[2], lambda: f"{WHO}: argument 'v' must have k's length {shapes()}")
     if enable_gqa:
+        _check(k.shape[1] != 0, lambda: f"{WHO}: argument 'k' has 0 heads; enable_gqa needs a number of heads "
+                                        f"that divides q's {q.shape[1]} {shapes()}")
         _check(q.shape[1] % k.shape[1] == 0,
                lambda: f"{WHO}: argument 'k' has {k.shape[1]} heads, which must divide q's {q.shape[1]} {shapes()}")
     else:
@@ -439,16 +449,33 @@ def _autograd_dispatch():
 
 # ------------------------------------------------------------------------------------------------- the ops
 
+def _empty_rows(q: Tensor, k: Tensor) -> bool:
+    """A zero batch, head, query or key count: every output row is empty or fully masked (0, lse -inf)."""
+    return q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0 or k.shape[1] == 0 or k.shape[2] == 0
+
+
+def _pad_empty_dim(x: Tensor) -> Tensor:
+    """``x`` with one zero column appended when its last (head) dim is 0: a zero-size head dim adds nothing to a
+    score (E) or to an output (EV), so the op runs on a head dim of 1 and the results are cut back."""
+    return torch.nn.functional.pad(x, (0, 1)) if x.shape[-1] == 0 else x
+
+
 @torch.library.custom_op("opgen::attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, captures: list[Tensor], spec: str, scale: float,
                  enable_gqa: bool) -> tuple[Tensor, Tensor]:
     """Attention with the traced mods of ``spec``; returns ``(out [B, HQ, L, EV], lse [B, HQ, L])``."""
     op = _declare(q, k, v, captures, spec, scale, enable_gqa)
+    out_dtype, lse_dtype = to_torch(op.tensor("out").dtype), to_torch(op.tensor("lse").dtype)
+    if _empty_rows(q, k):  # no rows, or no keys: FlexAttention's fully masked rows (and SDPA's S = 0 output)
+        b, hq, length = q.shape[:3]
+        return (q.new_zeros((b, hq, length, v.shape[3]), dtype=out_dtype),
+                q.new_full((b, hq, length), -torch.inf, dtype=lse_dtype))
+    ev = v.shape[3]
     with torch.no_grad():
-        res = default_session().run(op, _inputs(q, k, v, captures), who=WHO)
+        res = default_session().run(op, _inputs(_pad_empty_dim(q), _pad_empty_dim(k), _pad_empty_dim(v),
+                                                captures), who=WHO)
     ins = (q, k, v, *captures)
-    return (_fresh(res["out"], to_torch(op.tensor("out").dtype), ins),
-            _fresh(res["lse"], to_torch(op.tensor("lse").dtype), ins))
+    return _fresh(res["out"][..., :ev], out_dtype, ins), _fresh(res["lse"], lse_dtype, ins)
 
 
 @attention_op.register_fake
@@ -459,15 +486,32 @@ def _(q, k, v, captures, spec, scale, enable_gqa):
     return out, q.new_empty((b, hq, length), dtype=to_torch(op.tensor("lse").dtype))
 
 
+def _check_backward_tensors(q: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor) -> None:
+    """``out``, ``lse`` and ``dout`` have the forward's output shapes."""
+    from opgen.ops import _args
+
+    who = WHO + "_backward"
+    b, hq, length = q.shape[:3]
+    for name, x, shape in (("out", out, (b, hq, length, v.shape[3])), ("lse", lse, (b, hq, length)),
+                           ("dout", dout, (b, hq, length, v.shape[3]))):
+        _args.shape_is(who, name, x, shape, "the forward's output shape")
+
+
 @torch.library.custom_op("opgen::attention_backward", mutates_args=())
 def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, captures: list[Tensor], out: Tensor, lse: Tensor,
                           dout: Tensor, spec: str, scale: float, enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`attention_op` for the output gradient ``dout`` (captures get none)."""
     op = _declare(q, k, v, captures, spec, scale, enable_gqa)
+    _check_backward_tensors(q, v, out, lse, dout)
+    if _empty_rows(q, k) or v.shape[3] == 0:  # the output is empty, or does not depend on q, k, v
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    e = q.shape[3]
     with _autograd_dispatch():  # the reference fallback differentiates the interpreter with torch.autograd
-        g = default_session().attention_backward(op, _inputs(q, k, v, captures), out, lse, dout, who=WHO)
+        g = default_session().attention_backward(op, _inputs(_pad_empty_dim(q), _pad_empty_dim(k), v, captures),
+                                                 out, lse, dout, who=WHO)
     ins = (q, k, v, *captures, out, lse, dout)
-    return _fresh(g["q"], q.dtype, ins), _fresh(g["k"], k.dtype, ins), _fresh(g["v"], v.dtype, ins)
+    return (_fresh(g["q"][..., :e], q.dtype, ins), _fresh(g["k"][..., :e], k.dtype, ins),
+            _fresh(g["v"], v.dtype, ins))
 
 
 @attention_backward_op.register_fake

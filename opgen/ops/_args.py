@@ -1,7 +1,8 @@
 """Argument checking for the public ops: every message names the op and argument, what was expected and what came."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -67,3 +68,61 @@ def positive_int(who: str, name: str, v: Any, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ArgumentError(f"{who}: argument '{name}' expected an int >= {minimum}, got {describe(v)}")
     return v
+
+
+def flag(who: str, name: str, v: Any) -> bool:
+    """A ``bool`` (not a truthy string, int or tensor: ``reverse="no"`` must not mean True)."""
+    if not isinstance(v, bool):
+        raise ArgumentError(f"{who}: argument '{name}' expected a bool (True or False), got {describe(v)}")
+    return v
+
+
+def real(who: str, name: str, v: Any) -> float:
+    """A finite float (an int is accepted; bools are not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ArgumentError(f"{who}: argument '{name}' expected a finite float, got {describe(v)}")
+    return float(v)
+
+
+def int_list(who: str, name: str, v: Any, length: int, minimum: int) -> list[int]:
+    """A list (or tuple) of exactly ``length`` ints, each >= ``minimum`` (bools rejected)."""
+    if (not isinstance(v, (list, tuple)) or len(v) != length
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < minimum for s in v)):
+        raise ArgumentError(f"{who}: argument '{name}' expected a list of {length} ints >= {minimum}, "
+                            f"got {describe(v)}")
+    return list(v)
+
+
+def flag_list(who: str, name: str, v: Any, length: int) -> list[bool]:
+    """A list of exactly ``length`` bools."""
+    if not isinstance(v, (list, tuple)) or len(v) != length or any(not isinstance(s, bool) for s in v):
+        raise ArgumentError(f"{who}: argument '{name}' expected a list of {length} bools, got {describe(v)}")
+    return list(v)
+
+
+def shapes(who: str, layouts: Mapping[str, tuple[torch.Tensor | None, str]]) -> dict[str, int]:
+    """Check tensors against named layouts (``{"u": (u, "B D L"), "A": (A, "D N")}``; None tensors skipped):
+    floating dtype, rank, one device, and every size name equal wherever it appears. Returns the sizes."""
+    sizes: dict[str, int] = {}
+    origin: dict[str, str] = {}
+    for name, (x, layout) in layouts.items():
+        names = layout.split()
+        tensor(who, name, x, rank=len(names), layout="[" + ", ".join(names) + "]", optional=True)
+        if x is None:
+            continue
+        for k, d in enumerate(names):
+            if d not in sizes:
+                sizes[d], origin[d] = x.shape[k], f"{name}.shape[{k}]"
+            elif x.shape[k] != sizes[d]:
+                raise ArgumentError(f"{who}: argument '{name}' has shape {tuple(x.shape)}: dim {k} ({d}) is "
+                                    f"{x.shape[k]} but must equal {d} = {sizes[d]} from {origin[d]}")
+    same_device(who, **{name: x for name, (x, _) in layouts.items()})
+    return sizes
+
+
+def shape_is(who: str, name: str, x: Any, shape: Sequence[int], what: str) -> torch.Tensor:
+    """A floating tensor of exactly ``shape`` (``what`` says where that shape comes from)."""
+    tensor(who, name, x, rank=len(shape))
+    if tuple(x.shape) != tuple(shape):
+        raise ArgumentError(f"{who}: argument '{name}' expected shape {tuple(shape)} ({what}), got {describe(x)}")
+    return x

@@ -94,8 +94,8 @@ def attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enable_gqa=Fal
         raise _args.ArgumentError(f"{who}: argument 'v' has shape {tuple(v.shape)} but must have k's heads and "
                                   f"length {tuple(k.shape[1:3])} (k {tuple(k.shape)})")
     hq, hkv = q.shape[1], k.shape[1]
-    if enable_gqa:
-        if hq % hkv:
+    if _args.flag(who, "enable_gqa", enable_gqa):
+        if hkv == 0 or hq % hkv:
             raise _args.ArgumentError(f"{who}: argument 'k' has {hkv} heads, which must divide q's {hq} heads for "
                                       f"enable_gqa (q {tuple(q.shape)}, k {tuple(k.shape)})")
     elif hq != hkv:
@@ -103,9 +103,8 @@ def attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enable_gqa=Fal
                                   f"(shape {tuple(q.shape)}); they must match (or pass enable_gqa=True when {hkv} "
                                   f"divides {hq})")
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[3])
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise _args.ArgumentError(f"{who}: argument 'scale' expected a float or None, got {_args.describe(scale)}")
+        scale = 1.0 / math.sqrt(q.shape[3]) if q.shape[3] else 1.0   # (E = 0: every score is 0 at any scale)
+    scale = _args.real(who, "scale", scale)
     for name, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         check = getattr(mod, "check", None)
         if callable(check):
@@ -117,5 +116,5 @@ def attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enable_gqa=Fal
     if unsupported:  # a mod the tracer has no IR for: dense eager attention with a FallbackWarning, or the error
         return eager_fallback(unsupported, q, k, v, score_mod, mask_mod, float(scale), bool(enable_gqa))
     captures = [t if t.device == q.device else t.to(q.device) for t in captures]
-    return torch.ops.opgen.attention(q, k, v, captures, spec, float(scale), bool(enable_gqa))[0]
+    return torch.ops.opgen.attention(q, k, v, captures, spec, scale, enable_gqa)[0]
 

@@ -35,17 +35,24 @@ def declare_causal_conv1d(x: DType = DType.f32, weight: DType = DType.f32, bias:
         return bld.build({"out": bld.map(out, (b, d, t), name="out", dtype=x)})
 
 
+def check_causal_conv1d(who: str, x, weight, bias, silu) -> None:
+    """The arguments of ``causal_conv1d`` (the public function, ``torch.ops.opgen.causal_conv1d`` and its
+    backward); ``silu`` is the op's flag (the public ``activation`` is not None)."""
+    _args.shapes(who, {"x": (x, "batch dim L"), "weight": (weight, "dim W"), "bias": (bias, "dim")})
+    if weight.shape[1] < 1:
+        raise _args.ArgumentError(f"{who}: argument 'weight' has shape {tuple(weight.shape)}: the filter width W "
+                                  f"(dim 1) must be >= 1")
+    _args.flag(who, "silu", silu)
+
+
 def causal_conv1d(x, weight, bias=None, activation=None):
     """Causal depthwise conv1d like ``causal_conv1d_fn``: x ``[batch, dim, L]``, weight ``[dim, W]``,
     bias ``[dim]``, activation None, "silu" or "swish". Returns ``[batch, dim, L]`` in x's dtype."""
     who = "opgen.ops.causal_conv1d"
-    _args.tensor(who, "x", x, rank=3, layout="[batch, dim, L]")
-    _args.tensor(who, "weight", weight, rank=2, layout="[dim, W]")
-    _args.tensor(who, "bias", bias, rank=1, layout="[dim]", optional=True)
-    _args.same_device(who, x=x, weight=weight, bias=bias)
     if activation not in (None, "silu", "swish"):
         raise _args.ArgumentError(f"{who}: argument 'activation' expected None, 'silu' or 'swish', "
                                   f"got {_args.describe(activation)}")
+    check_causal_conv1d(who, x, weight, bias, activation is not None)
     import opgen.conv_ops  # (registers torch.ops.opgen.causal_conv1d)
 
     return call(torch.ops.opgen.causal_conv1d, opgen.conv_ops.causal_conv1d_impl, x, weight, bias,
@@ -115,34 +122,20 @@ def _pair(who: str, name: str, v, minimum: int) -> tuple[int, int]:
     return vals  # type: ignore[return-value]
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """2-D convolution with ``torch.nn.functional.conv2d`` semantics (NCHW; depthwise when groups = C).
+_WEIGHT = "[C_out, C/groups, KH, KW]"
 
-    ``padding`` may be an int, a pair, ``"valid"`` or ``"same"`` (stride 1).
-    """
-    who = "opgen.ops.conv2d"
+
+def check_conv2d(who: str, x, weight, bias, stride, padding, dilation, groups) -> None:
+    """The arguments of ``torch.ops.opgen.conv2d`` (and of the public function once its padding is the
+    (top, bottom, left, right) list): layouts, group divisibility, a kernel that fits the padded input."""
+    _args.int_list(who, "stride", stride, 2, 1)
+    _args.int_list(who, "padding", padding, 4, 0)
+    _args.int_list(who, "dilation", dilation, 2, 1)
+    groups = _args.positive_int(who, "groups", groups)
     _args.tensor(who, "x", x, rank=4, layout="[N, C, H, W]")
-    _args.tensor(who, "weight", weight, rank=4, layout="[C_out, C/groups, KH, KW]")
+    _args.tensor(who, "weight", weight, rank=4, layout=_WEIGHT)
     _args.tensor(who, "bias", bias, rank=1, layout="[C_out]", optional=True)
     _args.same_device(who, x=x, weight=weight, bias=bias)
-    sh, sw = _pair(who, "stride", stride, 1)
-    dh, dw = _pair(who, "dilation", dilation, 1)
-    groups = _args.positive_int(who, "groups", groups)
-    kh, kw = weight.shape[2], weight.shape[3]
-    if isinstance(padding, str):
-        if padding == "valid":
-            pads = (0, 0, 0, 0)
-        elif padding == "same":
-            if (sh, sw) != (1, 1):
-                raise _args.ArgumentError(f"{who}: argument 'padding' 'same' needs stride 1, got stride {(sh, sw)}")
-            th, tw_ = dh * (kh - 1), dw * (kw - 1)
-            pads = (th // 2, th - th // 2, tw_ // 2, tw_ - tw_ // 2)
-        else:
-            raise _args.ArgumentError(f"{who}: argument 'padding' expected an int, a pair, 'valid' or 'same', "
-                                      f"got {_args.describe(padding)}")
-    else:
-        ph, pw = _pair(who, "padding", padding, 0)
-        pads = (ph, ph, pw, pw)
     c_in, c_out = x.shape[1], weight.shape[0]
     if c_in % groups:
         raise _args.ArgumentError(f"{who}: argument 'groups' = {groups} must divide the input channels "
@@ -154,12 +147,44 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         raise _args.ArgumentError(f"{who}: argument 'weight' has shape {tuple(weight.shape)}: dim 1 is "
                                   f"{weight.shape[1]} but must equal x.shape[1] / groups = {c_in} / {groups} = "
                                   f"{c_in // groups}")
-    for axis, size, k, d, lo, hi in (("height", x.shape[2], kh, dh, pads[0], pads[1]),
-                                     ("width", x.shape[3], kw, dw, pads[2], pads[3])):
+    if bias is not None:
+        _args.dim_equal(who, "bias", bias, 0, c_out, "weight.shape[0]")
+    if min(x.shape[2:]) < 1 or min(weight.shape[2:]) < 1:
+        raise _args.ArgumentError(f"{who}: argument '{'x' if min(x.shape[2:]) < 1 else 'weight'}' has an empty "
+                                  f"spatial size (x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)}); "
+                                  f"only the batch and channel dims may be 0 (as in F.conv2d)")
+    for axis, size, k, d, lo, hi in (("height", x.shape[2], weight.shape[2], dilation[0], padding[0], padding[1]),
+                                     ("width", x.shape[3], weight.shape[3], dilation[1], padding[2], padding[3])):
         if d * (k - 1) + 1 > size + lo + hi:
             raise _args.ArgumentError(f"{who}: argument 'weight' has a kernel {axis} of {k} (dilation {d}, spanning "
                                       f"{d * (k - 1) + 1}) larger than the padded input {axis} {size} + {lo + hi} "
                                       f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution with ``torch.nn.functional.conv2d`` semantics (NCHW; depthwise when groups = C).
+
+    ``padding`` may be an int, a pair, ``"valid"`` or ``"same"`` (stride 1).
+    """
+    who = "opgen.ops.conv2d"
+    sh, sw = _pair(who, "stride", stride, 1)
+    dh, dw = _pair(who, "dilation", dilation, 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if (sh, sw) != (1, 1):
+                raise _args.ArgumentError(f"{who}: argument 'padding' 'same' needs stride 1, got stride {(sh, sw)}")
+            _args.tensor(who, "weight", weight, rank=4, layout=_WEIGHT)
+            th, tw_ = dh * (weight.shape[2] - 1), dw * (weight.shape[3] - 1)
+            pads = (th // 2, th - th // 2, tw_ // 2, tw_ - tw_ // 2)
+        else:
+            raise _args.ArgumentError(f"{who}: argument 'padding' expected an int, a pair, 'valid' or 'same', "
+                                      f"got {_args.describe(padding)}")
+    else:
+        ph, pw = _pair(who, "padding", padding, 0)
+        pads = (ph, ph, pw, pw)
+    check_conv2d(who, x, weight, bias, [sh, sw], list(pads), [dh, dw], groups)
     import opgen.conv_ops  # (registers torch.ops.opgen.conv2d)
 
     return call(torch.ops.opgen.conv2d, opgen.conv_ops.conv2d_impl, x, weight, bias, [sh, sw], list(pads), [dh, dw],
@@ -182,16 +207,18 @@ def declare_long_conv(u: DType = DType.f32, k: DType = DType.f32):
         return bld.build({"y": y})
 
 
+def check_long_conv(who: str, u, k) -> None:
+    """The arguments of ``long_conv`` (the public function, ``torch.ops.opgen.long_conv`` and its backward)."""
+    sizes = _args.shapes(who, {"u": (u, "B H L"), "k": (k, "H Lk")})
+    if sizes["Lk"] > sizes["L"]:
+        raise _args.ArgumentError(f"{who}: argument 'k' has shape {tuple(k.shape)}: its length {k.shape[1]} "
+                                  f"exceeds the sequence length L = {u.shape[2]} of u {tuple(u.shape)}")
+
+
 def long_conv(u, k):
     """Causal long convolution (H3 / Hyena / FlashFFTConv): u ``[B, H, L]``, k ``[H, Lk]`` with Lk <= L,
     ``y[b, h, t] = sum_{0 <= s <= t, t - s < Lk} k[h, t - s] * u[b, h, s]``; returns ``[B, H, L]``."""
-    who = "opgen.ops.long_conv"
-    _args.tensor(who, "u", u, rank=3, layout="[B, H, L]")
-    _args.tensor(who, "k", k, rank=2, layout="[H, Lk]")
-    _args.same_device(who, u=u, k=k)
-    if k.shape[1] > u.shape[2]:
-        raise _args.ArgumentError(f"{who}: argument 'k' has shape {tuple(k.shape)}: its length {k.shape[1]} "
-                                  f"exceeds the sequence length L = {u.shape[2]} of u {tuple(u.shape)}")
+    check_long_conv("opgen.ops.long_conv", u, k)
     import opgen.conv_ops  # (registers torch.ops.opgen.long_conv)
 
     return call(torch.ops.opgen.long_conv, opgen.conv_ops.long_conv_impl, u, k)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -30,6 +31,12 @@ def declare_linear_scan(a: DType = DType.f32, b: DType = DType.f32, reverse: boo
         return bld.build({"h": h})
 
 
+def check_linear_scan(who: str, a, b, initial, reverse) -> None:
+    """The arguments of the canonical ``[P, L, Q]`` op ``torch.ops.opgen.linear_scan`` (and its backward)."""
+    _args.shapes(who, {"a": (a, "P L Q"), "b": (b, "P L Q"), "initial": (initial, "P Q")})
+    _args.flag(who, "reverse", reverse)
+
+
 def linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int = -1, reverse: bool = False,
                 initial: torch.Tensor | None = None) -> torch.Tensor:
     """The first-order linear recurrence ``h[t] = a[t] * h[t-1] + b[t]`` along ``dim``.
@@ -47,6 +54,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int = -1, reverse: bool =
     if isinstance(dim, bool) or not isinstance(dim, int) or not -a.dim() <= dim < a.dim():
         raise _args.ArgumentError(f"{who}: argument 'dim' expected an int in [{-a.dim()}, {a.dim()}), "
                                   f"got {_args.describe(dim)}")
+    _args.flag(who, "reverse", reverse)
     dim = dim % a.dim()
     rest = tuple(a.shape[:dim]) + tuple(a.shape[dim + 1:])
     _args.tensor(who, "initial", initial, optional=True)
@@ -54,17 +62,12 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int = -1, reverse: bool =
         raise _args.ArgumentError(f"{who}: argument 'initial' has shape {tuple(initial.shape)} but must be a's "
                                   f"shape without dim {dim}: {rest}")
     _args.same_device(who, a=a, b=b, initial=initial)
-    if a.numel() == 0:
-        return torch.empty(a.shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
-    p = 1
-    for s in a.shape[:dim]:
-        p *= s
-    shape3 = (p, a.shape[dim], a.numel() // (p * a.shape[dim]))
+    shape3 = (math.prod(a.shape[:dim]), a.shape[dim], math.prod(a.shape[dim + 1:]))
     init = initial.reshape(shape3[0], shape3[2]) if initial is not None else None
     from opgen import torch_ops
 
     out = call(torch.ops.opgen.linear_scan, torch_ops.linear_scan_impl, a.reshape(shape3), b.reshape(shape3), init,
-               bool(reverse))
+               reverse)
     return out.reshape(a.shape)
 
 
@@ -125,6 +128,26 @@ def declare_selective_scan(u: DType = DType.f32, delta: DType = DType.f32, A: DT
         return bld.build(outputs)
 
 
+_BC_DIMS = {2: "dim N", 3: "batch N L", 4: "batch G{} N L"}
+_BC_HELP = "[dim, N], [batch, N, L] or [batch, G, N, L]"
+
+
+def check_selective_scan(who: str, u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> None:
+    """The arguments of ``selective_scan`` (the public function, ``torch.ops.opgen.selective_scan`` and its
+    backward): layouts, sizes, dtypes, one device; B / C groups dividing dim."""
+    for name, x in (("B", B), ("C", C)):
+        _args.tensor(who, name, x, rank=(2, 3, 4), layout=_BC_HELP)
+    _args.shapes(who, {"u": (u, "batch dim L"), "delta": (delta, "batch dim L"), "A": (A, "dim N"),
+                       "B": (B, _BC_DIMS[B.dim()].format("_B")), "C": (C, _BC_DIMS[C.dim()].format("_C")),
+                       "D": (D, "dim"), "z": (z, "batch dim L"), "delta_bias": (delta_bias, "dim")})
+    channels = u.shape[1]
+    for name, x in (("B", B), ("C", C)):
+        if x.dim() == 4 and (x.shape[1] == 0 or channels % x.shape[1]):
+            raise _args.ArgumentError(f"{who}: argument '{name}' has {x.shape[1]} groups (shape {tuple(x.shape)}), "
+                                      f"which must divide dim = {channels} (u.shape[1])")
+    _args.flag(who, "delta_softplus", delta_softplus)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False):
     """Mamba's selective scan with the semantics of ``mamba_ssm``'s ``selective_scan_fn``.
@@ -134,24 +157,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``(out, last_state)`` with ``last_state`` ``[batch, dim, N]`` in float32 (float64 for float64 inputs).
     """
     who = "opgen.ops.selective_scan"
-    _args.tensor(who, "u", u, rank=3, layout="[batch, dim, L]")
-    _args.tensor(who, "delta", delta, rank=3, layout="[batch, dim, L]")
-    _args.tensor(who, "A", A, rank=2, layout="[dim, N]")
-    _args.tensor(who, "B", B, rank=(2, 3, 4), layout="[dim, N], [batch, N, L] or [batch, G, N, L]")
-    _args.tensor(who, "C", C, rank=(2, 3, 4), layout="[dim, N], [batch, N, L] or [batch, G, N, L]")
-    _args.tensor(who, "D", D, rank=1, layout="[dim]", optional=True)
-    _args.tensor(who, "z", z, rank=3, layout="[batch, dim, L]", optional=True)
-    _args.tensor(who, "delta_bias", delta_bias, rank=1, layout="[dim]", optional=True)
-    _args.same_device(who, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
-    channels = u.shape[1]
-    for name, x in (("B", B), ("C", C)):
-        if x.dim() == 4 and (x.shape[1] == 0 or channels % x.shape[1]):
-            raise _args.ArgumentError(f"{who}: argument '{name}' has {x.shape[1]} groups (shape {tuple(x.shape)}), "
-                                      f"which must divide dim = {channels} (u.shape[1])")
+    check_selective_scan(who, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    _args.flag(who, "return_last_state", return_last_state)
     from opgen import torch_ops
 
     out, last_state = call(torch.ops.opgen.selective_scan, torch_ops.selective_scan_impl, u, delta, A, B, C, D, z,
-                           delta_bias, bool(delta_softplus))
+                           delta_bias, delta_softplus)
     return (out, last_state) if return_last_state else out
 
 
@@ -182,6 +193,13 @@ def declare_chunk_gla(q: DType = DType.f32, k: DType = DType.f32, v: DType = DTy
         return bld.build(outputs)
 
 
+def check_chunk_gla(who: str, q, k, v, g, initial_state, scale) -> None:
+    """The arguments of ``chunk_gla`` (the public function, ``torch.ops.opgen.chunk_gla`` and its backward)."""
+    _args.shapes(who, {"q": (q, "B T H K"), "k": (k, "B T H K"), "v": (v, "B T H V"), "g": (g, "B T H K"),
+                       "initial_state": (initial_state, "B H K V")})
+    _args.real(who, "scale", scale)
+
+
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
     """Gated linear attention with flash-linear-attention's ``chunk_gla`` layout and semantics.
 
@@ -190,15 +208,10 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     (float64 for float64 inputs) when ``output_final_state``, else None. ``scale`` defaults to ``K ** -0.5``.
     """
     who = "opgen.ops.chunk_gla"
-    for name, x in (("q", q), ("k", k), ("g", g)):
-        _args.tensor(who, name, x, rank=4, layout="[B, T, H, K]")
-    _args.tensor(who, "v", v, rank=4, layout="[B, T, H, V]")
-    _args.tensor(who, "initial_state", initial_state, rank=4, layout="[B, H, K, V]", optional=True)
-    _args.same_device(who, q=q, k=k, v=v, g=g, initial_state=initial_state)
     if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise _args.ArgumentError(f"{who}: argument 'scale' expected a float or None, got {_args.describe(scale)}")
+        scale = q.shape[-1] ** -0.5 if isinstance(q, torch.Tensor) and q.dim() and q.shape[-1] else 1.0
+    check_chunk_gla(who, q, k, v, g, initial_state, scale)
+    _args.flag(who, "output_final_state", output_final_state)
     from opgen import torch_ops
 
     o, final_state = call(torch.ops.opgen.chunk_gla, torch_ops.chunk_gla_impl, q, k, v, g, initial_state,
