@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from typing import Any
 
@@ -107,8 +109,37 @@ def _worker_args(args: argparse.Namespace, storage: str) -> list[str]:
     return out + (["--seed", str(args.seed)] if args.seed is not None else [])
 
 
+def _cannot_store(exc: OSError) -> str | None:
+    """``PATH: why`` when ``exc`` says a file or directory cannot be written (not writable, disk full, not a
+    directory); None for any other error."""
+    path = exc.filename
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "not writable"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "disk full"
+    elif exc.errno == errno.ENOTDIR or (exc.errno == errno.EEXIST and path and os.path.exists(path)
+                                        and not os.path.isdir(path)):
+        why = "not a directory (a file is in the way)"
+    else:
+        return None
+    return f"{path}: {why} ({exc.strerror})"
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
-    """``opgen tune``: in process, or prepare the study and run ``--workers`` worker processes on it."""
+    """``opgen tune``: in process, or prepare the study and run ``--workers`` worker processes on it; exit code 2
+    with one line when the results cannot be stored."""
+    try:
+        return _cmd_tune(args)
+    except OSError as exc:
+        what = _cannot_store(exc)
+        if what is None:
+            raise
+        print(f"opgen tune: cannot store the tuning results: {what}; give --storage or OPGEN_CACHE_DIR a place you "
+              "can write", file=sys.stderr)
+        return 2
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
     if args.workers < 0:
         print(f"opgen tune: --workers must be 0 or more, got {args.workers}", file=sys.stderr)
         return 2

@@ -1,0 +1,90 @@
+"""``opgen tune`` on a store it cannot write: one clear error naming the path and why, exit code 2, no traceback.
+
+Root ignores permission bits, so "read-only" and "disk full" fail the writes under the store directory with
+``PermissionError`` / ``OSError(ENOSPC)``; the real ``chmod 0500`` case runs only as a normal user.
+"""
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+
+import pytest
+
+from opgen.cli import main
+
+pytest.importorskip("tvm")
+
+ARGS = ["tune", "linear_scan", "--shape", "C=4,L=8", "--trials", "1", "--no-progress", "--backend", "tvm"]
+
+
+def _fail_writes_under(monkeypatch, root, code: int) -> None:
+    top = os.path.abspath(root)
+    exc_type = PermissionError if code == errno.EACCES else OSError
+
+    def under(p) -> bool:
+        return not isinstance(p, int) and (os.path.abspath(os.fspath(p)) + os.sep).startswith(top + os.sep)
+
+    real_open, real_os_open, real_mkdir = io.open, os.open, os.mkdir
+
+    def fake_open(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax+") and under(file):
+            raise exc_type(code, os.strerror(code), os.fspath(file))
+        return real_open(file, mode, *a, **k)
+
+    def fake_os_open(path, flags, *a, **k):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
+            raise exc_type(code, os.strerror(code), os.fspath(path))
+        return real_os_open(path, flags, *a, **k)
+
+    def fake_mkdir(path, *a, **k):
+        if under(path):
+            raise exc_type(code, os.strerror(code), os.fspath(path))
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+
+
+@pytest.mark.parametrize("how", ["storage-under-a-file", "cache-dir-under-a-file", "read-only", "disk-full",
+                                 "chmod-0500"])
+def test_tune_says_why_it_cannot_store_results(tmp_path, monkeypatch, capsys, how):
+    (tmp_path / "file").write_text("")
+    cache = tmp_path / "cache"
+    args = list(ARGS)
+    if how == "storage-under-a-file":
+        where = tmp_path / "file"
+        args += ["--storage", f"journal:{where}/tune.journal"]
+        cache.mkdir()
+    elif how == "cache-dir-under-a-file":
+        cache = where = tmp_path / "file" / "cache"
+    elif how == "chmod-0500":
+        if os.geteuid() == 0:
+            pytest.skip("root ignores permission bits (the read-only case fails the writes instead)")
+        cache.mkdir()
+        cache.chmod(0o500)
+        where = cache
+    else:
+        cache.mkdir()
+        where = cache
+    monkeypatch.setenv("OPGEN_CACHE_DIR", str(cache))
+    monkeypatch.delenv("OPGEN_TUNE_STORAGE", raising=False)
+    if how in ("read-only", "disk-full"):
+        _fail_writes_under(monkeypatch, cache / "tune", errno.EACCES if how == "read-only" else errno.ENOSPC)
+    try:
+        rc = main(args)
+    finally:
+        if how == "chmod-0500":
+            cache.chmod(0o700)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("opgen tune: cannot store the tuning results")]
+    assert len(lines) == 1, err
+    assert str(where) in lines[0], lines[0]
+    want = {"read-only": "not writable", "chmod-0500": "not writable", "disk-full": "disk full"}.get(
+        how, "not a directory")
+    assert want in lines[0], lines[0]
