@@ -19,6 +19,7 @@ read) and at least one tap (a phase with no tap, ``K < s``, has one zero-weight 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import sympy
@@ -29,9 +30,15 @@ from ..op import Op
 from ..symbols import Axis, axes_in
 from .rewrite import conjuncts, fresh_axes, fresh_name, product_of_loads, replace_load, splice
 
-__all__ = ["split_strided_phases"]
+__all__ = ["split_strided_phases", "MAX_PHASES"]
 
 _ZERO = sympy.Integer(0)
+
+# Most phases a split makes (the product of the strides). Each phase is one kernel to prove, render and compile
+# (~1 s each): a 3x3 stride-16 gradient would make 256 (a 1x1 stride-14 one 196, 195 of them without a tap),
+# minutes before the first call returns. Past this the gradient reads the zero-inserted factor
+# (:func:`~.restage.upsample_strided_reads`), one kernel. 16 keeps the split up to stride 4x4.
+MAX_PHASES = 16
 
 
 @dataclass(frozen=True)
@@ -111,13 +118,13 @@ def split_strided_phases(op: Op, k: int) -> Op | None:
     """Node ``k`` (a SUM of two loads under a predicate of ``Eq(Mod(u + c - kw, s), 0)`` terms, the data gradient
     of a strided convolution with dilation 1) replaced by one stride-1 window reduction per phase, each after
     the map that gathers its weight taps, and the map that interleaves the phases into the node's output;
-    None when the node has another form."""
+    None when the node has another form or would split into more than :data:`MAX_PHASES` phases."""
     node = op.nodes[k]
     if not isinstance(node, Reduce) or node.predicate is None or node.predicate.op is not ExprOp.INDEX:
         return None
     fs = product_of_loads(node)
     found = _strided_dims(node) if fs is not None else None
-    if found is None:
+    if found is None or math.prod(s for _, _, s in found) > MAX_PHASES:
         return None
     for data, weight in (fs, fs[::-1]):
         dims = _match(node, data, weight, found)

@@ -322,7 +322,9 @@ def _fit_blocks(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
 
 
 def _shrink(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
-    """Fit the direct blocks to the image (:func:`_fit_blocks`), then halve them until the staged patch fits."""
+    """Fit the direct blocks to the image (:func:`_fit_blocks`), then halve them until the staged patch fits; when
+    one register tile's patch is still too big (a large stride: 3x3 stride 16 reads 243 columns for 16 outputs),
+    smaller tiles (:func:`_smaller_tiles`), and last the gemm variant, which stages nothing (always valid)."""
     cfg = _fit_blocks(cfg, group, binding)
     while not check_window_config(cfg, group, binding)[0]:
         if cfg.variant != "direct":
@@ -336,7 +338,35 @@ def _shrink(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
             cfg = replace(cfg, unroll_kw=False)
         else:
             break
+    if cfg.variant == "direct" and not check_window_config(cfg, group, binding)[0]:
+        cfg = _smaller_tiles(cfg, group, binding)
     return cfg
+
+
+def _smaller_tiles(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
+    """A valid config for a direct ``cfg`` whose one-tile blocks still stage too big a patch: the rows of the tile
+    halved, then one vector of half the lanes per tile, else the gemm variant with the same channel tile (its
+    padded workspace has no size limit). Only reached by shapes whose patch does not fit otherwise (large strides
+    with several input channels per group), so usual shapes keep their configs."""
+    ok = lambda c: check_window_config(c, group, binding)[0]  # noqa: E731
+    c = cfg
+    while c.rows_tile > 1:
+        rt = max(1, c.rows_tile // 2)
+        c = replace(c, rows_tile=rt, block_rows=rt)
+        if ok(c):
+            return c
+    for vector in (c.vector, max(1, _vector_lanes(group) // 2)):
+        c2 = replace(c, vector=vector, width_vectors=1, block_width=vector)
+        if ok(c2):
+            return c2
+    sh = static_window(group, binding)
+    g = replace(cfg, variant="gemm", width_vectors=1, block_rows=cfg.rows_tile, block_width=cfg.tile_width,
+                kh_block=0, kw_outer=False, unroll_kh=cfg.unroll_kh and sh.row.K <= 32,
+                unroll_kw=cfg.unroll_kw and sh.col.K <= 32)
+    g = replace(g, block_width=g.tile_width)
+    if ok(g):
+        return g
+    return replace(g, co_tile=1, rows_tile=1, block_rows=1, unroll_kh=False, unroll_kw=False)
 
 
 def resolve_window_config(group: WindowGroup, binding, config=None, caps=None) -> WindowConfig:
