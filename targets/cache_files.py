@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 from opgen.ir.errors import FallbackWarning
+from opgen.targets.source_guard import check_generated_source
 
 SIDECAR_SUFFIX = ".sum"
 _SIDECAR_MAGIC = "opgen-cache-entry-v1"
@@ -253,8 +254,10 @@ def exec_source(source: str, module_name: str, filename: str, *, keep: bool = Fa
     The code object is compiled from ``source`` itself (no import system, no ``.pyc`` read or written), and the
     text is put in ``linecache`` as an entry that is never re-read from disk, so ``inspect.getsource`` of the
     module's functions returns this text. The module is in ``sys.modules`` while it runs (TVMScript and Triton
-    look it up); ``keep`` leaves it there.
+    look it up); ``keep`` leaves it there. The text must first pass :func:`check_generated_source` (the
+    syntax-tree guard against anything no renderer writes); a source that fails is never compiled or run.
     """
+    check_generated_source(source, f"generated module {module_name}")
     lines = source.splitlines(keepends=True)
     linecache.cache[filename] = (len(source), None, lines, filename)
     code = compile(source, filename, "exec", dont_inherit=True)
