@@ -15,6 +15,14 @@ would turn into garbage) is moved aside as ``<file>.corrupt-<time>``, never dele
 from the entries before the damage (the journal is a log of operations, so any prefix is an earlier
 consistent state), and a :class:`StoreRecoveredWarning` says what happened and where the old file is.
 
+Writers exclude each other with :class:`JournalLock`: Optuna's ``<file>.lock`` symlink (so a plain Optuna
+process sharing the file is still excluded) taken under a kernel ``flock`` of ``<file>.owner``. The kernel drops
+the flock when its holder dies, so a link left by an opgen process killed mid-append is removed at once
+(Optuna's own lock waits 30 s, then breaks it). :class:`OwnedJournalStorage` stamps every trial it starts with
+its process (user attr ``owner``: host, pid, start time) before or in the same log entry as the trial becomes
+RUNNING, so a killed tuner never leaves a RUNNING trial that :func:`opgen.tune.tuner.fail_stale_trials` cannot
+attribute.
+
 Any string with ``://`` is an Optuna RDB URL (``sqlite:///path``, ``postgresql+psycopg2://...``): it is
 opened with heartbeats, so trials of a dead worker are failed and retried once by the next worker.
 ``journal:PATH`` or a path ending in ``.journal`` names a journal file.
@@ -24,10 +32,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from .key import StudyKey, _slug
 
@@ -37,6 +46,56 @@ GRACE_PERIOD = 600          # seconds without a heartbeat before a RUNNING trial
 
 class StoreRecoveredWarning(UserWarning):
     """A damaged tuning store was moved aside and a fresh one started."""
+
+
+class StaleLockWarning(UserWarning):
+    """A journal lock left by a process that no longer runs was released."""
+
+
+# -- process identity (to fail the RUNNING trials of dead tuner processes) ---------------------------
+
+HOST = socket.gethostname()
+FOREIGN_LOCK_GRACE = 30.0   # seconds a lock of a plain Optuna process may stay unchanged before it is broken
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of ``/proc/<pid>/stat`` (state first), or None where unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def start_token(pid: int) -> str | None:
+    """The process's start time in clock ticks (tells a reused pid apart), where /proc exists."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None
+
+
+def owner() -> dict[str, Any]:
+    """This process as a trial owner: ``{"host", "pid", "start"}``."""
+    return {"host": HOST, "pid": os.getpid(), "start": start_token(os.getpid())}
+
+
+def alive(who: Mapping[str, Any]) -> bool:
+    """Whether the process ``who`` (an :func:`owner` dict of this host) still runs; a zombie does not."""
+    pid = int(who.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    fields = _proc_stat(pid)
+    if fields is None:                      # no /proc: trust kill(0)
+        return True
+    if fields[0] in ("Z", "X"):             # exited, not yet reaped
+        return False
+    start = who.get("start")
+    return start is None or fields[19] == start
 
 
 def default_store_path(cache_dir: str | os.PathLike, key: StudyKey) -> Path:
@@ -120,10 +179,8 @@ def _open_rdb(url: str, heartbeat_interval: float, grace_period: float) -> Any:
 
 
 def open_journal(path: str | os.PathLike, create: bool = True) -> Any:
-    """A ``JournalStorage`` on ``path``; a damaged file is moved aside and a fresh store started (see module doc)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
+    """An :class:`OwnedJournalStorage` on ``path``; a damaged file is moved aside and a fresh store started (see
+    module doc)."""
     path = Path(path)
     if not path.exists():
         if not create:
@@ -132,10 +189,23 @@ def open_journal(path: str | os.PathLike, create: bool = True) -> Any:
     damage = _torn_tail(path)
     if damage is None:
         try:
-            return JournalStorage(JournalFileBackend(str(path)))
+            return _journal(path)
         except Exception as exc:                          # JSONDecodeError, AssertionError("Should not reach.")...
             damage = f"{type(exc).__name__}: {exc}"
     return _recover(path, damage)
+
+
+def _journal(path: Path) -> Any:
+    from .journal import open_file
+
+    return open_file(path)
+
+
+def JournalLock(path: str | os.PathLike) -> Any:      # noqa: N802 (a class, imported lazily)
+    """The append lock of the journal ``path`` (:class:`opgen.tune.journal.JournalLock`)."""
+    from .journal import JournalLock as cls
+
+    return cls(path)
 
 
 def _torn_tail(path: Path) -> str | None:
@@ -175,11 +245,8 @@ def _loads(path: Path, lines: list[bytes]) -> bool:
 
 
 def _replays(path: Path) -> bool:
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     try:
-        JournalStorage(JournalFileBackend(str(path)))
+        _journal(path)
         return True
     except Exception:
         return False
@@ -205,14 +272,11 @@ def _longest_loadable(path: Path, good: list[bytes]) -> int:
 
 
 def _recover(path: Path, damage: str) -> Any:
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-
-    lock = JournalFileSymlinkLock(str(path))
+    lock = JournalLock(path)
     lock.acquire()
     try:
         if _torn_tail(path) is None and _replays(path):     # another process recovered it meanwhile
-            return JournalStorage(JournalFileBackend(str(path)))
+            return _journal(path)
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         os.replace(path, aside)
         raw = aside.read_bytes()
@@ -221,7 +285,7 @@ def _recover(path: Path, damage: str) -> Any:
         kept = _longest_loadable(path, good)
     finally:
         lock.release()
-    storage = JournalStorage(JournalFileBackend(str(path)))
+    storage = _journal(path)
     names = sorted(s.study_name for s in storage.get_all_studies())
     warnings.warn(
         f"opgen tune: the tuning store {path} is damaged ({damage}). It was moved to {aside} (kept, not deleted), "

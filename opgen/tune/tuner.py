@@ -32,14 +32,13 @@ but not reached stay WAITING in the study and run first in the next call.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
-import socket
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from opgen.schedules.space import Space
@@ -49,7 +48,7 @@ from .encode import canonical, suggest, to_params
 from .key import StudyKey, bucket_distance, study_key
 from .measure import MeasureOptions, Measurer, ProblemSetupError, Result, Status
 from .problem import Problem, ProblemSpec, as_problem
-from .store import describe, open_storage, prepare_lock
+from .store import GRACE_PERIOD, HOST, alive, describe, open_storage, owner, prepare_lock
 
 EXHAUSTIVE_LIMIT = 4096     # enumerate spaces with at most this many configs (product of the choice counts)
 EXHAUSTIVE_UNBOUNDED = 256  # with a budget in seconds only, enqueue every feasible config if there are no more
@@ -100,57 +99,46 @@ class TuneResult:
 
 # -- process identity (to fail the RUNNING trials of dead tuner processes) ---------------------------
 
-HOST = socket.gethostname()
-
-
-def _start_token(pid: int) -> str | None:
-    """The process's start time in clock ticks (tells a reused pid apart), where /proc exists."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _owner() -> dict[str, Any]:
-    return {"host": HOST, "pid": os.getpid(), "start": _start_token(os.getpid())}
-
-
-def _alive(owner: Mapping[str, Any]) -> bool:
-    pid = int(owner.get("pid", -1))
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    start = owner.get("start")
-    return start is None or _start_token(pid) in (None, start)
+_owner = owner
+_alive = alive
 
 
 def fail_stale_trials(storage: Any, study_id: int, retry: bool = True) -> int:
     """Mark FAIL the RUNNING trials whose tuner process (on this host) is gone; returns how many.
 
-    With ``retry``, the config of each such trial is enqueued once more (user attr ``retry_of``), unless the
-    trial was itself a retry: a config that kills its tuner twice is not tried a third time. (RDB storages
-    do the same through their heartbeat; this covers the journal, which has none.)"""
+    The owner of a trial (user attr ``owner``) is written before the trial becomes RUNNING (see
+    :mod:`opgen.tune.journal`); a RUNNING trial without one (a store written by an older opgen or a plain Optuna
+    process) is failed once it started more than ``GRACE_PERIOD`` seconds ago. With ``retry``, the config of
+    each failed trial is enqueued once more (user attr ``retry_of``), unless the trial was itself a retry: a
+    config that kills its tuner twice is not tried a third time. (RDB storages do the same through their
+    heartbeat; this covers the journal, which has none.) Raises :class:`TuneError` when a trial stays RUNNING."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     n = 0
+    now = datetime.datetime.now()
     for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get("owner")
-        if not owner or owner.get("host") != HOST or _alive(owner) or owner.get("pid") == os.getpid():
-            continue
+        who = t.user_attrs.get("owner")
+        if who:
+            if who.get("host") != HOST or who.get("pid") == os.getpid() or _alive(who):
+                continue
+            reason = f"tuner process {who.get('pid')} ended during this trial"
+        else:
+            started = t.datetime_start
+            if started is None or (now - started).total_seconds() < GRACE_PERIOD:
+                continue
+            reason = f"no owner recorded and RUNNING since {started:%Y-%m-%d %H:%M:%S}"
         try:
             storage.set_trial_user_attr(t._trial_id, "status", "abandoned")
-            storage.set_trial_user_attr(t._trial_id, "reason", f"tuner process {owner.get('pid')} ended during "
-                                        "this trial")
+            storage.set_trial_user_attr(t._trial_id, "reason", reason)
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            n += 1
-        except Exception:          # finished meanwhile by someone else
+        except UpdateFinishedTrialError:              # finished meanwhile by someone else
             continue
+        state = storage.get_trial(t._trial_id).state
+        if state == TrialState.RUNNING:
+            raise TuneError(f"trial {t.number} of a dead tuner process is still RUNNING after it was marked FAIL "
+                            f"in {describe(storage)}")
+        n += 1
         if retry and "retry_of" not in t.user_attrs and t.params:
             import optuna
 

@@ -15,9 +15,9 @@ from opgen.schedules.space import Knob, Space
 from opgen.tune import lookup
 from opgen.tune.encode import to_params
 from opgen.tune.key import study_key
-from opgen.tune.store import default_store_path, open_storage
+from opgen.tune.store import StaleLockWarning, default_store_path, open_storage
 from opgen.tune.testing import CumsumProblem
-from opgen.tune.tuner import HOST, TuneError, nearby_configs, tune
+from opgen.tune.tuner import HOST, TuneError, fail_stale_trials, nearby_configs, tune
 
 PLANTED = {"wrong": "wrong", "compile_error": "compile_error", "segfault": "crash", "hang": "timeout",
            "infeasible": "infeasible"}
@@ -149,6 +149,41 @@ def test_a_killed_tuner_leaves_a_readable_store_and_no_orphan(tmp_path, measurer
     assert ts[hanging.number].state == TrialState.FAIL
     assert not [t for t in ts if t.state == TrialState.RUNNING]
     assert r.trials == 1
+
+
+DIE_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import optuna
+    from opgen.tune.store import open_storage
+    store = open_storage(sys.argv[1])
+    study = optuna.create_study(study_name="s", storage=store)
+    study.enqueue_trial({"x": 1})
+    study.ask()                     # pops the queued trial: RUNNING, before any objective code runs
+    study.ask()                     # a new trial: RUNNING
+    store._backend._lock.acquire()  # and dies inside an append, holding the journal lock
+    print(os.getpid(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_tuner_killed_right_after_starting_a_trial_and_inside_an_append(tmp_path):
+    """Killed between Optuna marking a trial RUNNING and the objective's first line, and while holding the journal
+    lock: the next process neither waits for the lock nor leaves those trials RUNNING."""
+    path = tmp_path / f"s{time.time_ns()}.journal"
+    proc = subprocess.run([sys.executable, "-c", DIE_SCRIPT, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    t0 = time.perf_counter()
+    store = open_storage(str(path))
+    study = optuna.load_study(study_name="s", storage=store)
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING, TrialState.RUNNING]
+    with pytest.warns(StaleLockWarning, match=f"released the journal lock .* left by process .*{proc.stdout.strip()}"):
+        assert fail_stale_trials(store, study._study_id, retry=False) == 2
+    optuna.create_study(study_name="next", storage=store)
+    assert time.perf_counter() - t0 < 10                                # no 30 s wait for the dead holder's lock
+    reread = optuna.load_study(study_name="s", storage=open_storage(str(path))).get_trials(deepcopy=False)
+    assert [t.state for t in reread] == [TrialState.FAIL, TrialState.FAIL]
+    assert [t.user_attrs["owner"]["pid"] for t in reread] == [int(proc.stdout)] * 2
+    assert {t.user_attrs["status"] for t in reread} == {"abandoned"}
 
 
 def test_budgets_in_trials_and_seconds(tmp_path, measurer):
