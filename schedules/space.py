@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 
+def is_choice(value: Any, choices: tuple[Any, ...]) -> bool:
+    """``value`` is one of ``choices`` with the same type (``16.0`` and ``True`` are not the int choices 16 and 1)."""
+    return any(type(value) is type(c) and value == c for c in choices)
+
+
 @dataclass(frozen=True)
 class Knob:
     """One schedule decision and its allowed values (ints, strings or bools), in preference order."""
@@ -67,11 +72,12 @@ class Space:
         return hashlib.sha256(f"{self.name}:{text}".encode()).hexdigest()[:16]
 
     def infeasible(self, cfg: Mapping[str, Any]) -> str | None:
-        """Why ``cfg`` cannot run (unknown knob, value outside its choices, failed constraint), or None."""
+        """Why ``cfg`` cannot run (unknown knob, value outside its choices or of another type than the choice it
+        equals, such as ``16.0`` or ``True`` for an int knob, failed constraint), or None."""
         for k in self.knobs:
             if k.name not in cfg:
                 return f"missing knob {k.name}"
-            if cfg[k.name] not in k.choices:
+            if not is_choice(cfg[k.name], k.choices):
                 return f"{k.name}={cfg[k.name]!r} not in {k.choices}"
         extra = set(cfg) - {k.name for k in self.knobs}
         if extra:

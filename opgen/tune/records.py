@@ -9,10 +9,15 @@ ever loaded from it (kernels are regenerated from the IR and the config). Format
 
 ``key`` holds every :class:`~opgen.tune.key.StudyKey` field (op name and fingerprint, shape bucket,
 dtypes, target name and fingerprint, space fingerprint, generator and tuner versions); ``config`` maps
-knob names to JSON scalars; ``time_ms`` is the measured time (finite, > 0); ``dims`` the concrete sizes it
+knob names to knob values (integers, strings, true/false or null; never a float: no opgen knob takes one, and
+``16.0`` for an int knob would make every op call at that shape fail); ``time_ms`` is the measured time (finite, > 0); ``dims`` the concrete sizes it
 was measured at (or null); ``measured_at`` when (or null). Unknown or missing fields are errors
-(:class:`RecordsError` names the file, the record and the field); so is a ``version`` newer than
-:data:`RECORDS_VERSION`.
+(:class:`RecordsError`, an :class:`~opgen.ir.ArgumentError`, names the file, the record and the field); so is
+a ``version`` newer than :data:`RECORDS_VERSION`, and JSON nested too deeply to parse.
+
+On import each config is also checked against its knob space, where this process can know it (the study of
+the same key in the importing cache dir's store, which records its knobs, or the library op's space at the
+record's ``dims``): the knobs must be exactly the space's, each value one of its choices with the choice's type.
 
 :func:`import_records` merges a file into the pinned file ``<cache_dir>/tune/records.json`` (validated
 first, then written atomically under a lock). :func:`pinned_config` answers call-time lookups from it
@@ -35,6 +40,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from opgen.atomic import atomic_write
+from opgen.ir.errors import ArgumentError
+from opgen.schedules.space import is_choice
 
 from .key import GENERATOR_VERSION, StudyKey, _slug
 
@@ -49,7 +56,7 @@ _KEY_FIELDS = ("op_name", "op_fingerprint", "bucket", "dtypes", "target", "targe
                "space_fingerprint", "generator", "tuner")
 
 
-class RecordsError(ValueError):
+class RecordsError(ArgumentError):
     """A records file (or a record) is not valid; the message names the file, the record and the field."""
 
 
@@ -163,10 +170,28 @@ def _config(d: Any, at: _Where) -> dict[str, Any]:
     if not isinstance(d, dict) or not d:
         raise at.error("config", "a non-empty object of knob -> value", d)
     for k, v in d.items():
-        scalar = v is None or isinstance(v, (str, bool, int)) or (isinstance(v, float) and math.isfinite(v))
-        if not scalar:
-            raise at.error(f"config.{k}", "a JSON scalar (string, integer, finite number, true/false or null)", v)
+        if not (v is None or isinstance(v, (str, bool, int))):
+            raise at.error(f"config.{k}", "a knob value (an integer, a string, true/false or null; never a float)", v)
     return dict(d)
+
+
+def check_config_in_space(config: Mapping[str, Any], knobs: Iterable[tuple[str, Iterable[Any]]], *,
+                          where: str = "records", index: int | None = None) -> None:
+    """Raise :class:`RecordsError` unless ``config`` sets exactly the knobs ``(name, choices)``, each to one of its
+    choices with the same type (an int knob takes neither ``16.0`` nor ``true``)."""
+    at = _Where(where, index)
+    space = {name: tuple(choices) for name, choices in knobs}
+    for name in space:
+        if name not in config:
+            raise at.error(f"config.{name}", f"a value for knob {name!r} (knobs: {', '.join(space)})",
+                           "a config without it", described=True)
+    for name, v in config.items():
+        if name not in space:
+            raise at.error(f"config.{name}", f"only the knobs {', '.join(space)}", "an unknown knob", described=True)
+        if not is_choice(v, space[name]):
+            kinds = sorted({type(c).__name__ for c in space[name]})
+            raise at.error(f"config.{name}", f"one of {_show(list(space[name]))} ({' or '.join(kinds)})",
+                           f"{_show(v)} ({type(v).__name__})", described=True)
 
 
 def _time(v: Any, at: _Where) -> float:
@@ -192,6 +217,8 @@ def parse_records(text: str, where: str = "records") -> list[Record]:
         doc = json.loads(text)
     except ValueError as exc:
         raise RecordsError(f"{where}: not a JSON file ({exc})") from None
+    except RecursionError:
+        raise RecordsError(f"{where}: expected a records file, got JSON nested too deeply to read") from None
     top = _Where(where, None)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else doc
@@ -356,6 +383,10 @@ def import_records(path: str | os.PathLike, *, cache_dir: str | os.PathLike | No
     under a lock. A damaged pinned file is an error here (fix or remove it), not a silent overwrite.
     """
     incoming = read_records(path)
+    for i, r in enumerate(incoming):
+        knobs = _knob_space(r, cache_dir)
+        if knobs is not None:
+            check_config_in_space(r.config, knobs, where=str(path), index=i)
     target = pinned_path(cache_dir)
     with _locked(target):
         try:
@@ -380,6 +411,42 @@ def import_records(path: str | os.PathLike, *, cache_dir: str | os.PathLike | No
 
     lookup.clear_cache()
     return added, replaced, unchanged
+
+
+def _knob_space(rec: Record, cache_dir: str | os.PathLike | None) -> list[tuple[str, list[Any]]] | None:
+    """The knobs ``(name, choices)`` of ``rec``'s study, where this process can know them: the same study in the
+    default store of ``cache_dir`` (user attr ``opgen.space``), or the library op's space at ``rec.dims`` on the
+    record's target (when that target is available here and the space's fingerprint matches); else None."""
+    from .store import open_storage
+
+    if cache_dir is None:
+        from opgen.config import from_env
+
+        cache_dir = from_env().cache_dir
+    try:
+        storage = open_storage(None, cache_dir=cache_dir, key=rec.key, create=False)
+        if storage is not None:
+            sid = storage.get_study_id_from_name(rec.key.name)
+            stored = storage.get_study_user_attrs(sid).get("opgen.space")
+            if isinstance(stored, list):
+                return [(str(k), list(c)) for k, c in stored]
+    except (KeyError, OSError, TypeError, ValueError):
+        pass
+    from .library import OPTIONAL_DIMS, SHAPE_DIMS
+
+    if rec.dims is None or rec.key.op_name not in SHAPE_DIMS or rec.key.target not in ("tvm", "triton"):
+        return None
+    allowed = set(SHAPE_DIMS[rec.key.op_name]) | set(OPTIONAL_DIMS.get(rec.key.op_name, {}))
+    try:
+        from .library import LibraryProblem
+
+        space = LibraryProblem(rec.key.op_name, {k: v for k, v in rec.dims.items() if k in allowed},
+                               rec.key.target, dtype=rec.key.dtypes[0] if rec.key.dtypes else "float32").space()
+    except Exception:                           # noqa: BLE001 - backend missing here, another shape rule: unknown
+        return None
+    if space.fingerprint != rec.key.space_fingerprint:
+        return None
+    return [(k.name, list(k.choices)) for k in space.knobs]
 
 
 _lock = threading.Lock()

@@ -143,8 +143,8 @@ def _mutate(doc, how):
 
 BAD = {"format": ["field 'format'", "opgen records file", "something.else"],
        "version": ["records version 2", "newer opgen", "up to 1"],
-       "config_list": ["record 0", "field 'config.block'", "JSON scalar", "[64]"],
-       "config_dict": ["record 0", "field 'config.algo'", "JSON scalar", "__class__"],
+       "config_list": ["record 0", "field 'config.block'", "a knob value", "[64]"],
+       "config_dict": ["record 0", "field 'config.algo'", "a knob value", "__class__"],
        "negative_time": ["record 0", "field 'time_ms'", "> 0", "-1.0"],
        "nan_time": ["record 0", "field 'time_ms'", "finite", "NaN"],
        "missing_field": ["record 0", "field 'key.target_fingerprint'", "to be present"],
@@ -264,3 +264,61 @@ def test_cli_export_and_import(tuned, tmp_path, monkeypatch, capsys):
     assert str(bad) in err and "newer opgen" in err
     assert main(["records", "import", str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_config_must_fit_its_knob_space_to_be_imported(tuned, tmp_path):
+    """``16.0`` for an int knob passed import and then broke every op call at that shape: refused now, naming the
+    file, the record, the knob, what was expected and what came; so are a bool for an int, a value outside the
+    choices, and a missing or unknown knob (checked against the study's space, known from the store)."""
+    import random
+    import shutil
+
+    from opgen.ir import ArgumentError
+    from opgen.schedules.space import Knob, Space
+
+    src, r = tuned
+    dst = tmp_path / "dst"
+    shutil.copytree(src / "tune", dst / "tune", ignore=shutil.ignore_patterns("records.json*"))
+    doc = _good_doc(tuned, tmp_path)
+    block = random.choice([16, 32, 64, 128])
+    bad = {"block": float(block), "fault": "none"}, {"block": True}, {"block": 48}, {"fault": None}, {"extra": 1}
+    want = [f"config.block': expected a knob value (an integer, a string, true/false or null; never a float), got "
+            f"{float(block)}", "config.block': expected one of [16, 32, 64, 128, 256, 512, 1024] (int), got true (bool)",
+            "config.block': expected one of [16, 32", "config.fault': expected one of [\"none\"] (str), got null",
+            "config.extra': expected only the knobs algo, block, fault, got an unknown knob"]
+    for change, msg in zip(bad, want):
+        d = copy.deepcopy(doc)
+        d["records"][0]["config"].update(change)
+        f = tmp_path / "bad.json"
+        f.write_text(json.dumps(d))
+        with pytest.raises(ArgumentError) as exc:
+            import_records(f, cache_dir=dst)
+        assert str(f) in str(exc.value) and "record 0" in str(exc.value) and msg in str(exc.value), exc.value
+    assert not pinned_path(dst).exists()
+    # without a known space a float is still refused (no knob takes one), and a lookup never returns one
+    assert f"config.block': expected a knob value" in _import_error(doc, tmp_path, {"block": 16.0}, tmp_path / "e")
+    space = Space("s", (Knob("block", (16, 32)), Knob("fast", (True, False))), {"block": 16, "fast": True})
+    assert space.infeasible({"block": 16.0, "fast": True}) and space.infeasible({"block": 16, "fast": 1})
+    assert space.infeasible({"block": 32, "fast": False}) is None
+
+
+def _import_error(doc: dict, tmp_path, change: dict, cache_dir) -> str:
+    d = copy.deepcopy(doc)
+    d["records"][0]["config"].update(change)
+    f = tmp_path / "one.json"
+    f.write_text(json.dumps(d))
+    with pytest.raises(RecordsError) as exc:
+        import_records(f, cache_dir=cache_dir)
+    return str(exc.value)
+
+
+def test_deeply_nested_json_is_a_clear_error(tmp_path):
+    from opgen.ir import ArgumentError
+
+    depth = 50_000 + __import__("random").randrange(50_000)
+    f = tmp_path / "deep.json"
+    f.write_text('{"format": "opgen.records", "version": 1, "records": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ArgumentError, match=r"deep\.json: expected a records file, got JSON nested too deeply"):
+        read_records(f)
+    with pytest.raises(ArgumentError, match="nested too deeply"):
+        import_records(f, cache_dir=tmp_path)
