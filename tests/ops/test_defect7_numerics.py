@@ -99,3 +99,82 @@ def test_default_window_configs_are_valid_at_any_stride():
         ok, why = check_window_config(cfg, grp, b)
         assert ok, f"default config {cfg} of {op.name} C={C} F={Fo} G={G} {KH}x{KW} s=({sh}, {sw}) {H}x{W}: {why} " \
                    f"(seed {seed})"
+
+
+# ------------------------------------------------------------------------------------- long_conv causality
+
+
+def _long_inputs(g: torch.Generator, L: int, B: int = 2, H: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """u ``[B, H, L]`` ~ N(0, 1) and a full-length filter k ``[H, L]`` ~ N(0, 1/L) (outputs ~ N(0, 1)): the FFT
+    path is the default at these lengths."""
+    return _randn(g, B, H, L), _randn(g, H, L) / math.sqrt(L)
+
+
+@pytest.mark.parametrize("L", [8192, 4097])
+def test_long_conv_nan_or_inf_input_leaves_earlier_outputs(L):
+    """Failed before: a NaN at the last position made all earlier outputs NaN (the FFT mixes every position).
+    Now outputs before it are finite and equal the clean outputs within float32 rounding (1e-5 relative)."""
+    seed, g = _gen()
+    u, k = _long_inputs(g, L)
+    y = ops.long_conv(u, k)
+    for bad in (float("nan"), float("inf")):
+        for t in (L - 1, L // 3):
+            u2 = u.clone()
+            u2[:, 1, t] = bad
+            y2 = ops.long_conv(u2, k)
+            assert torch.isfinite(y2[..., :t]).all() and torch.isfinite(y2[:, (0, 2)]).all(), \
+                f"L={L}: {bad} at {t} reached earlier outputs or other channels (seed {seed})"
+            assert not torch.isfinite(y2[:, 1, t]).any(), f"L={L}: {bad} at {t} lost (seed {seed})"
+            _close(y2[..., :t], y[..., :t], f"long_conv L={L} with {bad} at {t}", seed)
+
+
+@pytest.mark.parametrize("L", [8192, 4097])
+def test_long_conv_large_input_does_not_move_earlier_outputs(L):
+    """Failed before: 1e7 at the last position moved every earlier output by ~0.1 (of ~3). Now the FFT runs in
+    sequence blocks (:func:`opgen.targets.spectral.causal_block`): outputs before the perturbed position's block are
+    bitwise unchanged, and those before it in its own block move at most 1e-6 of the perturbation's own output."""
+    from opgen.targets.spectral import causal_block
+
+    seed, g = _gen()
+    u, k = _long_inputs(g, L)
+    y = ops.long_conv(u, k)
+    blk = causal_block(L, L)
+    for t in (L - 1, L // 2 + 1):
+        u2 = u.clone()
+        u2[:, 1, t] = 1e7
+        y2 = ops.long_conv(u2, k)
+        start = t // blk * blk
+        assert start > 0 and torch.equal(y2[..., :start], y[..., :start]), \
+            f"L={L}: 1e7 at {t} changed outputs before its block start {start} (seed {seed})"
+        moved = (y2[..., start:t] - y[..., start:t]).abs().max().item() if t > start else 0.0
+        assert moved <= 1e-6 * 1e7 * k[1].abs().max().item(), f"L={L}: moved {moved} (seed {seed})"
+
+
+@pytest.mark.parametrize("L", [4097, 2048])
+def test_long_conv_backward_is_anticausal(L):
+    """The data gradient du[s] = sum_{t >= s} k[t - s] gy[t] reads only later gradients: a NaN in gy[0] stays in
+    du[0] (failed before: every du was NaN) and leaves the filter gradient of the other channels finite, and 1e7 in
+    gy[0] leaves du after its (reversed) block bitwise unchanged. (dk[h] sums gy[h] against the zero-padded u, so
+    a NaN in gy[h] makes all of dk[h] NaN, as for F.conv1d.)"""
+    from opgen.targets.spectral import causal_block
+
+    seed, g = _gen()
+    u, k = _long_inputs(g, L)
+    u.requires_grad_()
+    k.requires_grad_()
+    gy = _randn(g, *u.shape)
+    du, dk = torch.autograd.grad(ops.long_conv(u, k), (u, k), gy)
+    gy2 = gy.clone()
+    gy2[:, 1, 0] = float("nan")
+    du2, dk2 = torch.autograd.grad(ops.long_conv(u, k), (u, k), gy2)
+    assert torch.isfinite(du2[..., 1:]).all() and torch.isfinite(du2[:, (0, 2)]).all(), \
+        f"L={L}: a NaN in gy[0] reached du after 0 (seed {seed})"
+    assert du2[:, 1, 0].isnan().all() and torch.isfinite(dk2[(0, 2), :]).all()
+    _close(du2[..., 1:], du[..., 1:], f"long_conv L={L} du with NaN in gy[0]", seed)
+    _close(dk2[(0, 2), :], dk[(0, 2), :], f"long_conv L={L} dk with NaN in gy[0]", seed)
+    gy3 = gy.clone()
+    gy3[:, 1, 0] = 1e7
+    du3, = torch.autograd.grad(ops.long_conv(u, k), (u,), gy3)
+    blk = causal_block(L, L)
+    end = L - (L // blk) * blk if L % blk else blk       # blocks are cut from the end of the row
+    assert torch.equal(du3[..., end:], du[..., end:]), f"L={L}: 1e7 in gy[0] moved du after {end} (seed {seed})"
