@@ -9,19 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def _default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/opgen`` or ``~/.cache/opgen``; without a home directory, ``<tmp>/opgen-cache-<uid>``
-    (the kernel caches refuse it, with a warning, unless it is this user's and private)."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    if base:
-        return Path(base) / "opgen"
-    try:
-        return Path.home() / ".cache" / "opgen"
-    except (RuntimeError, KeyError):
-        import tempfile
-
-        return Path(tempfile.gettempdir()) / f"opgen-cache-{os.geteuid()}"
+from opgen.targets.cache_files import default_cache_dir
 
 
 @dataclass(frozen=True)
@@ -39,7 +27,7 @@ class Config:
         interpreter runs it as fast as a kernel would, without a compile (~2 s per kernel).
     """
 
-    cache_dir: Path = field(default_factory=_default_cache_dir)
+    cache_dir: Path = field(default_factory=default_cache_dir)
     backend: str = "auto"
     reference_max_elements: int = 1 << 26
     tune_storage: str | None = None

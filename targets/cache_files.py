@@ -245,6 +245,20 @@ def read_verified(path: Path, key: str) -> tuple[bytes | None, str]:
     return data, ""
 
 
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/opgen`` or ``~/.cache/opgen``; without a home directory, ``<tmp>/opgen-cache-<uid>``
+    (the kernel caches refuse it, with a warning, unless it is this user's and private)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if base:
+        return Path(base) / "opgen"
+    try:
+        return Path.home() / ".cache" / "opgen"
+    except (RuntimeError, KeyError):
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / f"opgen-cache-{os.geteuid()}"
+
+
 # ---------------------------------------------------------------------------------------------- generated code
 
 

@@ -49,7 +49,7 @@ def source_path(source: str, cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / "triton" / f"{source_hash(source)}.py"
 
 
-def write_source(source: str, cache_dir: str | os.PathLike) -> Path | None:
+def write_source(source: str, cache_dir: str | os.PathLike | None) -> Path | None:
     """Write ``source`` to its content-addressed path for reading (a no-op when it is already there) and return
     that path; under a private temporary directory when ``cache_dir`` cannot be used (one warning), None when no
     directory can be written. Never raises for an unwritable cache."""
@@ -70,7 +70,7 @@ def write_source(source: str, cache_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def load_module(source: str, cache_dir: str | os.PathLike) -> ModuleType:
+def load_module(source: str, cache_dir: str | os.PathLike | None) -> ModuleType:
     """The module of ``source``, executed from memory (its text also written under ``cache_dir``); cached in
     memory."""
     interp = interpreter_enabled()

@@ -22,6 +22,7 @@ from opgen.targets.base import Caps
 from .attention_call import attention_group, default_config as attention_default_config
 from .attention_call import run_backward as run_attention_backward, run_forward as run_attention
 from .compile import interpreter_enabled, load_module
+from ..cache_files import default_cache_dir
 from .scan import check, default_config, launch_kwargs, render, variants
 from .window import window_group
 
@@ -29,8 +30,7 @@ from .window import window_group
 def _default_cache_dir() -> Path:
     if os.environ.get("OPGEN_CACHE_DIR"):
         return Path(os.environ["OPGEN_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "opgen"
+    return default_cache_dir()
 
 
 @functools.lru_cache(maxsize=512)

@@ -1031,7 +1031,7 @@ def run(group: WindowGroup, inputs: Mapping[str, Any], binding, config=None, cac
             out.zero_()
         return {group.out: out}
     window = window_tensor(group, binding, tensors[group.data.tensor]) if mod.variant == "im2win" else None
-    m = load_module(mod.source, cache_dir if cache_dir is not None else _tmp_cache())
+    m = load_module(mod.source, cache_dir)
     kernel = getattr(m, mod.kernel)
     kernel[(progs,)](*kernel_args(group, mod, binding, tensors, window), **constexpr_values(mod, cfg),
                      **launch_options(cfg))
@@ -1073,12 +1073,6 @@ def _nchw(group: WindowGroup, x):
 
 
 @functools.lru_cache(maxsize=1)
-def _tmp_cache() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="opgen_triton_window_")
-
-
 def aot_signature(group: WindowGroup, mod: WindowModule, binding=None) -> dict[str, str]:
     """The ``triton.compile`` signature of the kernel: pointer types from the op's dtypes, 32-bit ints."""
     sig = {}
