@@ -87,11 +87,10 @@ def test_fingerprint_is_structural_and_stable():
     assert ssm.build(dtype=DType.bf16).fingerprint == a.fingerprint  # F32 annotations fix the dtype
     code = ("import opgen; from opgen.ops.scan import declare_selective_scan as d; "
             "print(d().fingerprint)")
-    out = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-           for _ in range(2)]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     from opgen.ops.scan import declare_selective_scan
 
-    assert out[0] == out[1] == declare_selective_scan().fingerprint
+    assert out == declare_selective_scan().fingerprint       # another process (another hash seed), same print
 
 
 def test_generic_float_annotation_takes_the_build_dtype():
