@@ -126,7 +126,10 @@ def time_vector_body(group: ScanGroup, width: int, *, sym: Mapping, buffers: Map
     allocs = [scratch_buffer("st", "(1,)", sdt),
               scratch_buffer("ta", f"({W},)", sdt),
               scratch_buffer("tc", f"({W},)", sdt),
-              scratch_buffer("sv", f"({W},)", sdt)]
+              scratch_buffer("sv", f"({W},)", sdt),
+              scratch_buffer("st0", "(1,)", sdt),
+              scratch_buffer("fv", f"({W},)", sdt),
+              scratch_buffer("fin", "(1,)", "int32")]
     if out_dtype is not None:
         allocs.append(scratch_buffer("th", f"({W},)", sdt))
     body: list[tuple[int, str]] = []
@@ -172,14 +175,14 @@ def time_vector_body(group: ScanGroup, width: int, *, sym: Mapping, buffers: Map
             return f"{out_buf} = {cast}"
         return lets, vlines, conv(at, a_e.dtype), conv(bt, b_e.dtype), store
 
-    def scalar_steps(count: str, step_of: Callable[[str], str]) -> None:
-        body.append((0, f"for s in range({count}):"))
-        body.append((1, f"i_step: T.let = {step_of('s')}"))
+    def scalar_steps(count: str, step_of: Callable[[str], str], depth: int = 0) -> None:
+        body.append((depth, f"for s in range({count}):"))
+        body.append((depth + 1, f"i_step: T.let = {step_of('s')}"))
         lets, _, at, bt, store = values("i_step")
-        body.extend((1, ln) for ln in lets)
-        body.append((1, f"st[0] = {at} * st[0] + {bt}"))
+        body.extend((depth + 1, ln) for ln in lets)
+        body.append((depth + 1, f"st[0] = {at} * st[0] + {bt}"))
         if out_dtype is not None:
-            body.append((1, store("st[0]")))
+            body.append((depth + 1, store("st[0]")))
 
     def blocks() -> None:
         body.append((0, f"sv[T.Ramp(0, 1, {W})] = T.Broadcast(st[0], {W})"))
@@ -203,12 +206,17 @@ def time_vector_body(group: ScanGroup, width: int, *, sym: Mapping, buffers: Map
         # the carry stays a vector (every lane the block's last state: one permute on the loop-carried path,
         # not an extract and a broadcast)
         body.append((1, f"sv[T.Ramp(0, 1, {W})] = T.Shuffle([hv], [{', '.join([str(last)] * W)}])"))
+        # the sum of the lane's states: finite unless one of them is inf or NaN (or the sum overflows: then the lane
+        # runs again for nothing); one vector add a block, off the carried path
+        body.append((1, f"fv[T.Ramp(0, 1, {W})] = fv[T.Ramp(0, 1, {W})] + hv"))
         if out_dtype is not None:
             body.append((1, f"th[T.Ramp(0, 1, {W})] = hv"))
             body.append((1, f"for v in T.vectorized({W}):"))
             body.append((2, store("th[v]")))
         body.append((0, "st[0] = sv[0]"))
 
+    body.append((0, "st0[0] = st[0]"))
+    body.append((0, f"fv[T.Ramp(0, 1, {W})] = T.Broadcast({zero}, {W})"))
     end = f"({lo} + nfull * {W})"                          # the first step after the blocks
     head = f"T.min({lo}, {ext_step})"                       # steps before the blocks
     if rev:
@@ -221,4 +229,16 @@ def time_vector_body(group: ScanGroup, width: int, *, sym: Mapping, buffers: Map
             scalar_steps(head, lambda s: s)
         blocks()
         scalar_steps(f"{ext_step} - T.max({end}, {head})", lambda s: f"(T.max({end}, {head}) + {s})")
+    # A block that met inf or NaN is not what the sequential loop computes: its products of the a's times a zero
+    # state or a zero shifted in are inf * 0 = NaN where the loop, multiplying step by step, gets inf. Such a lane
+    # runs again one step at a time from its initial state (its outputs overwritten).
+    body.append((0, "fin[0] = 1"))
+    body.append((0, f"for v in range({W}):"))
+    # |x| <= the largest finite float32: false for inf and NaN (a comparison the TIR simplifier does not fold; a
+    # float64 sum past it only reruns the lane; the TVMScript parser takes no float literal beyond float32)
+    big = "3.4028234663852886e+38"
+    body.append((1, f"fin[0] = T.Select(T.abs(fv[v]) <= T.{sdt}({big}), fin[0], 0)"))
+    body.append((0, "if fin[0] == 0:"))
+    body.append((1, "st[0] = st0[0]"))
+    scalar_steps(ext_step, (lambda s: f"({ext_step} - 1 - {s})") if rev else (lambda s: s), depth=1)
     return allocs, body

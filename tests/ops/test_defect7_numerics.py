@@ -178,3 +178,53 @@ def test_long_conv_backward_is_anticausal(L):
     blk = causal_block(L, L)
     end = L - (L // blk) * blk if L % blk else blk       # blocks are cut from the end of the row
     assert torch.equal(du3[..., end:], du[..., end:]), f"L={L}: 1e7 in gy[0] moved du after {end} (seed {seed})"
+
+
+# ------------------------------------------------------------------------------------- linear_scan with inf
+
+
+def _sequential_scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """h[t] = a[t] * h[t-1] + b[t] from h = 0, one float32 step at a time (along the last dim)."""
+    h = torch.zeros(a.shape[:-1], dtype=F32)
+    out = torch.empty_like(a)
+    steps = range(a.shape[-1] - 1, -1, -1) if reverse else range(a.shape[-1])
+    for t in steps:
+        h = a[..., t] * h + b[..., t]
+        out[..., t] = h
+    return out
+
+
+def _same_pattern(got: torch.Tensor, ref: torch.Tensor, what: str, seed: int) -> None:
+    """Same NaN positions, same infinities (with sign), finite values within 1e-4 relative (float32 reassociation
+    over up to 1000 steps of decays in (0, 1))."""
+    assert torch.equal(got.isnan(), ref.isnan()), \
+        f"{what}: NaN at {got.isnan().nonzero().tolist()[:6]}, sequential at {ref.isnan().nonzero().tolist()[:6]} " \
+        f"(seed {seed})"
+    inf = ref.isinf()
+    assert torch.equal(got.isinf(), inf) and torch.equal(got[inf], ref[inf]), f"{what}: infinities differ (seed {seed})"
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref[fin], atol=1e-4, rtol=1e-4, msg=lambda m: f"{what} (seed {seed}): {m}")
+
+
+@pytest.mark.parametrize("L", [16, 17, 100, 1000])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_linear_scan_inf_matches_a_sequential_loop(L, reverse):
+    """Failed before: an inf in ``a`` gave NaN from L >= 16 where the sequential loop gives inf (the in-register
+    scan of W steps multiplies the product of the a's by a zero state or a zero shifted in: inf * 0)."""
+    seed, g = _gen()
+    P = 12
+    a = torch.rand(P, L, generator=g, dtype=F64).to(F32)
+    b = _randn(g, P, L)
+    rng = random.Random(seed)
+    for lane in range(P):
+        kind = lane % 4                     # inf in a, -inf in a, inf in b, both
+        t = rng.randrange(L)
+        if kind in (0, 3):
+            a[lane, t] = float("inf")
+        if kind == 1:
+            a[lane, t] = float("-inf")
+        if kind in (2, 3):
+            b[lane, rng.randrange(L)] = float("inf")
+    b[0, 0] = 0.0                            # a zero state before an inf: inf * 0 is NaN in the loop too
+    got = ops.linear_scan(a, b, reverse=reverse)
+    _same_pattern(got, _sequential_scan(a, b, reverse), f"linear_scan L={L} reverse={reverse}", seed)
