@@ -46,11 +46,11 @@ def add_tune_parsers(sub: Any) -> None:
     t = sub.add_parser("tune", help="tune an op at one shape with Optuna (child-process measurement, checked), in "
                        "this process or with --workers K processes on a shared store")
     _problem_args(t)
-    t.add_argument("--trials", type=int, default=None, help="trials of this run (with --workers: shared by all; "
-                   "default 30, or 10 x --measured)")
+    t.add_argument("--trials", type=int, default=None, help="distinct feasible configs to measure in this run "
+                   "(repeats and infeasible configs do not count; it stops early when the space has no more); with "
+                   "--workers: trials shared by all; default 30")
     t.add_argument("--measured", type=int, default=None,
-                   help="stop once this many configs were measured (repeats and infeasible configs do not count; "
-                        "--trials still caps the trials); in-process tuning only")
+                   help="the same budget as --trials (the smaller wins); in-process tuning only")
     t.add_argument("--seconds", type=float, default=None, help="time budget (whichever of trials/seconds ends first;"
                    " in-process tuning only)")
     t.add_argument("--workers", type=int, default=0, help="worker processes on the store (0: tune in this process)")

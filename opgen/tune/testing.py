@@ -41,6 +41,14 @@ def _check(rows: int, length: int) -> Callable[[Mapping[str, Any]], str | None]:
     return check
 
 
+def sparse_space(rows: int, length: int) -> Space:
+    """The fault-free cumsum knobs with the default block 32: at a length most blocks do not divide (96: 6 of 21
+    configs feasible) a tuner that samples the knob product blindly mostly proposes infeasible configs."""
+    return Space("sparse_cumsum", (Knob("algo", ("blocked", "torch", "loop")), Knob("block", BLOCKS),
+                                   Knob("fault", ("none",))),
+                 {"algo": "blocked", "block": 32, "fault": "none"}, check=_check(rows, length))
+
+
 @dataclass(frozen=True)
 class CumsumProblem:
     rows: int = 64

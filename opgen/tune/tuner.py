@@ -23,18 +23,28 @@ invisible to it) and ``best`` never picks one. User attrs per trial: ``config``,
 :class:`~opgen.tune.measure.Status` value), ``reason`` (when not ok), ``time_ms`` (when ok), ``dims``,
 ``measure_s``, ``owner`` (host, pid), ``dup_of`` for repeats and ``source`` for enqueued configs.
 
-Budgets: ``trials`` counts the trials this call runs, including enqueued ones and repeats (Optuna's
-``n_trials``); ``measured`` counts only the configs this call measures (a repeat answered from the study and an
-infeasible config rejected before compiling cost no measurement: late in a TPE run, half the trials are such);
-``seconds`` is checked between trials, so a call can overrun it by one trial (at most the measurement
-``timeout``, plus a worker start). Whichever is reached first ends the call. Trials enqueued
-but not reached stay WAITING in the study and run first in the next call.
+Sampling: the random startup configs (the first ``STARTUP`` measured in the study) and, later, the next config
+after a run of ``REPEATS_BEFORE_RANDOM`` trials that measured nothing (TPE proposing repeats or infeasible
+configs) are drawn by the tuner itself, uniformly among the feasible configs not yet measured, running or queued
+in the study (the enumerated space, or rejection sampling where it is too large to enumerate) by the sampler
+wrapper :class:`FeasibleFirst` (user attr ``source`` ``random``): so startup trials are all feasible and distinct,
+and two processes tuning one study at once measure different configs.
+
+Budgets: ``trials`` (or ``measured``; the smaller when both) counts the configs this call measures: distinct,
+feasible configs sent to the worker (a failed measurement counts; a repeat answered from the study or an
+infeasible config rejected before compiling does not). The call stops early when every feasible config of the
+space has been measured (``exhausted``), and in any case after ``10 x budget + 20`` trials (TPE proposing only
+repeats on a space it has nearly covered). ``seconds`` is checked between trials, so a call can overrun it by one
+trial (at most the measurement ``timeout``, plus a worker start). Whichever is reached first ends the call.
+Trials enqueued but not reached stay WAITING in the study and run first in the next call.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
+import random
 import sys
 import time
 import warnings
@@ -50,6 +60,9 @@ from .measure import MeasureOptions, Measurer, ProblemSetupError, Result, Status
 from .problem import Problem, ProblemSpec, as_problem
 from .store import GRACE_PERIOD, HOST, alive, describe, open_storage, owner, prepare_lock
 
+STARTUP = 10                # random feasible configs measured in a study before TPE proposes (its n_startup)
+REPEATS_BEFORE_RANDOM = 2   # after this many trials in a row that measured nothing, draw a random feasible config
+REJECTION_TRIES = 2000      # random draws to find a feasible unmeasured config in a space too large to enumerate
 EXHAUSTIVE_LIMIT = 4096     # enumerate spaces with at most this many configs (product of the choice counts)
 EXHAUSTIVE_UNBOUNDED = 256  # with a budget in seconds only, enqueue every feasible config if there are no more
 NEARBY_STUDIES = 3          # warm start: how many other studies to borrow from
@@ -79,6 +92,7 @@ class TuneResult:
     study_trials: int = 0                         # finished trials in the study after this call
     seconds: float = 0.0
     exhausted: bool = False                       # every feasible config has been measured
+    feasible: int | None = None                   # feasible configs in the space (when it was enumerated)
 
     @property
     def speedup(self) -> float | None:
@@ -92,9 +106,11 @@ class TuneResult:
             return "-" if v is None else f"{v:.4g} ms"
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.by_status.items()))
         sp = f" ({self.speedup:.2f}x)" if self.speedup else ""
+        done = (f"; stopped early: the space has {self.feasible} feasible configs and all are measured"
+                if self.exhausted else "")
         return (f"{self.study_name}: best {ms(self.best_time_ms)}{sp} with {self.best_config}; default "
-                f"{ms(self.default_time_ms)}; {self.trials} trials in {self.seconds:.1f} s ({counts}; "
-                f"{self.repeats} repeats); store: {self.storage}")
+                f"{ms(self.default_time_ms)}; {self.measured} configs measured in {self.trials} trials in "
+                f"{self.seconds:.1f} s ({counts}; {self.repeats} repeats){done}; store: {self.storage}")
 
 
 # -- process identity (to fail the RUNNING trials of dead tuner processes) ---------------------------
@@ -184,6 +200,9 @@ class _Cache:
                 continue
             self.by_config.setdefault(canonical(cfg), _Measured(t.number, status, float(t.value),
                                                                 t.user_attrs.get("reason", "")))
+
+    def size(self) -> int:
+        return len(self._seen)
 
     def best(self) -> tuple[str, _Measured] | None:
         ok = [(k, m) for k, m in self.by_config.items() if m.status == Status.OK.value]
@@ -299,6 +318,44 @@ class Objective:
         self.counts: dict[str, int] = {}
         self.tally = {"repeats": 0, "measured": 0, "trials": 0}
         self.measure_budget: int | None = None        # stop once this many configs were measured
+        self.max_trials: int | None = None            # ... or after this many trials
+        self.rng: random.Random | None = None         # set: draw random feasible configs (see module doc)
+        self._idle = 0                                # trials in a row that measured nothing
+        self._counted = 0                             # measured configs seen by after_trial
+
+    def _taken(self) -> set[str]:
+        """Configs measured, running or queued in the study."""
+        from optuna.trial import TrialState
+
+        taken = set(self.cache.by_config)
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
+            cfg = t.user_attrs.get("config")
+            if cfg is None and t.params:
+                cfg = _config_from_params(self.space, t.params)
+            if cfg is not None:
+                taken.add(canonical(cfg))
+        return taken
+
+    def random_feasible(self) -> dict[str, Any] | None:
+        """A uniformly random feasible config that is not measured, running or queued in the study, or None."""
+        assert self.rng is not None
+        taken = self._taken()
+        if self.feasible is not None:
+            left = sorted(self.feasible - taken)
+            return json.loads(self.rng.choice(left)) if left else None
+        for _ in range(REJECTION_TRIES):
+            cfg = {k.name: self.rng.choice(k.choices) for k in self.space.knobs}
+            if self.space.infeasible(cfg) is None and canonical(cfg) not in taken:
+                return cfg
+        return None
+
+    def wants_random(self) -> bool:
+        """Whether the next trial (not a queued one) should be a random feasible config: the study has fewer than
+        ``STARTUP`` measured configs, or this process's last trials measured nothing."""
+        if self.rng is None:
+            return False
+        measured = sum(1 for m in self.cache.by_config.values() if m.status != Status.INFEASIBLE.value)
+        return measured < STARTUP or self._idle >= REPEATS_BEFORE_RANDOM
 
     @property
     def exhausted(self) -> bool:
@@ -307,6 +364,8 @@ class Objective:
 
     def __call__(self, trial: Any) -> float:
         trial.set_user_attr("owner", _owner())
+        if isinstance(self.study.sampler, FeasibleFirst) and self.study.sampler.chose(trial.number):
+            trial.set_user_attr("source", "random")
         cfg = suggest(trial, self.space)
         trial.set_user_attr("config", cfg)
         self.cache.refresh(self.study)
@@ -338,10 +397,15 @@ class Objective:
         self.tally["trials"] += 1
         status = ft.user_attrs.get("status") if ft.state == TrialState.COMPLETE else ft.state.name.lower()
         self.counts[status] = self.counts.get(status, 0) + 1
+        measured = self.tally["measured"] > self._counted
+        self._counted = self.tally["measured"]
+        self._idle = 0 if measured else self._idle + 1
         self.cache.refresh(study)
         if self.bar is not None:
             self.bar.set_postfix_str(self.progress_text(), refresh=False)
-            self.bar.update(1)
+            self.bar.update(1 if measured else 0)
+            if not measured:
+                self.bar.refresh()
         if self.measure_budget is not None and self.tally["measured"] >= self.measure_budget:
             study.stop()
         elif self.exhausted:
@@ -349,19 +413,20 @@ class Objective:
                 self.bar.total = self.bar.n
                 self.bar.refresh()
             study.stop()
+        elif self.max_trials is not None and self.tally["trials"] >= self.max_trials:
+            study.stop()
 
     def progress_text(self) -> str:
-        """``best 1.2 ms, default 3.4 ms, rejected 5`` for a progress bar."""
+        """``best 1.2 ms, default 3.4 ms, infeasible 2 / failed 1, repeats 3`` for a progress bar (this process's
+        trials; the bar itself counts measured configs)."""
         best = self.cache.best()
         d = self.cache.by_config.get(canonical(self.default))
         text = f"best {best[1].value:.4g} ms" if best else "best -"
         if d is not None and d.status == Status.OK.value:
             text += f", default {d.value:.4g} ms"
-        bad = sum(v for k, v in self.counts.items() if k != Status.OK.value)
-        text += f", rejected {bad}"
-        if self.measure_budget is not None:
-            text += f", measured {self.tally['measured']}/{self.measure_budget}"
-        return text
+        infeasible = self.counts.get(Status.INFEASIBLE.value, 0)
+        failed = sum(v for k, v in self.counts.items() if k not in (Status.OK.value, Status.INFEASIBLE.value))
+        return text + f", infeasible {infeasible} / failed {failed}, repeats {self.tally['repeats']}"
 
     def result(self, key: StudyKey, store: Any, seconds: float) -> "TuneResult":
         """The :class:`TuneResult` of the study as it stands, with this process's counts."""
@@ -379,7 +444,56 @@ class Objective:
             default_config=self.default,
             default_time_ms=d.value if d is not None and d.status == Status.OK.value else None,
             trials=self.tally["trials"], by_status=dict(self.counts), repeats=self.tally["repeats"],
-            measured=self.tally["measured"], study_trials=len(finished), seconds=seconds, exhausted=self.exhausted)
+            measured=self.tally["measured"], study_trials=len(finished), seconds=seconds, exhausted=self.exhausted,
+            feasible=None if self.feasible is None else len(self.feasible))
+
+
+class FeasibleFirst:
+    """An Optuna sampler wrapper: a trial that is not queued, started while ``objective.wants_random()``, gets a
+    uniformly random feasible config not yet measured, running or queued (:meth:`Objective.random_feasible`);
+    every other trial is sampled by ``base``. Only the public sampler interface is used."""
+
+    def __init__(self, base: Any, objective: "Objective") -> None:
+        self.base, self.objective = base, objective
+        self._chosen: dict[int, dict[str, Any]] = {}
+
+    def chose(self, number: int) -> bool:
+        """Whether this wrapper picked the config of trial ``number``."""
+        return number in self._chosen
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.base.before_trial(study, trial)
+        if "fixed_params" in trial.system_attrs or not self.objective.wants_random():
+            return
+        cfg = self.objective.random_feasible()
+        if cfg is not None:
+            self._chosen[trial.number] = to_params(self.objective.space, cfg)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        if trial.number in self._chosen:
+            return {}
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+        if trial.number in self._chosen:
+            return {}
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> Any:
+        chosen = self._chosen.get(trial.number)
+        if chosen is not None and name in chosen:
+            return chosen[name]
+        return self.base.sample_independent(study, trial, name, distribution)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        self._chosen.pop(trial.number, None)
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+    def __getattr__(self, name: str) -> Any:            # anything else a sampler offers
+        return getattr(self.base, name)
 
 
 def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: int | None = 50,
@@ -390,7 +504,8 @@ def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: 
     """Tune ``problem`` over ``space`` (default: ``problem.space()``); see the module doc.
 
     ``trials`` / ``measured`` / ``seconds``: the budget of this call (whichever comes first; any may be None,
-    not all): trials run, configs measured (repeats and infeasible configs not counted), seconds.
+    not all): ``trials`` and ``measured`` both count distinct feasible configs measured by this call (repeats and
+    infeasible configs not counted; the smaller wins), ``seconds`` the wall time.
     ``storage``: None (the embedded journal under ``cache_dir``/tune, ``cache_dir`` defaulting to
     :func:`opgen.config.from_env`'s), a URL, ``journal:PATH``, or an Optuna storage object.
     ``timeout``: seconds for build + check + time of one config (ignored when ``options`` is given).
@@ -407,6 +522,8 @@ def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: 
     for name, v in (("trials", trials), ("measured", measured)):
         if v is not None and v < 1:
             raise TuneError(f"{name} must be at least 1, got {v}")
+    budgets = [v for v in (trials, measured) if v is not None]
+    budget = min(budgets) if budgets else None
     t_begin = time.perf_counter()
     problem = as_problem(problem)
     space = space or problem.space()
@@ -427,17 +544,20 @@ def tune(problem: Problem | ProblemSpec, space: Space | None = None, *, trials: 
                 fail_stale_trials(store, study._study_id)
             objective = Objective(study, problem, space, None)      # type: ignore[arg-type]
             enqueue_candidates(study, space, problem, key, store, warm_start, objective.cache, objective.feasible,
-                               trials if measured is None else min(trials or measured, measured))
+                               budget)
         if own_measurer:
             measurer = Measurer(options or MeasureOptions(timeout=timeout))
         objective.measurer = measurer
-        objective.measure_budget = measured
-        objective.bar = bar = _progress_bar(progress, trials, problem.key_parts().op_name)
+        objective.measure_budget = budget
+        objective.max_trials = None if budget is None else 10 * budget + 20
+        objective.rng = random.Random(None if seed is None else (int(seed) * 7919 + objective.cache.size()))
+        objective.bar = bar = _progress_bar(progress, budget, problem.key_parts().op_name)
         try:
             if not objective.exhausted:                     # else: nothing left to measure
+                study.sampler = FeasibleFirst(study.sampler, objective)
                 left_s = None if seconds is None else max(seconds - (time.perf_counter() - t_begin), 1e-3)
-                study.optimize(objective, n_trials=trials, timeout=left_s, callbacks=[objective.after_trial],
-                               catch=())
+                study.optimize(objective, n_trials=objective.max_trials, timeout=left_s,
+                               callbacks=[objective.after_trial], catch=())
         finally:
             if own_measurer and measurer is not None:
                 measurer.close()

@@ -1,6 +1,7 @@
 """The tuning loop on the pure-torch cumsum problem: planted failures, warm start, repeats, restarts, budgets."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from opgen.tune import lookup
 from opgen.tune.encode import to_params
 from opgen.tune.key import study_key
 from opgen.tune.store import StaleLockWarning, default_store_path, open_storage
-from opgen.tune.testing import CumsumProblem
+from opgen.tune.testing import CumsumProblem, sparse_space
 from opgen.tune.tuner import HOST, TuneError, fail_stale_trials, nearby_configs, tune
 
 PLANTED = {"wrong": "wrong", "compile_error": "compile_error", "segfault": "crash", "hang": "timeout",
@@ -32,7 +33,7 @@ def _study(problem, cache_dir, space=None):
 def test_planted_failures_are_recorded_never_chosen_and_the_tuner_survives(tmp_path, measurer):
     p = CumsumProblem(faults=True)
     planted = [{"algo": "blocked", "block": 64, "fault": f} for f in PLANTED]
-    r = tune(p, trials=7, cache_dir=tmp_path, seed=0, progress=False, warm_start=planted, measurer=measurer)
+    r = tune(p, trials=6, cache_dir=tmp_path, seed=0, progress=False, warm_start=planted, measurer=measurer)
     study, _ = _study(p, tmp_path)
     ts = study.get_trials(deepcopy=False)
     assert ts[0].user_attrs["source"] == "default" and ts[0].user_attrs["config"] == p.space().default
@@ -46,7 +47,8 @@ def test_planted_failures_are_recorded_never_chosen_and_the_tuner_survives(tmp_p
     assert reasons["wrong"].startswith("wrong result: max err")
     assert "SIGSEGV" in reasons["segfault"] and "timeout" in reasons["hang"]
     assert "planted compile error" in reasons["compile_error"]
-    assert r.trials == 7 and sum(r.by_status.values()) == 7   # default, 5 planted, known-good
+    # default, 5 planted, known-good: 6 measured, the infeasible one rejected before compiling does not count
+    assert r.trials == 7 and r.measured == 6 and sum(r.by_status.values()) == 7
     assert r.by_status["ok"] >= 2 and all(r.by_status.get(s, 0) >= 1 for s in PLANTED.values())
     assert r.best_config["fault"] == "none" and r.best_time_ms <= r.default_time_ms
     ok = [t.value for t in ts if t.user_attrs.get("status") == "ok"]
@@ -62,8 +64,9 @@ def test_a_repeated_config_is_answered_from_the_study(tmp_path, measurer):
     study, _ = _study(p, tmp_path)
     study.enqueue_trial(to_params(p.space(), p.space().default))       # ask for the default again
     r = tune(p, trials=1, cache_dir=tmp_path, progress=False, measurer=measurer)
-    t = study.get_trials(deepcopy=False)[-1]
-    assert r.measured == 0 and r.repeats == 1 and t.user_attrs["dup_of"] == 0
+    t = study.get_trials(deepcopy=False)[2]
+    # the repeat is answered without a measurement and does not use up the budget of one measured config
+    assert r.repeats == 1 and r.measured == 1 and r.trials == 2 and t.user_attrs["dup_of"] == 0
     assert t.value == first.default_time_ms and t.user_attrs["status"] == "ok"
 
 
@@ -97,7 +100,7 @@ def test_the_study_resumes_across_calls_and_stale_trials_are_failed(tmp_path, me
 KILL_SCRIPT = textwrap.dedent("""
     import sys
     from opgen.tune.measure import MeasureOptions
-    from opgen.tune.testing import CumsumProblem
+    from opgen.tune.testing import CumsumProblem, sparse_space
     from opgen.tune.tuner import tune
     tune(CumsumProblem(faults=True), trials=3, cache_dir=sys.argv[1], progress=False,
          warm_start=[{"algo": "blocked", "block": 64, "fault": "hang"}], options=MeasureOptions(timeout=600))
@@ -237,3 +240,24 @@ def test_tuning_on_cuda_times_with_do_bench(tmp_path):
         pytest.skip("needs an NVIDIA GPU")
     r = tune(CumsumProblem(device="cuda"), trials=4, cache_dir=tmp_path, progress=False, timeout=60)
     assert r.by_status.get("ok", 0) >= 2 and r.best_time_ms > 0 and r.best_config["fault"] == "none"
+
+
+
+def test_startup_configs_are_feasible_and_distinct_and_repeats_cost_no_budget(tmp_path, measurer):
+    import random
+
+    p, space = CumsumProblem(rows=4, length=96), sparse_space(4, 96)
+    assert len(list(space.enumerate())) == 6
+    r = tune(p, space, trials=4, cache_dir=tmp_path, seed=random.randrange(1 << 30), progress=False,
+             measurer=measurer)
+    study, _ = _study(p, tmp_path, space)
+    ts = study.get_trials(deepcopy=False)
+    configs = [json.dumps(t.user_attrs["config"], sort_keys=True) for t in ts]
+    assert [t.user_attrs["status"] for t in ts] == ["ok"] * 4 and len(set(configs)) == 4
+    assert r.measured == 4 and r.trials == 4 and r.by_status == {"ok": 4} and not r.exhausted
+    assert {t.user_attrs.get("source") for t in ts[1:]} == {"random"}
+    study.enqueue_trial(to_params(space, ts[1].user_attrs["config"]))      # a repeat: answered, not counted
+    more = tune(p, space, trials=5, cache_dir=tmp_path, seed=1, progress=False, measurer=measurer)
+    assert more.repeats == 1 and more.measured == 2 and more.exhausted       # only 2 feasible configs were left
+    assert "stopped early: the space has 6 feasible configs and all are measured" in more.summary()
+
