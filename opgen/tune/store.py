@@ -11,9 +11,13 @@ One file per op (``<op name>-<op fingerprint[:12]>.journal``) keeps call-time lo
 history is replayed) and confines damage to one op's studies.
 
 A damaged file (a line that is not JSON, a log Optuna cannot replay, a torn last line that the next append
-would turn into garbage) is moved aside as ``<file>.corrupt-<time>``, never deleted; a new file is started
-from the entries before the damage (the journal is a log of operations, so any prefix is an earlier
-consistent state), and a :class:`StoreRecoveredWarning` says what happened and where the old file is.
+would turn into garbage) is moved aside as ``<file>.corrupt-<time>``, never deleted or changed; a new file is
+written (a temporary file, then renamed over the path) from every line that still parses: an unreadable line is
+left out, except that an unreadable trial creation becomes a FAIL trial (user attr ``status`` ``damaged``) in the
+same study, so that the trials after it keep their numbers (Optuna numbers trials in log order). When that log
+does not replay, the longest replayable prefix is kept instead (the journal is a log of operations, so any
+prefix is an earlier consistent state). A :class:`StoreRecoveredWarning` says what happened, which line numbers
+were unreadable and where the old file is.
 
 Writers exclude each other with :class:`JournalLock`: Optuna's ``<file>.lock`` symlink (so a plain Optuna
 process sharing the file is still excluded) taken under a kernel ``flock`` of ``<file>.owner``. The kernel drops
@@ -223,20 +227,57 @@ def _torn_tail(path: Path) -> str | None:
     return None
 
 
-def _valid_prefix(raw: bytes) -> list[bytes]:
-    """The complete JSON operation lines before the first damaged one."""
-    good = []
-    for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            break
-        if not isinstance(entry, dict) or "op_code" not in entry:
-            break
-        good.append(line)
-    return good
+_OP_CREATE_STUDY, _OP_CREATE_TRIAL, _OP_LAST = 0, 4, 10     # Optuna's JournalOperation codes
+
+
+def _entry(line: bytes) -> dict | None:
+    """The operation of one complete journal line, or None when it is not one."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        entry = json.loads(line)
+    except (ValueError, RecursionError):          # UnicodeDecodeError is a ValueError
+        return None
+    op = entry.get("op_code") if isinstance(entry, dict) else None
+    if isinstance(op, bool) or not isinstance(op, int) or not 0 <= op <= _OP_LAST:
+        return None
+    return entry
+
+
+def _placeholder(line: bytes, number: int) -> bytes | None:
+    """A stand-in for an unreadable trial creation whose study id can still be read (keeps later trial numbers)."""
+    import re
+    from datetime import datetime, timezone
+
+    op = re.search(rb'"op_code"\s*:\s*(\d+)\s*,', line)
+    sid = re.search(rb'"study_id"\s*:\s*(\d+)\s*[,}]', line)
+    if op is None or int(op.group(1)) != _OP_CREATE_TRIAL or sid is None:
+        return None
+    now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    entry = {"op_code": _OP_CREATE_TRIAL, "worker_id": "opgen-salvage", "study_id": int(sid.group(1)),
+             "datetime_start": now, "datetime_complete": now, "state": 3, "value": None, "values": None,
+             "distributions": {}, "params": {}, "system_attrs": {}, "intermediate_values": {},
+             "user_attrs": {"status": "damaged", "reason": f"journal line {number} was unreadable"}}
+    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+
+
+def _salvage(raw: bytes) -> tuple[list[bytes], list[int], bool]:
+    """The lines of ``raw`` that parse, placeholders for unreadable trial creations, the 1-based numbers of the
+    unreadable lines, and whether the log is still complete (an unreadable study creation shifts every later study
+    id: then only the lines before it are safe)."""
+    good: list[bytes] = []
+    bad: list[int] = []
+    for number, line in enumerate(raw.splitlines(keepends=True), 1):
+        if _entry(line) is not None:
+            good.append(line)
+            continue
+        bad.append(number)
+        stand_in = _placeholder(line, number)
+        if stand_in is not None:
+            good.append(stand_in)
+        elif b'"op_code":0,' in line.replace(b" ", b"") or b'"op_code"' not in line:
+            return good, bad, False             # a study creation, or nothing to tell: keep what came before
+    return good, bad, True
 
 
 def _loads(path: Path, lines: list[bytes]) -> bool:
@@ -281,16 +322,24 @@ def _recover(path: Path, damage: str) -> Any:
         os.replace(path, aside)
         raw = aside.read_bytes()
         total = raw.count(b"\n") + (0 if raw.endswith(b"\n") or not raw else 1)
-        good = _valid_prefix(raw)
+        good, bad, whole = _salvage(raw)
         kept = _longest_loadable(path, good)
     finally:
         lock.release()
     storage = _journal(path)
     names = sorted(s.study_name for s in storage.get_all_studies())
+    lines = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    if bad and whole and kept == len(good):
+        what = (f"a new store was started from the readable entries: line{'s' * (len(bad) > 1)} {lines} of {total} "
+                f"{'were' if len(bad) > 1 else 'was'} unreadable and left out (an unreadable trial creation kept as a "
+                "FAIL trial), every other entry kept")
+        lost = " Only the unreadable entries are missing from the new store."
+    else:
+        what = (f"a new store was started from the {kept} of {total} journal entries before the damage"
+                + (f" (unreadable line{'s' * (len(bad) > 1)}: {lines})" if bad else ""))
+        lost = " Results recorded after the damage are only in the moved file."
     warnings.warn(
         f"opgen tune: the tuning store {path} is damaged ({damage}). It was moved to {aside} (kept, not deleted), "
-        f"and a new store was started from the {kept} of {total} journal entries before the damage"
-        + (f", which hold the studies {names}." if names else ", which hold no complete study.")
-        + " Results recorded after the damage are only in the moved file.",
+        f"and {what}" + (f"; it holds the studies {names}." if names else "; it holds no complete study.") + lost,
         StoreRecoveredWarning, stacklevel=3)
     return storage

@@ -69,3 +69,43 @@ def test_unreadable_from_the_first_byte_gives_an_empty_store(tmp_path):
     with pytest.warns(StoreRecoveredWarning, match="no complete study"):
         st = open_storage(str(path))
     assert st.get_all_studies() == [] and len(list(tmp_path.glob("t.journal.corrupt-*"))) == 1
+
+
+@pytest.mark.parametrize("victim", ["create_trial", "user_attr"])
+def test_one_damaged_byte_early_loses_only_that_entry(tmp_path, victim):
+    """A damaged line early in the log used to drop every later entry (every later study of the op): the lines after
+    it that parse are kept; a damaged trial creation becomes a FAIL placeholder so later entries keep their trial."""
+    import random
+
+    path = tmp_path / "t.journal"
+    st = open_storage(str(path))
+    a = optuna.create_study(study_name="a", storage=st)
+    values = [random.random() for _ in range(5)]
+    for v in values[:3]:
+        t = a.ask()
+        t.set_user_attr("config", {"block": 16})
+        a.tell(t, v)
+    _study_with_trials(st, "later", 2)
+    original = path.read_bytes()
+    lines = original.splitlines(keepends=True)
+    want = {"create_trial": b'"op_code":4', "user_attr": b'"op_code":8'}[victim]
+    n = [i for i, line in enumerate(lines) if want in line][1]              # the second such entry: trial 1's
+    damaged = bytearray(original)
+    damaged[sum(map(len, lines[:n])) + random.randrange(26, 50)] = ord("\x07")        # inside the worker id
+    path.write_bytes(bytes(damaged))
+    with pytest.warns(StoreRecoveredWarning, match=rf"line {n + 1} .*unreadable") as rec:
+        fresh = open_storage(str(path))
+    assert "kept, not deleted" in str(rec[0].message)
+    aside = list(tmp_path.glob("t.journal.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == bytes(damaged)     # the original, byte for byte
+    later = optuna.load_study(study_name="later", storage=fresh).get_trials(deepcopy=False)
+    assert [t.value for t in later] == [0.0, 1.0]
+    ts = optuna.load_study(study_name="a", storage=fresh).get_trials(deepcopy=False)
+    assert [t.number for t in ts] == [0, 1, 2]
+    assert ts[0].value == values[0] and ts[2].value == values[2]
+    if victim == "create_trial":
+        assert ts[1].state == optuna.trial.TrialState.FAIL and ts[1].user_attrs["status"] == "damaged"
+    else:
+        assert ts[1].value == values[1] and "config" not in ts[1].user_attrs
+    _study_with_trials(fresh, "new", 1)                                       # and it takes writes again
+    assert "new" in [s.study_name for s in open_storage(str(path)).get_all_studies()]
