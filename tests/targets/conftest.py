@@ -68,3 +68,40 @@ def deny_writes(monkeypatch) -> Callable[[Path, int], None]:
         monkeypatch.setattr(os, "rename", rename)
 
     return deny
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "mkdtemp")
+
+
+@pytest.fixture
+def unusable_cache(tmp_path, deny_writes, monkeypatch) -> Callable[[str], Path]:
+    """``unusable_cache(how)``: a cache dir path that cannot be used, by ``how``: "not-a-directory", "read-only",
+    "disk-full", "others-can-write", "chmod-0500" (skipped as root) or "no-temp-dir-either" (no private temporary
+    directory can be made either)."""
+    made: list[Path] = []
+
+    def make(how: str) -> Path:
+        cache = tmp_path / "cache"
+        if how == "no-temp-dir-either":
+            monkeypatch.setattr("tempfile.mkdtemp", _no_space)
+        if how in ("not-a-directory", "no-temp-dir-either"):
+            (tmp_path / "file").write_text("")
+            return tmp_path / "file" / "cache"
+        if how == "chmod-0500":
+            if os.geteuid() == 0:
+                pytest.skip("root ignores permission bits (the read-only case is covered by deny_writes)")
+            cache.mkdir()
+            cache.chmod(0o500)
+            made.append(cache)
+        elif how == "others-can-write":
+            cache.mkdir()
+            cache.chmod(0o777)
+        else:
+            cache.mkdir(mode=0o700)
+            deny_writes(cache, errno.EACCES if how == "read-only" else errno.ENOSPC)
+        return cache
+
+    yield make
+    for d in made:
+        d.chmod(0o700)

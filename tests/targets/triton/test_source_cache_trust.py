@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import errno
 import importlib.util
 import inspect
 import os
@@ -35,10 +34,6 @@ KERNEL = "linear_scan_sequential_kernel"
 def _fresh_source() -> str:
     """A generated source no earlier test loaded (the loaded modules are cached in memory by content)."""
     return render(fuse_scan(declare_linear_scan()), "sequential").source + f"\n# test {uuid.uuid4().hex}\n"
-
-
-def _no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "mkdtemp")
 
 
 def _cache_warnings(caught) -> list:
@@ -83,24 +78,8 @@ def test_source_on_disk_is_not_what_runs(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["not-a-directory", "read-only", "disk-full", "others-can-write", "chmod-0500", "no-temp-dir-either"])
-def test_unusable_cache_dir_loads_with_one_warning(tmp_path, deny_writes, monkeypatch, how):
-    cache = tmp_path / "cache"
-    if how == "no-temp-dir-either":
-        monkeypatch.setattr("tempfile.mkdtemp", _no_space)
-    if how in ("not-a-directory", "no-temp-dir-either"):
-        (tmp_path / "file").write_text("")
-        cache = tmp_path / "file" / "cache"
-    elif how == "chmod-0500":
-        if os.geteuid() == 0:
-            pytest.skip("root ignores permission bits (the read-only case is covered by deny_writes)")
-        cache.mkdir()
-        cache.chmod(0o500)
-    elif how == "others-can-write":
-        cache.mkdir()
-        cache.chmod(0o777)
-    else:
-        cache.mkdir(mode=0o700)
-        deny_writes(cache, errno.EACCES if how == "read-only" else errno.ENOSPC)
+def test_unusable_cache_dir_loads_with_one_warning(unusable_cache, how):
+    cache = unusable_cache(how)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first, second = _fresh_source(), _fresh_source()
@@ -111,8 +90,6 @@ def test_unusable_cache_dir_loads_with_one_warning(tmp_path, deny_writes, monkey
     assert ("in memory only" in str(w.message)) == (how == "no-temp-dir-either"), w.message
     if how == "others-can-write":
         assert not (cache / "triton").exists() or not list((cache / "triton").iterdir())
-    if how == "chmod-0500":
-        cache.chmod(0o700)
 
 
 def test_interpreter_runs_with_an_unwritable_cache(tmp_path):

@@ -14,7 +14,6 @@ Kernels: ``linear_scan`` forward and reverse (same signature, different numbers)
 """
 from __future__ import annotations
 
-import errno
 import importlib.util
 import os
 import stat
@@ -59,10 +58,6 @@ def _run(cache_dir, reverse: bool = False):
     h = target.run(op, inputs, bind(op, {k: tuple(v.shape) for k, v in inputs.items()}), SCALAR)["h"]
     torch.testing.assert_close(h.double(), _expected(inputs, reverse), rtol=1e-5, atol=1e-5)
     return target
-
-
-def _no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "mkdtemp")
 
 
 def _cache_warnings(caught) -> list:
@@ -208,21 +203,8 @@ def test_cache_dir_writable_by_others_is_not_loaded_from(tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["not-a-directory", "read-only", "disk-full", "chmod-0500", "no-temp-dir-either"])
-def test_unwritable_cache_dir_still_compiles_with_one_warning(tmp_path, deny_writes, monkeypatch, how):
-    cache = tmp_path / "cache"
-    if how == "no-temp-dir-either":
-        monkeypatch.setattr("tempfile.mkdtemp", _no_space)
-    if how in ("not-a-directory", "no-temp-dir-either"):
-        (tmp_path / "file").write_text("")
-        cache = tmp_path / "file" / "cache"
-    elif how == "chmod-0500":
-        if os.geteuid() == 0:
-            pytest.skip("root ignores permission bits (the read-only case is covered by deny_writes)")
-        cache.mkdir()
-        cache.chmod(0o500)
-    else:
-        cache.mkdir(mode=0o700)
-        deny_writes(cache, errno.EACCES if how == "read-only" else errno.ENOSPC)
+def test_unwritable_cache_dir_still_compiles_with_one_warning(unusable_cache, how):
+    cache = unusable_cache(how)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t1 = _run(cache)
@@ -232,8 +214,6 @@ def test_unwritable_cache_dir_still_compiles_with_one_warning(tmp_path, deny_wri
     (w,) = _cache_warnings(caught)
     assert str(cache) in str(w.message), w.message
     assert ("in memory only" in str(w.message)) == (how == "no-temp-dir-either"), w.message
-    if how == "chmod-0500":
-        cache.chmod(0o700)
 
 
 def test_unwritable_home_without_cache_dir_setting(tmp_path, monkeypatch):
