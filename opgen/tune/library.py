@@ -381,14 +381,20 @@ def _tvm_attention_space(target, op, binding) -> tuple[Space, Callable[[Mapping[
 
 
 def _tvm_window_space(target, group, binding) -> tuple[Space, Callable[[Mapping[str, Any]], Any]]:
-    """The window kernels' knobs (variant: direct, gemm, fft where it applies; tiles, blocks, unrolling)."""
+    """The window kernels' knobs (variant: direct, gemm, fft where it applies; tiles, blocks, unrolling); a 1-D
+    window's ``rows_tile`` has only the value 1 (any other fails the kernel's check at every shape)."""
     from opgen.targets.tvm.window import (WindowConfig, check_window_config, default_window_config,
                                           window_space)
 
+    from opgen.targets.tvm.window import static_window
+
     default = default_window_config(group, binding, target.caps()).to_json()
+    one_d = not static_window(group, binding).row.real
     knobs = []
     for k in window_space(group, binding, target.caps()).knobs:
         choices = tuple(k.values)
+        if one_d and k.name == "rows_tile":       # a 1-D window has one output row: other values are impossible
+            choices = (1,)
         knobs.append(Knob(k.name, choices if default[k.name] in choices else choices + (default[k.name],)))
 
     def check(cfg: Mapping[str, Any]) -> str | None:

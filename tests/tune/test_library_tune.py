@@ -126,3 +126,18 @@ def test_triton_window_space_lists_feasible_configs_default_first(groups, k):
 def test_measured_budget_is_for_in_process_tuning(capsys):
     assert main(["tune", "linear_scan", "--shape", "C=8,L=16", "--measured", "3", "--workers", "2"]) == 2
     assert "--measured budgets in-process tuning" in capsys.readouterr().err
+
+
+def test_a_1d_window_space_has_no_shape_impossible_rows_tile():
+    """``rows_tile`` > 1 is infeasible for every 1-D window: the tuner's space no longer offers it."""
+    import random
+
+    from opgen.ir import bind
+    from opgen.targets.tvm import TVMTarget
+    from opgen.tune.library import _inputs, _space
+
+    dims = {"B": 1, "D": random.choice([8, 16]), "L": random.choice([64, 100]), "W": 4}
+    op, inputs = _inputs("causal_conv1d", dims, torch.float32, torch.Generator().manual_seed(0))
+    space, _ = _space(TVMTarget(), op, bind(op, {k: tuple(v.shape) for k, v in inputs.items()}))
+    knobs = {k.name: k.choices for k in space.knobs}
+    assert knobs["rows_tile"] == (1,) and space.default["rows_tile"] == 1 and space.infeasible(space.default) is None
