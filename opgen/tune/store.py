@@ -194,7 +194,9 @@ def open_journal(path: str | os.PathLike, create: bool = True) -> Any:
     if damage is None:
         try:
             return _journal(path)
-        except Exception as exc:                          # JSONDecodeError, AssertionError("Should not reach.")...
+        except _REPLAY_ERRORS as exc:
+            # a log Optuna cannot replay (JSONDecodeError, AssertionError("Should not reach."), ...); an OSError or
+            # ImportError is no damage of the file and propagates
             damage = f"{type(exc).__name__}: {exc}"
     return _recover(path, damage)
 
@@ -227,6 +229,8 @@ def _torn_tail(path: Path) -> str | None:
     return None
 
 
+#: what replaying a damaged log raises (an OSError or ImportError is no damage of the file, and propagates)
+_REPLAY_ERRORS = (ValueError, KeyError, TypeError, IndexError, AssertionError, RecursionError)
 _OP_CREATE_STUDY, _OP_CREATE_TRIAL, _OP_LAST = 0, 4, 10     # Optuna's JournalOperation codes
 
 
@@ -275,7 +279,7 @@ def _salvage(raw: bytes) -> tuple[list[bytes], list[int], bool]:
         stand_in = _placeholder(line, number)
         if stand_in is not None:
             good.append(stand_in)
-        elif b'"op_code":0,' in line.replace(b" ", b"") or b'"op_code"' not in line:
+        elif b'"op_code":%d,' % _OP_CREATE_STUDY in line.replace(b" ", b"") or b'"op_code"' not in line:
             return good, bad, False             # a study creation, or nothing to tell: keep what came before
     return good, bad, True
 
@@ -289,7 +293,7 @@ def _replays(path: Path) -> bool:
     try:
         _journal(path)
         return True
-    except Exception:
+    except _REPLAY_ERRORS:
         return False
 
 
