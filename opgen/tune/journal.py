@@ -36,9 +36,9 @@ class JournalLock(BaseJournalFileLock):
     """Exclusive append lock of one journal file; see the module doc. Not reentrant."""
 
     def __init__(self, journal: str | os.PathLike) -> None:
-        self.journal = Path(journal)
-        self.link = Path(f"{journal}.lock")            # Optuna's JournalFileSymlinkLock name
-        self.owner_file = Path(f"{journal}.owner")
+        self.journal = Path(os.path.abspath(journal))
+        self.link = Path(f"{self.journal}.lock")       # Optuna's JournalFileSymlinkLock name
+        self.owner_file = Path(f"{self.journal}.owner")  # absolute: the link's target, whatever the caller's cwd
         self._fd: int | None = None
 
     def acquire(self) -> bool:
@@ -69,7 +69,7 @@ class JournalLock(BaseJournalFileLock):
                 target = os.readlink(self.link)
             except OSError:                              # released meanwhile (a plain Optuna writer)
                 continue
-            if Path(target) == self.owner_file:          # ours, and we hold the flock: its holder died
+            if os.path.basename(target) == self.owner_file.name:   # opgen's, and we hold the flock: holder died
                 self._break(f"left by process {previous or '?'}, which ended while appending to it")
                 continue
             try:
@@ -99,6 +99,8 @@ class JournalLock(BaseJournalFileLock):
             raise RuntimeError(f"release of {self.link}, which this process does not hold")
         try:
             os.unlink(self.link)
+        except FileNotFoundError:                        # broken by a plain Optuna process after its grace period
+            pass
         finally:
             os.close(fd)
 
