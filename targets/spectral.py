@@ -111,65 +111,30 @@ def _chunk(rows_per_unit: int, n: int, dtype: torch.dtype, units: int) -> int:
     return max(1, min(units, CHUNK_BYTES // max(per_unit, 1)))
 
 
-def causal_block(n_in: int, k: int) -> int:
-    """The sequence block of the FFT window path for rows of ``n_in`` inputs and a ``k``-tap window: outputs in a
-    block before the block of input position t (after it, for a correlation) are bitwise independent of that
-    input. A quarter of the row (at least 64, a fast transform size): the transforms of the blocks cost what one
-    of the whole row does, and the 10 block products of 4 blocks add ~20% (8 blocks: 36 products, 2.3x the time of
-    one transform; measured at B=4, H=256, L=8192, one thread)."""
-    return next_fast_len(max(64, -(-n_in // CAUSAL_BLOCKS)))
+#: a data value whose magnitude exceeds this many times its row's mean |x| is an outlier: the transform takes it as
+#: zero and it is added back by a direct sum to the outputs that read it (:func:`_add_spikes`), so its rounding
+#: never reaches earlier outputs (1e7 at the end of a row of unit values moved every earlier output by ~0.1 when
+#: transformed); a value inside the ratio moves earlier outputs by at most ~eps x ratio of the row's scale
+OUTLIER_RATIO = 1024.0
 
 
-#: sequence blocks per row of the FFT window path (:func:`causal_block`)
-CAUSAL_BLOCKS = 4
+def _spike_mask(x: torch.Tensor) -> torch.Tensor | None:
+    """Where ``x`` ``(rows, C, N)`` holds values the transform must not see (NaN, inf, and outliers past
+    :data:`OUTLIER_RATIO` times their row's mean |x| of finite values), or None when there are none. The common
+    case costs two whole-tensor reductions (min/max and the l1 norm: ~23 ms at 4 x 256 x 8192 on one thread, next
+    to ~150 ms of transforms); only data with a large dynamic range pay for the per-row test."""
+    if x.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(x)
+    l1 = torch.linalg.vector_norm(x, 1)
+    if bool(torch.isfinite(l1)) and float(torch.maximum(-lo, hi)) <= OUTLIER_RATIO * float(l1) / x.numel():
+        return None                          # a finite l1 norm: every value finite; none past the ratio
+    finite = torch.isfinite(x)
+    a = x.abs().masked_fill_(~finite, 0.0)
+    return ~finite | (a > OUTLIER_RATIO * a.mean(-1, keepdim=True))
 
 
-def _blocked_conv(x: torch.Tensor, w: torch.Tensor, lo: int, hi: int, cdt: torch.dtype) -> torch.Tensor:
-    """``z[..., lo:hi]`` of the full linear convolution ``z[m] = sum_j w[j] x[m - j]`` of each row of ``x``
-    ``(rows, C, N)`` with its channel's ``w`` ``(C, K)``, by uniformly partitioned FFTs: x and w cut into blocks
-    of ``B`` (:func:`causal_block`), ``Y[c] = sum_{a + j = c} X[a] W[j]`` (spectra of size 2B), and output block c
-    the first half of ``irfft(Y[c])`` plus the second half of ``irfft(Y[c - 1])``. Output block c reads only
-    input blocks up to c, so rounding (and any magnitude) of a later input never reaches it: a single transform
-    of the whole row would spread the rounding of every input over every output (1e7 at the end of a row moved
-    all earlier outputs by ~0.1)."""
-    rows, C, n_in = x.shape
-    k = w.shape[-1]
-    B = causal_block(n_in, k)
-    nbc = -(-hi // B)                                   # output blocks 0 .. nbc-1 cover [lo, hi)
-    nbx, nbw = min(-(-n_in // B), nbc), min(-(-k // B), nbc)
-    wb = torch.zeros((C, nbw * B), dtype=cdt, device=w.device)
-    wb[:, :min(k, nbw * B)] = w[:, :nbw * B]
-    W = torch.fft.rfft(wb.view(C, nbw, B), 2 * B)       # (C, nbw, B+1): once per channel
-    z = empty((rows, C, hi - lo), dtype=cdt, device=x.device)
-    step = _chunk(x.shape[0], 2 * nbc * B, cdt, C)
-    for c0 in range(0, C, step):
-        cs = slice(c0, min(C, c0 + step))
-        xc = x[:, cs, :nbx * B]
-        if n_in >= nbx * B and xc.dtype == cdt and xc.stride(-1) == 1 and xc.stride(-2) == n_in:
-            xb = xc                                      # whole blocks: transformed in place of the row
-        else:
-            xb = torch.empty((rows, cs.stop - c0, nbx * B), dtype=cdt, device=x.device)
-            xb[..., :xc.shape[-1]] = xc
-            xb[..., xc.shape[-1]:] = 0
-        X = torch.fft.rfft(xb.unflatten(-1, (nbx, B)), 2 * B)          # (rows, c, nbx, B+1)
-        Wc = W[cs]
-        if nbx < nbc:
-            Y = torch.zeros((rows, cs.stop - c0, nbc, B + 1), dtype=X.dtype, device=x.device)
-            Y[:, :, :nbx] = X * Wc[:, 0, None]
-        else:
-            Y = X.mul_(Wc[:, 0, None]) if nbw == 1 else X * Wc[:, 0, None]
-        for j in range(1, nbw):
-            n = min(nbx, nbc - j)                        # input blocks a < n land in output blocks a + j
-            if n > 0:
-                Y[:, :, j:j + n].addcmul_(X[:, :, :n], Wc[:, j, None])
-        yt = torch.fft.irfft(Y, 2 * B)                   # (rows, c, nbc, 2B)
-        out = yt[..., :B].clone()
-        out[:, :, 1:] += yt[:, :, :-1, B:]
-        z[:, cs] = out.reshape(rows, -1, nbc * B)[..., lo:hi]
-    return z
-
-
-#: most NaN / inf data values the FFT window path adds back one by one (:func:`_add_spikes`); past that the op
+#: most NaN / inf / outlier data values the FFT window path adds back one by one (:func:`_add_spikes`); past that the op
 #: runs on the reference interpreter (direct sums)
 MAX_NONFINITE = 4096
 
@@ -193,7 +158,7 @@ def _add_spikes(y: torch.Tensor, spikes: list, w: torch.Tensor, shift: int, corr
 
 def _window_acc(group: WindowGroup, inputs: Mapping[str, torch.Tensor], binding) -> torch.Tensor | None:
     """The reduction ``group.reduce.out`` by FFT, laid out in ``group.axes`` order (None when the data hold more
-    than :data:`MAX_NONFINITE` NaN / inf values)."""
+    than :data:`MAX_NONFINITE` NaN / inf / outlier values)."""
     sp = group.spatial[0]
     ch = group.channels
     data, weight = group.data, group.weight
@@ -213,38 +178,39 @@ def _window_acc(group: WindowGroup, inputs: Mapping[str, torch.Tensor], binding)
     x = x.reshape(-1, x.shape[-2], x.shape[-1])              # (rows, C, N)
     n_in, k = x.shape[-1], w.shape[-1]
     full_len = n_in + k - 1
+    n = next_fast_len(full_len)
     shift = _int(sp.offset, binding)
     t_out = _int(sp.out_size, binding)
     spikes = None
-    bad = None if _finite_sum(x) else ~torch.isfinite(x)
+    bad = _spike_mask(x)
     if bad is not None and bool(bad.any()):
-        # NaN / inf inputs: transformed, they would reach every output of their row; the transform takes them as
-        # zeros and each is added back to the outputs that read it (few of them; else the direct path)
+        # NaN / inf and outlying values: transformed, they would reach every output of their row (a NaN at the end
+        # made every earlier output NaN; 1e7 moved them by ~0.1 of ~3). The transform takes them as zeros and
+        # each is added back by a direct sum to the outputs that read it (few of them; else the direct path)
         where = bad.nonzero()
         if where.shape[0] > MAX_NONFINITE:
             return None
         spikes = list(zip(where.tolist(), x[bad].to(cdt).tolist()))
         x = x.masked_fill(bad, 0.0)
+    w = w.to(cdt)
+    spike_w, spike_shift = w, shift
+    if sp.dilation == 1:                      # correlation = convolution with the reversed window
+        w = w.flip(-1)
+        shift += k - 1
+    lo, hi = max(shift, 0), min(shift + t_out, full_len)
     y = empty((x.shape[0], x.shape[1], t_out), dtype=cdt, device=x.device)
-    if sp.dilation == 1:
-        # a correlation y[t] = sum_i w[i] x[t + shift + i] reads x at t and after: computed as the convolution of the
-        # reversed row with w, z[m] = sum_i w[i] x[N-1-m+i], so that y[t] = z[N-1-shift-t] and the blocks run from
-        # the end (anti-causal: y[t] is bitwise independent of x before t's block)
-        x = x.flip(-1)
-        m_lo, m_hi = n_in - shift - t_out, n_in - shift
-    else:
-        m_lo, m_hi = shift, shift + t_out
-    lo, hi = max(m_lo, 0), min(m_hi, full_len)
-    if not (lo == m_lo and hi == m_hi):
+    if not (lo == shift and hi == shift + t_out):
         y.zero_()
-    if hi > lo:
-        z = _blocked_conv(x, w.to(cdt), lo, hi, cdt)
-        if sp.dilation == 1:
-            y[..., m_hi - hi:m_hi - lo] = z.flip(-1)
-        else:
-            y[..., lo - m_lo:hi - m_lo] = z
+    wf = torch.fft.rfft(w, n)                                 # (C, n/2+1): once per channel
+    step = _chunk(x.shape[0], n, cdt, x.shape[1])
+    for c0 in range(0, x.shape[1], step):
+        cs = slice(c0, c0 + step)
+        spec = torch.fft.rfft(x[:, cs].to(cdt), n)
+        spec.mul_(wf[cs])
+        if hi > lo:
+            y[:, cs, lo - shift:hi - shift] = torch.fft.irfft(spec, n)[..., lo:hi]
     if spikes is not None:
-        _add_spikes(y, spikes, w.to(cdt), shift, sp.dilation == 1)
+        _add_spikes(y, spikes, spike_w, spike_shift, sp.dilation == 1)
     y = y.reshape(lead + y.shape[1:]) if depthwise else y.reshape(lead + (t_out,))
     have = [a for a, _ in group.batch] + ([ch.out_axis] if depthwise else []) + [sp.out_axis]
     return y.permute([have.index(a) for a in group.axes])
