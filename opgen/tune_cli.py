@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from opgen.tune.store import GRACE_PERIOD, HEARTBEAT_INTERVAL
 
@@ -125,18 +126,30 @@ def _cannot_store(exc: OSError) -> str | None:
     return f"{path}: {why} ({exc.strerror})"
 
 
+def _store_errors_exit_2(command: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[..., int]]:
+    """Wrap a command so that a store it cannot write (not writable, disk full, a file in the way) ends it with one
+    line naming the path and why, exit code 2, instead of a traceback; other errors propagate."""
+    def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(run)
+        def guarded(args: argparse.Namespace) -> int:
+            try:
+                return run(args)
+            except OSError as exc:
+                what = _cannot_store(exc)
+                if what is None:
+                    raise
+                print(f"{command}: cannot store the tuning results: {what}; give --storage or OPGEN_CACHE_DIR a "
+                      "place you can write", file=sys.stderr)
+                return 2
+        return guarded
+    return wrap
+
+
+@_store_errors_exit_2("opgen tune")
 def cmd_tune(args: argparse.Namespace) -> int:
     """``opgen tune``: in process, or prepare the study and run ``--workers`` worker processes on it; exit code 2
     with one line when the results cannot be stored."""
-    try:
-        return _cmd_tune(args)
-    except OSError as exc:
-        what = _cannot_store(exc)
-        if what is None:
-            raise
-        print(f"opgen tune: cannot store the tuning results: {what}; give --storage or OPGEN_CACHE_DIR a place you "
-              "can write", file=sys.stderr)
-        return 2
+    return _cmd_tune(args)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -259,8 +272,10 @@ def _report(args: argparse.Namespace, key: Any, cache_dir: Any, storage: Any = N
         print(f"opgen tune: no report: {exc}", file=sys.stderr)
 
 
+@_store_errors_exit_2("opgen tune-worker")
 def cmd_tune_worker(args: argparse.Namespace) -> int:
-    """``opgen tune-worker``: run trials of a prepared study until it holds its cap."""
+    """``opgen tune-worker``: run trials of a prepared study until it holds its cap (exit code 2 with one line
+    when its store cannot be written)."""
     from opgen.config import from_env
     from opgen.tune.tuner import TuneError, problem_key
     from opgen.tune.workers import work

@@ -88,3 +88,14 @@ def test_tune_says_why_it_cannot_store_results(tmp_path, monkeypatch, capsys, ho
     want = {"read-only": "not writable", "chmod-0500": "not writable", "disk-full": "disk full"}.get(
         how, "not a directory")
     assert want in lines[0], lines[0]
+
+
+def test_tune_worker_says_why_it_cannot_store_results(tmp_path, capsys):
+    """Failed before: a traceback (FileExistsError) from the journal's directory creation."""
+    (tmp_path / "file").write_text("")
+    args = ["tune-worker", "linear_scan", "--shape", "C=4,L=8", "--backend", "tvm",
+            "--storage", f"journal:{tmp_path / 'file'}/tune.journal"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "opgen tune-worker: cannot store the tuning results" in err and "a file is in the way" in err, err
+    assert "Traceback" not in err
