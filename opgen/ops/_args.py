@@ -1,6 +1,7 @@
 """Argument checking for the public ops: every message names the op and argument, what was expected and what came."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -100,22 +101,32 @@ def flag_list(who: str, name: str, v: Any, length: int) -> list[bool]:
     return list(v)
 
 
+@functools.lru_cache(maxsize=256)
+def _layout(layout: str) -> tuple[tuple[str, ...], str]:
+    """The size names of a layout string and its bracketed text for messages (parsed once per layout)."""
+    names = tuple(layout.split())
+    return names, "[" + ", ".join(names) + "]"
+
+
 def shapes(who: str, layouts: Mapping[str, tuple[torch.Tensor | None, str]]) -> dict[str, int]:
     """Check tensors against named layouts (``{"u": (u, "B D L"), "A": (A, "D N")}``; None tensors skipped):
-    floating dtype, rank, one device, and every size name equal wherever it appears. Returns the sizes."""
+    floating dtype, rank, one device, and every size name equal wherever it appears. Returns the sizes. (On every
+    eager call: messages are formatted only on failure.)"""
     sizes: dict[str, int] = {}
-    origin: dict[str, str] = {}
+    origin: dict[str, tuple[str, int]] = {}
     for name, (x, layout) in layouts.items():
-        names = layout.split()
-        tensor(who, name, x, rank=len(names), layout="[" + ", ".join(names) + "]", optional=True)
+        names, text = _layout(layout)
+        tensor(who, name, x, rank=len(names), layout=text, optional=True)
         if x is None:
             continue
-        for k, d in enumerate(names):
-            if d not in sizes:
-                sizes[d], origin[d] = x.shape[k], f"{name}.shape[{k}]"
-            elif x.shape[k] != sizes[d]:
+        for k, (d, n) in enumerate(zip(names, x.shape)):
+            have = sizes.get(d)
+            if have is None:
+                sizes[d], origin[d] = n, (name, k)
+            elif n != have:
+                src, j = origin[d]
                 raise ArgumentError(f"{who}: argument '{name}' has shape {tuple(x.shape)}: dim {k} ({d}) is "
-                                    f"{x.shape[k]} but must equal {d} = {sizes[d]} from {origin[d]}")
+                                    f"{n} but must equal {d} = {have} from {src}.shape[{j}]")
     same_device(who, **{name: x for name, (x, _) in layouts.items()})
     return sizes
 
