@@ -1,33 +1,19 @@
-"""Atomic file writes: a temporary file in the same folder, fsynced, then renamed over the target, so a crash
-never leaves a half-written file where a complete one was (tuning records, reports, generated sources)."""
+"""Atomic file writes for opgen's own data (tuning records, reports): the one implementation is
+:func:`opgen.targets.cache_files.write_atomic` (a fsynced temporary file renamed over the target, then a fsync of
+the folder), so a crash never leaves a half-written file where a complete one was."""
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from opgen.targets.cache_files import write_atomic
+
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Any], None], mode: int | None = None) -> Path:
-    """Write ``data`` (text, bytes, or a function writing to a binary file object) to ``path`` atomically;
-    ``mode``: permission bits of the result (default: mkstemp's 0o600). Returns the path."""
+    """Write ``data`` (text, bytes, or a function writing to a binary file object) to ``path`` atomically, creating
+    its folder; ``mode``: permission bits of the result (default 0o600). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:32]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data, mode)
     return path

@@ -27,6 +27,7 @@ import threading
 import types
 import warnings
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from opgen.ir.errors import FallbackWarning
 from opgen.targets.source_guard import check_generated_source
@@ -164,17 +165,23 @@ def temp_name(path: Path, suffix: str = ".tmp") -> Path:
     return path.with_name(f".{path.name[:40]}.{os.getpid()}.{os.urandom(4).hex()}{suffix}")
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file, ``os.replace`` and a fsync of the directory.
-    Raises OSError (the temporary file is removed)."""
-    raw = data.encode() if isinstance(data, str) else data
+def write_atomic(path: Path, data: bytes | str | Callable[[BinaryIO], None], mode: int | None = None) -> None:
+    """Write ``data`` (bytes, text, or a function writing to a binary file) to ``path`` through a fsynced
+    temporary file, ``os.replace`` and a fsync of the directory, so a crash leaves the old file or the new one,
+    never half of one; ``mode``: the result's permission bits (default 0o600). Raises OSError (the temporary file
+    is removed)."""
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(raw)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
