@@ -105,3 +105,23 @@ def unusable_cache(tmp_path, deny_writes, monkeypatch) -> Callable[[str], Path]:
     yield make
     for d in made:
         d.chmod(0o700)
+
+
+@pytest.fixture
+def plant_bytecode() -> Callable[[Path, Path], Path]:
+    """``plant_bytecode(source, sentinel)``: see :func:`_plant_bytecode`."""
+    return _plant_bytecode
+
+
+def _plant_bytecode(source: Path, sentinel: Path) -> Path:
+    """Write a ``__pycache__`` file for ``source`` that matches its mtime and size (so the import system would
+    trust it) and whose code creates ``sentinel`` when executed; returns the planted file's path."""
+    import importlib.util
+    from importlib._bootstrap_external import _code_to_timestamp_pyc
+
+    evil = compile(f"open({str(sentinel)!r}, 'w').close()\n", str(source), "exec")
+    st = source.stat()
+    pyc = Path(importlib.util.cache_from_source(str(source)))
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(bytes(_code_to_timestamp_pyc(evil, int(st.st_mtime), st.st_size)))
+    return pyc

@@ -287,13 +287,8 @@ def test_a_config_must_fit_its_knob_space_to_be_imported(tuned, tmp_path):
             "config.block': expected one of [16, 32", "config.fault': expected one of [\"none\"] (str), got null",
             "config.extra': expected only the knobs algo, block, fault, got an unknown knob"]
     for change, msg in zip(bad, want):
-        d = copy.deepcopy(doc)
-        d["records"][0]["config"].update(change)
-        f = tmp_path / "bad.json"
-        f.write_text(json.dumps(d))
-        with pytest.raises(ArgumentError) as exc:
-            import_records(f, cache_dir=dst)
-        assert str(f) in str(exc.value) and "record 0" in str(exc.value) and msg in str(exc.value), exc.value
+        err = _import_error(doc, tmp_path, change, dst)
+        assert str(tmp_path / "one.json") in err and "record 0" in err and msg in err, err
     assert not pinned_path(dst).exists()
     # without a known space a float is still refused (no knob takes one), and a lookup never returns one
     assert f"config.block': expected a knob value" in _import_error(doc, tmp_path, {"block": 16.0}, tmp_path / "e")

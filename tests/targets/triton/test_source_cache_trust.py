@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import subprocess
@@ -49,17 +48,11 @@ def _check_module(mod, src: str) -> None:
     assert callable(mod.launch)
 
 
-def test_planted_bytecode_is_never_executed(tmp_path):
+def test_planted_bytecode_is_never_executed(tmp_path, plant_bytecode):
     src = _fresh_source()
     path = tc.write_source(src, tmp_path)
     sentinel = tmp_path / "planted-code-ran"
-    evil = compile(f"open({str(sentinel)!r}, 'w').close()\n", str(path), "exec")
-    st = path.stat()
-    pyc = Path(importlib.util.cache_from_source(str(path)))
-    pyc.parent.mkdir(exist_ok=True)
-    from importlib._bootstrap_external import _code_to_timestamp_pyc
-
-    pyc.write_bytes(bytes(_code_to_timestamp_pyc(evil, int(st.st_mtime), st.st_size)))
+    pyc = plant_bytecode(path, sentinel)
     mod = tc.load_module(src, tmp_path)
     assert not sentinel.exists(), "a planted __pycache__ file was executed"
     _check_module(mod, src)

@@ -14,7 +14,6 @@ Kernels: ``linear_scan`` forward and reverse (same signature, different numbers)
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 import subprocess
@@ -148,19 +147,13 @@ def test_sidecar_is_written_after_the_so_and_names_the_key(tmp_path):
 # ------------------------------------------------------------------------------------------- generated source
 
 
-def test_planted_bytecode_is_never_executed(tmp_path):
+def test_planted_bytecode_is_never_executed(tmp_path, plant_bytecode):
     first = _run(tmp_path)
     (src,) = (tmp_path / "tvm" / "src").glob("*.py")
     for p in (tmp_path / "tvm").glob("*.so*"):
         p.unlink()                                  # the next process must compile from the source
     sentinel = tmp_path / "planted-code-ran"
-    evil = compile(f"open({str(sentinel)!r}, 'w').close()\n", str(src), "exec")
-    st = src.stat()
-    pyc = Path(importlib.util.cache_from_source(str(src)))
-    pyc.parent.mkdir(exist_ok=True)
-    from importlib._bootstrap_external import _code_to_timestamp_pyc
-
-    pyc.write_bytes(bytes(_code_to_timestamp_pyc(evil, int(st.st_mtime), st.st_size)))
+    pyc = plant_bytecode(src, sentinel)
     second = _run(tmp_path)
     assert not sentinel.exists(), "a planted __pycache__ file was executed"
     assert second.cache.stats.compiled == 1 and first.cache.stats.compiled == 1
