@@ -6,9 +6,11 @@ Inputs are made from the seed inside the process; the reference backend gives th
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from typing import Any, Callable, Mapping
 
+from opgen.ir.errors import FallbackWarning
 from opgen.schedules import Knob, Space
 
 from .key import KeyParts, target_fingerprint
@@ -181,8 +183,15 @@ def lookup_config(op, binding, target, storage=None, cache_dir=None) -> Any | No
         space, to_config = _space(target, op, binding)
     except Exception:  # noqa: BLE001 - no space for this op on this target: nothing tuned
         return None
-    cfg = best_config(study_key(key_parts(op, binding, target), space.fingerprint), storage, cache_dir=cache_dir)
-    if cfg is None or space.infeasible(cfg) is not None:
+    key = study_key(key_parts(op, binding, target), space.fingerprint)
+    cfg = best_config(key, storage, cache_dir=cache_dir)
+    if cfg is None:
+        return None
+    why = space.infeasible(cfg)
+    if why is not None:                      # stored data is checked like any input: never handed to a kernel
+        warnings.warn(f"opgen: the tuned config stored for study {key.name} does not fit its knob space ({why}); "
+                      f"op {op.name} runs with its default config. Tune it again, or re-import valid records",
+                      FallbackWarning, stacklevel=2)
         return None
     return to_config(cfg)
 

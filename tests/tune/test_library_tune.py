@@ -141,3 +141,25 @@ def test_a_1d_window_space_has_no_shape_impossible_rows_tile():
     space, _ = _space(TVMTarget(), op, bind(op, {k: tuple(v.shape) for k, v in inputs.items()}))
     knobs = {k.name: k.choices for k in space.knobs}
     assert knobs["rows_tile"] == (1,) and space.default["rows_tile"] == 1 and space.infeasible(space.default) is None
+
+
+def test_a_stored_config_outside_the_knob_space_is_never_used(tmp_path, monkeypatch):
+    """Stored data is input: a config that does not fit the knob space (tampered store, older space) warns once and
+    the call runs with the default config (a float 16.0 for an int knob made every call fail before issue 14)."""
+    pytest.importorskip("tvm")
+    import warnings
+
+    from opgen.ir.errors import FallbackWarning
+    from opgen.tune.library import LibraryProblem, lookup_config
+
+    problem = LibraryProblem("linear_scan", {"C": 3, "L": 37}, "tvm", cache_dir=str(tmp_path))
+    space = problem.space()
+    knob = next(k for k in space.knobs if all(type(c) is int for c in k.choices))
+    for bad in (dict(space.default, **{knob.name: float(knob.choices[0])}),
+                dict(space.default, **{knob.name: max(knob.choices) + 1}), {"unknown": 1}):
+        monkeypatch.setattr("opgen.tune.lookup.best_config", lambda *a, _bad=bad, **k: dict(_bad))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert lookup_config(problem.op, problem.binding, problem.target, cache_dir=str(tmp_path)) is None
+        msgs = [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
+        assert len(msgs) == 1 and "does not fit its knob space" in msgs[0] and "default config" in msgs[0], msgs
