@@ -283,8 +283,10 @@ def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfi
         # few input channels, many output channels and a long window: the weight gradient of a convolution (taps
         # = the output pixels, a 3x3 output). gemm, 3 channels x 3 rows x 1 vector: 3.5 ms against 10.3 ms for
         # the direct tile on the 64->128 stride-2 56x56 gradient (best of 64 gemm tiles measured)
-        return WindowConfig("gemm", V, min(3, sh.Fg), 3, 1, 28, _round_up(32, V), kh_block=0, unroll_kh=True,
-                            unroll_kw=False)
+        # (the kernel-height loop is unrolled only up to 32 rows: the taps of an output above 32 px, the weight
+        # gradient of a 33..56 px stride-1 layer, raised "unroll_kh with a window height of 56 (> 32)")
+        return WindowConfig("gemm", V, min(3, sh.Fg), 3, 1, 28, _round_up(32, V), kh_block=0,
+                            unroll_kh=sh.row.K <= 32, unroll_kw=False)
     if sh.Cg == 1 and sh.Fg == 1 and not wide and sh.row.K > 1:
         # depthwise on AVX2: 7 rows x 1 vector in sliding tap order (measured 3x3 .. 13x13: 15-20% over the
         # weight-stationary 8-row tile below, 31x31 the same)
