@@ -5,9 +5,7 @@ Root ignores permission bits, so "read-only" and "disk full" fail the writes und
 """
 from __future__ import annotations
 
-import builtins
 import errno
-import io
 import os
 
 import pytest
@@ -19,39 +17,9 @@ pytest.importorskip("tvm")
 ARGS = ["tune", "linear_scan", "--shape", "C=4,L=8", "--trials", "1", "--no-progress", "--backend", "tvm"]
 
 
-def _fail_writes_under(monkeypatch, root, code: int) -> None:
-    top = os.path.abspath(root)
-    exc_type = PermissionError if code == errno.EACCES else OSError
-
-    def under(p) -> bool:
-        return not isinstance(p, int) and (os.path.abspath(os.fspath(p)) + os.sep).startswith(top + os.sep)
-
-    real_open, real_os_open, real_mkdir = io.open, os.open, os.mkdir
-
-    def fake_open(file, mode="r", *a, **k):
-        if any(c in mode for c in "wax+") and under(file):
-            raise exc_type(code, os.strerror(code), os.fspath(file))
-        return real_open(file, mode, *a, **k)
-
-    def fake_os_open(path, flags, *a, **k):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
-            raise exc_type(code, os.strerror(code), os.fspath(path))
-        return real_os_open(path, flags, *a, **k)
-
-    def fake_mkdir(path, *a, **k):
-        if under(path):
-            raise exc_type(code, os.strerror(code), os.fspath(path))
-        return real_mkdir(path, *a, **k)
-
-    monkeypatch.setattr(builtins, "open", fake_open)
-    monkeypatch.setattr(io, "open", fake_open)
-    monkeypatch.setattr(os, "open", fake_os_open)
-    monkeypatch.setattr(os, "mkdir", fake_mkdir)
-
-
 @pytest.mark.parametrize("how", ["storage-under-a-file", "cache-dir-under-a-file", "read-only", "disk-full",
                                  "chmod-0500"])
-def test_tune_says_why_it_cannot_store_results(tmp_path, monkeypatch, capsys, how):
+def test_tune_says_why_it_cannot_store_results(tmp_path, monkeypatch, capsys, deny_writes, how):
     (tmp_path / "file").write_text("")
     cache = tmp_path / "cache"
     args = list(ARGS)
@@ -73,7 +41,7 @@ def test_tune_says_why_it_cannot_store_results(tmp_path, monkeypatch, capsys, ho
     monkeypatch.setenv("OPGEN_CACHE_DIR", str(cache))
     monkeypatch.delenv("OPGEN_TUNE_STORAGE", raising=False)
     if how in ("read-only", "disk-full"):
-        _fail_writes_under(monkeypatch, cache / "tune", errno.EACCES if how == "read-only" else errno.ENOSPC)
+        deny_writes(cache / "tune", errno.EACCES if how == "read-only" else errno.ENOSPC)
     try:
         rc = main(args)
     finally:
