@@ -12,7 +12,7 @@ times (no noise between runs).
 - :func:`transfer_experiment`: tune shape A cold into a store, then shape B in that store (the tuner's
   ``nearby`` warm start enqueues A's best configs, measured again from B's table) against B in a fresh store.
 
-``python -m opgen.tune.experiments --op selective_scan --shape B=1,D=256,N=16,L=2048 --shape-b
+``python tools/tune_experiments.py --op selective_scan --shape B=1,D=256,N=16,L=2048 --shape-b
 B=1,D=512,N=16,L=2048`` measures the missing tables (under ``--table-dir``) and prints markdown tables.
 """
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Any, Iterable, Mapping, Sequence
 from opgen.schedules.space import Knob, Space
 from opgen.tune_cli import parse_shape
 
-from .encode import canonical
-from .key import KeyParts
-from .measure import Result, Status
-from .problem import ProblemSpec
+from opgen.tune.encode import canonical
+from opgen.tune.key import KeyParts
+from opgen.tune.measure import Result, Status
+from opgen.tune.problem import ProblemSpec
 
 TABLE_VERSION = 1
 
@@ -177,7 +177,7 @@ class ReplayProblem:
 
     def __init__(self, table: Table) -> None:
         self.table = table
-        self.spec = ProblemSpec("opgen.tune.experiments:_no_factory", {"op": table.op_name, "dims": table.dims})
+        self.spec = ProblemSpec("tune_experiments:_no_factory", {"op": table.op_name, "dims": table.dims})
         self._space = table.space()
 
     def key_parts(self) -> KeyParts:
@@ -328,7 +328,7 @@ def run_trace(problem: Any, table: Table, *, sampler: str = "tpe", seed: int = 0
     and ``measured_flags``: per trial, whether it sent a config to the measurer (not a repeat, not infeasible)."""
     import optuna
 
-    from .tuner import tune
+    from opgen.tune.tuner import tune
 
     store = storage if storage is not None else _in_memory()
     kwargs: dict[str, Any] = {}
@@ -445,7 +445,7 @@ def transfer_experiment(table_a: Table, table_b: Table, *, seeds: Iterable[int] 
     store (warm: the tuner's ``nearby`` source enqueues A's best configs, measured from ``table_b``) and B in
     a fresh store (cold), both ``budget`` trials with the same seed. ``budget_a``: trials of A (default
     ``budget``)."""
-    from . import tuner as tuner_mod
+    from opgen.tune import tuner as tuner_mod
 
     pa = problem_a or table_a.problem()
     pb = problem_b or table_b.problem()
@@ -480,7 +480,7 @@ def transfer_experiment(table_a: Table, table_b: Table, *, seeds: Iterable[int] 
 
 
 def _best_config_of_store(store: Any, problem: Any) -> dict[str, Any] | None:
-    from .tuner import problem_key
+    from opgen.tune.tuner import problem_key
     import optuna
 
     study = optuna.load_study(study_name=problem_key(problem).name, storage=store)
@@ -489,7 +489,7 @@ def _best_config_of_store(store: Any, problem: Any) -> dict[str, Any] | None:
 
 
 def _borrowed(store: Any, problem: Any) -> list[dict[str, Any]]:
-    from .tuner import nearby_configs, problem_key
+    from opgen.tune.tuner import nearby_configs, problem_key
 
     return nearby_configs(store, problem_key(problem), problem.space())
 
@@ -579,7 +579,7 @@ def _table_path(table_dir: Path, op: str, dims: Mapping[str, int], backend: str)
 def _get_table(op: str, dims: dict[str, int], backend: str, table_dir: Path, measurer: Any,
                repeat_top: int = 0, passes: int = 1) -> Table:
     path = _table_path(table_dir, op, dims, backend)
-    from .library import LibraryProblem
+    from opgen.tune.library import LibraryProblem
 
     problem = LibraryProblem(op, dims, backend)
     table = measure_table(problem, measurer, progress=True, path=path, passes=passes)
@@ -607,7 +607,7 @@ def repeat_markdown(name: str, table: Table) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m opgen.tune.experiments", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python tools/tune_experiments.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", default="selective_scan")
     ap.add_argument("--shape", default="B=1,D=256,N=16,L=2048", help="shape A (search efficiency; transfer source)")
     ap.add_argument("--shape-b", default=None, help="shape B (transfer target); omit to skip the transfer run")
@@ -629,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
             os.environ[var] = str(args.threads)
-    from .measure import MeasureOptions, Measurer
+    from opgen.tune.measure import MeasureOptions, Measurer
 
     table_dir = Path(args.table_dir)
     dims_a = parse_shape(args.shape)

@@ -1,17 +1,21 @@
-"""Experiments replayed from tables (opgen.tune.experiments) on the pure-torch cumsum problem with synthetic
-times: no backend, no measuring process."""
+"""Experiments replayed from tables (``tools/tune_experiments.py``, a script beside the package, imported by path)
+on the pure-torch cumsum problem with synthetic times: no backend, no measuring process."""
 from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
 from opgen.tune.encode import canonical
-from opgen.tune.experiments import (Table, TableMeasurer, TableMissError, first_within, measure_table, repeatability,
-                                    run_trace, summarize, transfer_experiment, trials_to_within)
 from opgen.tune.measure import Result, Status
 from opgen.tune.testing import CumsumProblem
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from tune_experiments import (Table, TableMeasurer, TableMissError, first_within, measure_table,  # noqa: E402
+                              repeatability, run_trace, summarize, transfer_experiment, trials_to_within)
 
 BEST = {"algo": "blocked", "block": 512, "fault": "none"}      # neither the default nor the known-good config
 
