@@ -99,7 +99,7 @@ class _Grad:
                 (a,) = ax
                 num, den = sympy.fraction(sympy.together(ie.args[0]))
                 if num != a or a in used or axes_in(den):
-                    raise IRError(f"grad of {self.op.name}: unsupported index {ie} of {acc.tensor}")
+                    return self.scatter_general(acc, frame, c)
                 x, r = self.fresh_axis(t.shape[k]), self.fresh_axis(den)
                 subst[a] = x * den + r
                 out_axes.append(x)
@@ -137,9 +137,20 @@ class _Grad:
                 out_axes.append(u)
                 used |= {co, ci}
                 continue
-            raise IRError(f"grad of {self.op.name}: cannot scatter the gradient through index {ie} of "
-                          f"{acc.tensor} (supported: axes, constants, axis // dim, (co // F) * C + ci, "
-                          f"affine window indices o*s + k*d + c)")
+            inv = _inverse_read(ie, [a for a in frame if a not in used and occurs_once(a, k)], self.ext,
+                                t.shape[k])
+            if inv is not None:
+                a, of_u = inv
+                u = self.fresh_axis(t.shape[k])
+                subst[a] = of_u(u)
+                out_axes.append(u)
+                used.add(a)
+                continue
+            return self.scatter_general(acc, frame, c)
+        if any(axes_in(v) & set(subst) for v in subst.values()):
+            # an inverse map that reads another substituted axis (a Piecewise condition on a window axis):
+            # one simultaneous substitution would be wrong
+            return self.scatter_general(acc, frame, c)
         if windowed:
             # a read that depended on an eliminated output axis o is zero outside o's range only if it is the
             # adjoint itself (padded below); anything else that depends on o needs o's bounds as a predicate
@@ -158,6 +169,34 @@ class _Grad:
             ref = TensorRef(c.arg.tensor, len(out_axes), c.dtype)
             self.adj.setdefault(acc.tensor, []).append(_Contribution(ref, tuple(out_axes)))
             return
+        if rest:
+            ref = self.bld.reduce(rest, c, where=pred, axes=tuple(out_axes))
+        else:
+            ref = self.bld.map(where(pred, c, 0.0) if pred is not None else c, tuple(out_axes))
+        self.shapes[ref.name] = tuple(self.ext[a] for a in out_axes)
+        self.adj.setdefault(acc.tensor, []).append(_Contribution(ref, tuple(out_axes)))
+
+    def scatter_general(self, acc: Access, frame: tuple[Axis, ...], c: Expr) -> None:
+        """The adjoint of any read, by definition: ``adj[u] += sum over frame of c where index(frame) == u``.
+
+        Used when no index rule of :meth:`scatter` applies and the index is not a bijection it can invert
+        (``x[b, (t + k) % L]``, a Piecewise whose condition reads its own axis, ...). Every index that is not
+        a plain frame axis (occurring once) gets an output axis ``u`` and the predicate ``index == u``; all
+        other frame axes are summed. Always correct, also for reads that are not injective or read a position
+        several times, but it costs O(frame x tensor) instead of O(frame): an O(n^2) reduction for a 1-D read.
+        """
+        t = self.op.tensor(acc.tensor)
+        out_axes, preds = [], []
+        for k, ie in enumerate(acc.index):
+            if (isinstance(ie, Axis) and ie in frame and ie not in out_axes
+                    and all(ie not in axes_in(o) for j, o in enumerate(acc.index) if j != k)):
+                out_axes.append(ie)
+                continue
+            u = self.fresh_axis(t.shape[k])
+            out_axes.append(u)
+            preds.append(sympy.Eq(ie, u))
+        rest = tuple(a for a in frame if a not in out_axes)
+        pred = index(sympy.And(*preds)) if preds else None
         if rest:
             ref = self.bld.reduce(rest, c, where=pred, axes=tuple(out_axes))
         else:
@@ -381,6 +420,66 @@ def _window_axis(ie: sympy.Expr, frame: tuple[Axis, ...], used: set[Axis], once)
         c = sympy.sympify(coeffs.get(a, 0))
         if a in ax and a not in used and c.is_Integer and c != 0 and once(a):
             return a, int(c)
+    return None
+
+
+def _same(x, y) -> bool:
+    return sympy.simplify(sympy.sympify(x) - sympy.sympify(y)) == 0
+
+
+def _inverse_read(ie: sympy.Expr, avail: list[Axis], ext, size):
+    """``(a, inv)`` when the index ``ie``, as a function of the frame axis ``a`` (the other axes held fixed), is
+    a bijection of ``[0, ext[a])`` onto ``[0, size)``: each position of the tensor dim is read exactly once. Then
+    the adjoint is a gather through ``a = inv(u)``. Recognized: ``a``, ``n - 1 - a`` (a reversed read),
+    ``(±a + c) % n`` (a circular shift, any integer ``c`` over other axes), and a ``Piecewise`` whose conditions
+    do not read ``a`` and whose every branch is one of these (a serpentine / zigzag column)."""
+    for a in avail:
+        if a not in axes_in(ie):
+            continue
+        inv = _invert1(ie, a, ext[a], size)
+        if inv is not None:
+            return a, inv
+    return None
+
+
+def _invert1(e: sympy.Expr, a: Axis, n, size):
+    if not _same(n, size):
+        return None
+    if isinstance(e, sympy.Piecewise):
+        parts = []
+        for val, cond in e.args:
+            if a in getattr(cond, "free_symbols", set()):
+                return None
+            f = _invert1(val, a, n, size)
+            if f is None:
+                return None
+            parts.append((f, cond))
+        return lambda u: sympy.Piecewise(*((f(u), cond) for f, cond in parts))
+    if isinstance(e, sympy.Mod):
+        y, m = e.args
+        if not _same(m, n):
+            return None
+        dec = affine(y, {a})
+        if dec is None:
+            return None
+        coeffs, c = dec
+        s = sympy.sympify(coeffs.get(a, 0))
+        if s == 1:
+            return lambda u: sympy.Mod(u - c, n)
+        if s == -1:
+            return lambda u: sympy.Mod(c - u, n)
+        return None
+    dec = affine(e, set(axes_in(e)))
+    if dec is None:
+        return None
+    coeffs, c = dec
+    if set(coeffs) != {a}:
+        return None
+    s = sympy.sympify(coeffs[a])
+    if s == 1 and _same(c, 0):
+        return lambda u: u
+    if s == -1 and _same(c, n - 1):
+        return lambda u: n - 1 - u
     return None
 
 
