@@ -163,6 +163,23 @@ class Session:
                                                 self.config.cache_dir)
         return self._bindings[key]
 
+    def forget_tuned(self, op: Op | None = None) -> int:
+        """Drop what this session memoized from tuned-config lookups of ``op`` (every op when None): its configs,
+        its node plans and its prepared calls, so the next call looks the config up again (after tuning it in this
+        process, say). Returns the number of entries dropped."""
+        def mine(o) -> bool:
+            return op is None or o is op or o == op
+
+        stale = [k for k in self._bindings
+                 if isinstance(k, tuple) and len(k) > 1 and isinstance(k[0], str) and k[0] in ("config", "nodes")
+                 and mine(k[1])]
+        for k in stale:
+            del self._bindings[k]
+        prepared = [k for k, (o, _) in self._prepared.items() if mine(o)]
+        for k in prepared:
+            del self._prepared[k]
+        return len(stale) + len(prepared)
+
 
 def _resolved(x):
     """``x`` with a pending negation or conjugation (``torch._neg_view``, ``.conj()``) applied: kernels read the
