@@ -15,8 +15,10 @@ from typing import Any
 
 from .ir import (BF16, F16, F32, F64, ArgumentError, BackendUnavailable, DType, Float, IRError, OpBuilder,
                  OpgenError, ShapeError, TraceError, absolute, axes, axis, cast, column_major, compute, dims, exp,
-                 log, max, maximum, min, minimum, monoid, op, prod, reduce, row_major, scan, sigmoid, silu, softplus,
+                 log, max, maximum, min, minimum, monoid, prod, reduce, row_major, scan, sigmoid, silu, softplus,
                  sqrt, strided, sum, tanh, where, zigzag)
+
+from .declared import DeclaredOp, op  # noqa: E402  (the torch-op front end of opgen.ir.op)
 
 __version__ = "0.1.0"
 
@@ -24,11 +26,25 @@ _LAZY = {"ops", "masks", "scores", "library", "config", "runtime", "cli", "tune"
 
 
 def run(op: Any, **tensors: Any) -> dict:
-    """Run a declared op (an :class:`opgen.ir.Op`) on torch tensors by input name, on the best available
-    backend with its tuned config; returns the outputs by name."""
+    """Run a built op (an :class:`opgen.ir.Op`) on torch tensors by input name, on the best available backend
+    with its tuned config; returns the outputs by name. When an input requires grad, the call goes through the
+    op's torch op (:func:`opgen.bridge.torch_op`), so gradients come from its generated backward op."""
+    from .eager import direct_ok
     from .runtime import default_session
 
-    return default_session().run(op, tensors, who=f"opgen.run({op.name})")
+    if direct_ok(*tensors.values()):
+        return default_session().run(op, tensors, who=f"opgen.run({op.name})")
+    from .bridge import torch_op
+
+    missing = [t.name for t in op.inputs if t.name not in tensors]
+    extra = sorted(set(tensors) - {t.name for t in op.inputs})
+    if missing or extra:
+        raise ArgumentError(f"opgen.run({op.name}): expected the inputs {[t.name for t in op.inputs]}, got "
+                            f"{sorted(tensors)}" + (f" (missing {missing})" if missing else "")
+                            + (f" (unknown {extra})" if extra else ""))
+    outs = torch_op(op)(*(tensors[t.name] for t in op.inputs))
+    outs = (outs,) if len(op.outputs) == 1 else outs
+    return {t.name: y for t, y in zip(op.outputs, outs)}
 
 
 def _register_torch_ops() -> None:
@@ -84,7 +100,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BF16", "F16", "F32", "F64", "ArgumentError", "BackendUnavailable", "DType", "Float", "IRError", "OpBuilder",
-    "OpgenError", "ShapeError", "TraceError", "absolute", "axes", "axis", "cast", "column_major", "compute", "dims",
+    "OpgenError", "ShapeError", "TraceError", "DeclaredOp", "absolute", "axes", "axis", "cast", "column_major", "compute", "dims",
     "exp", "log", "max", "maximum", "min", "minimum", "monoid", "op", "prod", "reduce", "row_major", "scan",
     "sigmoid", "silu", "softplus", "sqrt", "strided", "sum", "tanh", "where", "zigzag", "__version__", "run",
 ]
