@@ -34,7 +34,7 @@ from ..index import affine, bounds, proved
 from ..nodes import SUM, Affine, Map, Reduce, Scan
 from ..op import Op
 from ..symbols import Axis, axes_in
-from ..traversal import STEP
+from ..traversal import CHAIN, STEP, Traversal, column_major, row_major, strided, zigzag
 from .diff import derivative
 
 
@@ -273,8 +273,11 @@ class _Grad:
                 raise IRError(f"grad of {self.op.name}: {n.monoid} reductions are not differentiated yet")
             val = n.value if n.predicate is None else where(n.predicate, n.value, 0.0)
             self.chain(val, n.axes + n.raxes, g)
-        elif isinstance(n, Scan) and isinstance(n.combine, Affine) and len(n.scan_axes) == 1:
+        elif (isinstance(n, Scan) and isinstance(n.combine, Affine) and len(n.scan_axes) == 1
+              and n.traversal.name in ("forward", "reverse")):
             self.scan(n, g)
+        elif isinstance(n, Scan) and isinstance(n.combine, Affine):
+            self.traversal_scan(n, g)
         else:
             raise IRError(f"grad of {self.op.name}: node {n.out} ({type(n).__name__}) is not differentiated yet")
 
@@ -301,6 +304,48 @@ class _Grad:
             at_first = {t: first}
             g0 = substitute(a, at_first) * lam[tuple(first if x == t else x for x in n.axes)]
             self.chain(n.init, lanes, g0)
+
+    def traversal_scan(self, n: Scan, g: Expr) -> None:
+        """An affine scan in any traversal order (row / column major, zigzag, strided, reversed or not).
+
+        The traversal visits grid positions ``p`` at ordinals ``o(p)`` of a flat order, ``next(p) = pos(o(p) +
+        d)``, ``prev(p) = pos(o(p) - d)`` (``d``: the stride between two steps of a chain, negated for a
+        reversed traversal). The adjoint is the reverse scan in the same traversal, ``lam[p] = g[p] + a[next(p)]
+        * lam[next(p)]``, giving ``d a[p] = lam[p] * h[prev(p)]`` and ``d b[p] = lam[p]``; the initial state's
+        gradient is the sum of ``a[p] * lam[p]`` over the first position of every chain. Reads at ``next`` /
+        ``prev`` are clamped into the grid and masked by the validity of the neighbour.
+        """
+        order = _traversal_order(n.traversal)
+        if order is None:
+            raise IRError(f"grad of {self.op.name}: node {n.out} (Scan) is not differentiated: its traversal "
+                          f"{n.traversal.name!r} has no known inverse order (differentiable traversals: forward, "
+                          f"reverse, row, column, zigzag, strided, and their reversals)")
+        ordinal, pos_of, step, total, reverse_of = order
+        axes = n.scan_axes
+        o = ordinal(axes)
+
+        def at(shift):
+            q = o + shift
+            ok = sympy.And(sympy.Ge(q, 0), sympy.Lt(q, total))
+            clamped = sympy.Min(sympy.Max(q, 0), total - 1)
+            return dict(zip(axes, pos_of(clamped))), ok
+
+        nxt, next_ok = at(step)
+        prv, prev_ok = at(-step)
+        a, b = n.combine.a, n.combine.b
+        a_next = where(index(next_ok), substitute(a, nxt), 0.0)
+        lam = self.bld.scan(axes, a=a_next, b=g, traversal=reverse_of, axes=n.axes, name=f"adj_{n.out}")
+        dt = accum_dtype(self.op.tensor(n.out).dtype)
+        h_prev_read = load(n.out, tuple(prv.get(x, x) for x in n.axes), dt)
+        init = n.init if n.init is not None else const(0.0, dt)
+        lam_t = lam[tuple(n.axes)]
+        self.chain(a, n.axes, lam_t * where(index(prev_ok), h_prev_read, init))
+        self.chain(b, n.axes, lam_t)
+        if n.init is not None and any(self.needs(x.tensor) for x in loads(n.init)):
+            lanes = tuple(x for x in n.axes if x not in axes)
+            g0 = self.bld.reduce(axes, a * lam_t, where=index(sympy.Not(prev_ok)), axes=lanes)
+            self.shapes[g0.name] = tuple(self.ext[x] for x in lanes)
+            self.chain(n.init, lanes, g0[lanes])
 
     def bld_ref(self, name: str) -> TensorRef:
         t = self.op.tensor(name)
@@ -421,6 +466,82 @@ def _window_axis(ie: sympy.Expr, frame: tuple[Axis, ...], used: set[Axis], once)
         if a in ax and a not in used and c.is_Integer and c != 0 and once(a):
             return a, int(c)
     return None
+
+
+_ORDERS = {"row": row_major, "forward": row_major, "column": column_major, "zigzag": zigzag}
+
+
+def _traversal_order(tr: Traversal):
+    """``(ordinal, pos, step, total, reverse)`` for a traversal opgen knows how to invert: ``ordinal(axes)``, the
+    position of grid point ``axes`` in the traversal's flat order; ``pos(o)`` its inverse; ``step`` the ordinal
+    distance between consecutive steps of a chain (negative when the traversal is reversed); ``total`` the
+    number of grid points; ``reverse`` the same traversal in the opposite direction. None for an unknown
+    traversal. The inverse is checked against ``tr.coords`` on small concrete grids (never silently wrong)."""
+    name = tr.name
+    rev = name.endswith("_reversed") or name == "reverse"
+    base = name[: -len("_reversed")] if name.endswith("_reversed") else ("forward" if name == "reverse" else name)
+    g = tr.grid
+    total = sympy.Mul(*g)
+    if base in _ORDERS:
+        make = _ORDERS[base]
+        d = sympy.Integer(1)
+        fwd = make(g)
+        reverse_of = make(g, reverse=not rev)
+
+        def pos_of(o, fwd=fwd):
+            return tuple(c.xreplace({STEP: o}) for c in fwd.coords)
+    elif base.startswith("strided") and base[len("strided"):].isdigit():
+        d = sympy.Integer(int(base[len("strided"):]))
+        fwd = row_major(g)
+        reverse_of = strided(g, int(d), reverse=not rev)
+
+        def pos_of(o, fwd=fwd):
+            return tuple(c.xreplace({STEP: o}) for c in fwd.coords)
+    else:
+        return None
+
+    def ordinal(axes, base=base):
+        if base == "column":
+            return axes[1] * g[0] + axes[0]
+        flat = sympy.Integer(0)
+        for k, x in enumerate(axes):
+            inner = sympy.Mul(*g[k + 1:])
+            if base == "zigzag" and k == 1:
+                x = sympy.Piecewise((x, sympy.Eq(axes[0] % 2, 0)), (g[1] - 1 - x, True))
+            flat = flat + x * inner
+        return flat
+
+    if not _order_matches(tr, ordinal, d if not rev else -d, total):
+        return None
+    return ordinal, pos_of, (-d if rev else d), total, reverse_of
+
+
+def _order_matches(tr: Traversal, ordinal, step, total) -> bool:
+    """Whether ``ordinal(coords(chain, s))`` advances by ``step`` per step along every chain, over all valid steps,
+    on a few small grids (the sizes every dim of the grid takes)."""
+    syms = sorted(set().union(*(sympy.sympify(x).free_symbols for x in tr.grid)), key=str)
+    probe = sympy.symbols(f"p0:{len(tr.grid)}", integer=True, nonnegative=True)
+    o_expr = ordinal(probe)
+    for vals in ((3, 4, 2, 5), (2, 5, 3, 3), (1, 3, 4, 1), (4, 1, 2, 2)):
+        env = {sym: sympy.Integer(vals[i % len(vals)]) for i, sym in enumerate(syms)}
+        chains, steps = int(tr.chains.xreplace(env)), int(tr.steps.xreplace(env))
+        tot = int(sympy.sympify(total).xreplace(env))
+        seen = set()
+        for c in range(chains):
+            prev = None
+            for s in range(steps):
+                at = {STEP: sympy.Integer(s), CHAIN: sympy.Integer(c)}
+                if not bool(sympy.sympify(tr.valid).xreplace(env).xreplace(at)):
+                    continue
+                p = [int(x.xreplace(env).xreplace(at)) for x in tr.coords]
+                o = int(sympy.sympify(o_expr).xreplace({q: sympy.Integer(v) for q, v in zip(probe, p)}).xreplace(env))
+                if prev is not None and o - prev != int(step):
+                    return False
+                prev = o
+                seen.add(o)
+        if seen != set(range(tot)):
+            return False
+    return True
 
 
 def _same(x, y) -> bool:

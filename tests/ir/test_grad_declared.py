@@ -107,3 +107,82 @@ def test_circular_shift_read(make, shape):
 @pytest.mark.parametrize("l,k", [(7, 3), (5, 5), (1, 2), (6, 1)])
 def test_non_bijective_modular_read_falls_back_to_a_predicated_sum(l, k):
     _check(circular_sum.build(), dict(x=_r(2, l), w=_r(k)))
+
+
+# 2. scans in a traversal order ---------------------------------------------------------------------------
+
+_TRAVERSALS = {
+    "zigzag": lambda g: opgen.zigzag(g), "zigzag_reversed": lambda g: opgen.zigzag(g, reverse=True),
+    "row": lambda g: opgen.row_major(g), "row_reversed": lambda g: opgen.row_major(g, reverse=True),
+    "column": lambda g: opgen.column_major(g), "column_reversed": lambda g: opgen.column_major(g, reverse=True),
+}
+
+
+def _grid_scan(kind: str, with_init: bool):
+    @opgen.op(name=f"grid_scan_{kind}")
+    def grid_scan(f: F64["C H W"], x: F64["C H W"], h0: F64["C"]):
+        c, r, w = opgen.axes("c r w")
+        H, W = opgen.dims("H W")
+        h = opgen.scan((r, w), a=opgen.sigmoid(f[c, r, w]), b=x[c, r, w] * f[c, r, w],
+                       init=h0[c] if with_init else None, traversal=_TRAVERSALS[kind]((H, W)))
+        return opgen.compute(h[c, r, w] * x[c, r, w], (c, r, w))
+    return grid_scan.build()
+
+
+@pytest.mark.parametrize("kind", list(_TRAVERSALS))
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 4, 1), (2, 1, 3)])
+def test_traversal_scan_adjoint_is_the_reverse_traversal(kind, shape):
+    op = _grid_scan(kind, with_init=True)
+    back = _check(op, dict(f=_r(*shape), x=_r(*shape), h0=_r(shape[0])))
+    fwd = [n for n in op.nodes if isinstance(n, Scan)][0].traversal
+    adj = [n for n in back.nodes if isinstance(n, Scan) and n.out.startswith("adj_")]
+    assert len(adj) == 1 and adj[0].traversal.grid == fwd.grid
+    want = kind[:-len("_reversed")] if kind.endswith("_reversed") else kind + "_reversed"
+    assert adj[0].traversal.name == want
+
+
+def test_zigzag_ema_example():
+    @opgen.op
+    def zigzag_ema(img: F64["C H W"], *, decay: float):
+        c, r, w = opgen.axes("c r w")
+        H, W = opgen.dims("H W")
+        return opgen.scan((r, w), a=decay, b=(1 - decay) * img[c, r, w], traversal=opgen.zigzag((H, W)))
+
+    _check(zigzag_ema.build(decay=0.75), dict(img=_r(2, 3, 7)))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 1, 4), (2, 2, 1)])
+def test_strided_traversal_scan(reverse, shape):
+    @opgen.op(name="atrous_scan")
+    def atrous(f: F64["C H W"], x: F64["C H W"], h0: F64["C"]):
+        c, r, w = opgen.axes("c r w")
+        H, W = opgen.dims("H W")
+        return opgen.scan((r, w), a=opgen.sigmoid(f[c, r, w]), b=x[c, r, w], init=h0[c] * 2.0,
+                          traversal=opgen.strided((H, W), 3, reverse=reverse))
+
+    _check(atrous.build(), dict(f=_r(*shape), x=_r(*shape), h0=_r(shape[0])))
+
+
+def test_one_axis_strided_scan_is_not_mistaken_for_a_reverse_scan():
+    @opgen.op(name="atrous_1d")
+    def atrous(x: F64["B L"]):
+        b, t = opgen.axes("b t")
+        L = opgen.dims("L")
+        return opgen.scan(t, a=0.5, b=x[b, t], traversal=opgen.strided((L,), 2))
+
+    _check(atrous.build(), dict(x=_r(2, 7)))
+
+
+def test_unknown_traversal_is_reported_with_the_node():
+    import dataclasses
+
+    @opgen.op(name="odd_order")
+    def odd(x: F64["H W"]):
+        r, w = opgen.axes("r w")
+        H, W = opgen.dims("H W")
+        tr = dataclasses.replace(opgen.row_major((H, W)), name="spiral")
+        return opgen.scan((r, w), a=0.5, b=x[r, w], traversal=tr)
+
+    with pytest.raises(IRError, match=r"odd_order: node \w+ \(Scan\).*traversal 'spiral'"):
+        grad_op(odd.build(), ["x"])
