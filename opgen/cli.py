@@ -19,7 +19,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from opgen.library import get
+    from opgen.tune_cli import is_declared
 
+    if is_declared(args.op):
+        return _show_declared(args)
+    if args.shape or args.dtype or args.static:
+        print("opgen show: --shape, --dtype and --static apply to declared ops (package.module:attribute); library "
+              f"op {args.op!r} is shown at its example's size", file=sys.stderr)
+        return 2
     try:
         entry = get(args.op)
     except KeyError as exc:
@@ -42,6 +49,42 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.stage == "verified":
         print(f"  fingerprint {op.fingerprint}")
     return 0
+
+
+def _show_declared(args: argparse.Namespace) -> int:
+    """``opgen show package.module:attribute``: a user-declared op at a stage; plan and sources at ``--shape``."""
+    from opgen.ir import ArgumentError, bind
+    from opgen.tune.declared import check_shape, input_shapes, locate
+    from opgen.tune_cli import declared_path
+
+    declared_path()
+    try:
+        _, op, _, _ = locate(args.op, args.dtype, dict(args.static), who="op")
+    except ArgumentError as exc:
+        print(f"opgen show: {exc}", file=sys.stderr)
+        return 2
+    if args.stage == "fused":
+        print(_fused(op))
+        return 0
+    if args.stage in ("ir", "verified"):
+        print(op.pretty(verified=args.stage == "verified"))
+        if args.stage == "verified":
+            print(f"  fingerprint {op.fingerprint}")
+        return 0
+    names = ", ".join(d.name for d in op.dims)
+    if args.shape is None:
+        print(f"opgen show: --stage {args.stage} of a declared op needs --shape with its dims ({names}), e.g. "
+              f"--shape " + ",".join(f"{d.name}=8" for d in op.dims), file=sys.stderr)
+        return 2
+    try:
+        dims = check_shape(op, args.shape, who="--shape")
+    except ArgumentError as exc:
+        print(f"opgen show: {exc}", file=sys.stderr)
+        return 2
+    binding = bind(op, input_shapes(op, dims))
+    text = _lowered_op(op, binding, ", ".join(f"{k}={v}" for k, v in dims.items()), args.stage)
+    print(text)
+    return 0 if not text.startswith("no ") else 1
 
 
 def _fused(op) -> str:
@@ -75,7 +118,6 @@ def _lowered(entry, stage: str) -> str:
     import torch
 
     from opgen.ir import bind
-    from opgen.ir.passes import derive_scan_variants, fuse_scan
     from opgen.tune.library import _inputs
 
     if entry.tune_dims is None:
@@ -83,8 +125,14 @@ def _lowered(entry, stage: str) -> str:
     dims = entry.tune_dims("quick")
     op, inputs = _inputs(entry.tune_op or entry.name, dims, torch.float32, torch.Generator().manual_seed(0))
     binding = bind(op, {k: tuple(v.shape) for k, v in inputs.items()})
+    return _lowered_op(op, binding, ", ".join(f"{k}={v}" for k, v in dims.items()), stage)
+
+
+def _lowered_op(op, binding, shape: str, stage: str) -> str:
+    """The plan or a backend's source of ``op`` at ``binding``'s sizes (``shape`` their text)."""
+    from opgen.ir.passes import derive_scan_variants, fuse_scan
+
     group = fuse_scan(op)
-    shape = ", ".join(f"{k}={v}" for k, v in dims.items())
     if group is None:
         return _window_lowered(op, binding, shape, stage)
     if stage == "tvm":
@@ -230,18 +278,22 @@ def _cmd_records_import(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    from opgen.tune_cli import add_tune_parsers
+    from opgen.tune_cli import add_declared_args, add_tune_parsers, parse_shape
 
     p = argparse.ArgumentParser(prog="opgen", description="Operator generator and autotuner for scans, "
                                 "convolutions and attention variants.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the library ops").set_defaults(func=_cmd_list)
     s = sub.add_parser("show", help="print an op at a pipeline stage")
-    s.add_argument("op")
+    s.add_argument("op", help="a library op (opgen list), or a declared op as package.module:attribute naming an "
+                   "@opgen.op declaration or a function returning an Op (importable from here or sys.path)")
     s.add_argument("--stage", choices=STAGES, default="ir",
                    help="ir: as declared; verified: with inferred extents and per-access bound proofs; "
                    "fused: node classes, the fused kernel group and its algorithm variants; plan: variants, default "
                    "configs and spaces; tvm / triton: generated source")
+    s.add_argument("--shape", type=parse_shape, default=None,
+                   help="a declared op's dims for --stage plan / tvm / triton, e.g. B=2,C=256,L=512")
+    add_declared_args(s)
     s.set_defaults(func=_cmd_show)
     d = sub.add_parser("demo", help="run the library ops beside their torch baselines and print a table")
     d.add_argument("--size", choices=("quick", "full"), default="quick")

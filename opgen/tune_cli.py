@@ -25,12 +25,49 @@ def parse_shape(text: str) -> dict[str, int]:
     return dims
 
 
+def parse_static(text: str) -> tuple[str, Any]:
+    """``k=v`` -> ``("k", v)``, ``v`` read as a Python literal (``3``, ``0.5``, ``True``, ``'x'``) or else kept as
+    the string (argparse type of ``--static``)."""
+    import ast
+
+    name, eq, value = text.partition("=")
+    if not eq or not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"--static expects NAME=VALUE like reverse=True or chunk=64; got {text!r}")
+    try:
+        v = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        v = value.strip()
+    return name.strip(), v
+
+
+def is_declared(name: str) -> bool:
+    """Whether a command's op argument names a user declaration (``package.module:attribute``), not a library op."""
+    return ":" in name
+
+
+def declared_path() -> None:
+    """Let a command import declarations from the current directory, as ``python -m`` does (the ``opgen`` console
+    script's own directory is on sys.path instead)."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
+
+
+def add_declared_args(p: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--static`` of a command that takes a declared op."""
+    p.add_argument("--dtype", default=None, choices=("float32", "float64", "bfloat16", "float16"),
+                   help="the dtype a declared op is built with (default float32; library ops: float32)")
+    p.add_argument("--static", type=parse_static, action="append", default=[], metavar="NAME=VALUE",
+                   help="a static (keyword-only) option of a declared op, read as a Python literal (repeatable)")
+
+
 def _problem_args(p: argparse.ArgumentParser) -> None:
     """Arguments that name the tuning problem and its store (the same for the coordinator and its workers)."""
-    p.add_argument("op")
+    p.add_argument("op", help="a library op (opgen list), or a declared op as package.module:attribute naming an "
+                   "@opgen.op declaration or a function returning an Op (importable from here or sys.path)")
     p.add_argument("--shape", type=parse_shape, required=True, help="e.g. B=2,D=256,N=16,L=512")
     p.add_argument("--backend", choices=("tvm", "triton"), help="default: triton with a GPU, else tvm")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
+    add_declared_args(p)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for one config (compile + check + time)")
     p.add_argument("--storage", help="Optuna storage: postgresql+psycopg2://USER@HOST:PORT/DB, sqlite:///FILE, "
                    "journal:FILE (default: OPGEN_TUNE_STORAGE, else the embedded journal in the cache dir)")
@@ -72,14 +109,31 @@ def _problem(args: argparse.Namespace, cmd: str) -> Any:
     import torch
 
     from opgen.config import from_env
-    from opgen.tune.library import LibraryProblem
+    from opgen.tune.library import SHAPE_DIMS, LibraryProblem
 
     cfg = from_env()
     args.backend = args.backend or ("triton" if torch.cuda.is_available() else "tvm")
+    if is_declared(args.op):
+        from opgen.tune.declared import declared_problem
+
+        declared_path()
+        try:
+            return declared_problem(args.op, args.shape, dtype=args.dtype, backend=args.backend,
+                                    cache_dir=cfg.cache_dir, static=dict(args.static), who="op",
+                                    shape_who="--shape")
+        except (ValueError, RuntimeError) as exc:           # ArgumentError is a ValueError
+            print(f"opgen {cmd}: {exc}", file=sys.stderr)
+            return None
+    if args.static:
+        print(f"opgen {cmd}: --static applies to declared ops (package.module:attribute), not to library op "
+              f"{args.op!r}", file=sys.stderr)
+        return None
+    args.dtype = args.dtype or "float32"
     try:
         return LibraryProblem(args.op, args.shape, args.backend, dtype=args.dtype, cache_dir=str(cfg.cache_dir))
     except (ValueError, RuntimeError) as exc:
-        print(f"opgen {cmd}: {exc}", file=sys.stderr)
+        hint = "" if args.op in SHAPE_DIMS else "; or name a declared op as package.module:attribute"
+        print(f"opgen {cmd}: {exc}{hint}", file=sys.stderr)
         return None
 
 
@@ -105,8 +159,10 @@ def _storage(args: argparse.Namespace, key: Any = None) -> Any:
 
 def _worker_args(args: argparse.Namespace, storage: str) -> list[str]:
     shape = ",".join(f"{k}={v}" for k, v in args.shape.items())
-    out = [args.op, "--shape", shape, "--backend", args.backend, "--dtype", args.dtype, "--timeout", f"{args.timeout:g}",
+    out = [args.op, "--shape", shape, "--backend", args.backend, "--timeout", f"{args.timeout:g}",
            "--storage", storage, "--heartbeat", f"{args.heartbeat:g}", "--grace", f"{args.grace:g}"]
+    out += ["--dtype", args.dtype] if args.dtype else []
+    out += [a for k, v in args.static for a in ("--static", f"{k}={v!r}")]
     return out + (["--seed", str(args.seed)] if args.seed is not None else [])
 
 
@@ -187,15 +243,17 @@ def _tune_in_process(args: argparse.Namespace, problem: Any) -> int:
     except (TuneError, ValueError) as exc:
         print(f"opgen tune: {exc}", file=sys.stderr)
         return 1
-    torch_ms, torch_name = baseline_ms(problem)
     print(res.summary())
     best = res.best_time_ms
     shape = ",".join(f"{k}={v}" for k, v in args.shape.items())
-    rows = [("op", "shape", "backend", "best config", "best ms", "default ms", "vs default", torch_name, "vs torch"),
-            (args.op, shape, args.backend, str(res.best_config), f"{best:.4f}" if best else "-",
+    rows = [["op", "shape", "backend", "best config", "best ms", "default ms", "vs default"],
+            [args.op, shape, args.backend, str(res.best_config), f"{best:.4f}" if best else "-",
              f"{res.default_time_ms:.4f}" if res.default_time_ms else "-",
-             f"{res.default_time_ms / best:.2f}x" if best and res.default_time_ms else "-", f"{torch_ms:.4f}",
-             f"{torch_ms / best:.2f}x" if best else "-")]
+             f"{res.default_time_ms / best:.2f}x" if best and res.default_time_ms else "-"]]
+    if not is_declared(args.op):                 # a declared op has no torch formulation to compare with
+        torch_ms, torch_name = baseline_ms(problem)
+        rows[0] += [torch_name, "vs torch"]
+        rows[1] += [f"{torch_ms:.4f}", f"{torch_ms / best:.2f}x" if best else "-"]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))

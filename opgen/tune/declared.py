@@ -363,11 +363,12 @@ def make_declared_problem(**kwargs: Any) -> DeclaredProblem:
 
 def declared_problem(decl: Any, shape: Mapping[str, int], *, dtype: str | None = None, backend: str = "auto",
                      cache_dir: str | os.PathLike | None = None, seed: int = 0,
-                     static: Mapping[str, Any] | None = None) -> DeclaredProblem:
-    """The tuning problem of ``decl`` (see :func:`tune_op`) at ``shape``; :class:`ArgumentError` for bad arguments,
-    RuntimeError when the backend is unavailable here."""
-    where, op, dt, st = locate(decl, dtype, static)
-    dims = check_shape(op, shape)
+                     static: Mapping[str, Any] | None = None, who: str = "decl",
+                     shape_who: str = "shape") -> DeclaredProblem:
+    """The tuning problem of ``decl`` (see :func:`tune_op`) at ``shape``; :class:`ArgumentError` for bad arguments
+    (``who`` names the argument that gave ``decl``), RuntimeError when the backend is unavailable here."""
+    where, op, dt, st = locate(decl, dtype, static, who)
+    dims = check_shape(op, shape, shape_who)
     return DeclaredProblem(where.qualname, dims, resolve_backend(backend), dt, st, seed,
                            None if cache_dir is None else os.fspath(cache_dir), where.root, where.file, op=op)
 
