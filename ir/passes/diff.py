@@ -1,7 +1,7 @@
 """Symbolic differentiation of value expressions with respect to one load (used by the grad transform)."""
 from __future__ import annotations
 
-from ..expr import Expr, ExprOp, binary, cast, const, sigmoid, where
+from ..expr import Expr, ExprOp, binary, cast, const, log, sigmoid, where
 from ..errors import IRError
 
 
@@ -87,9 +87,12 @@ def _rule(n: Expr, leaf: Expr, d: dict) -> Expr | None:  # noqa: C901 (one rule 
         return where(pick, a if a is not None else zero, b if b is not None else zero)
     if op is ExprOp.POW:
         a, b = d[n.lhs], d[n.rhs]
+        out = None if a is None else a * n.rhs * binary(ExprOp.POW, n.lhs, n.rhs - 1.0)
         if b is not None:
-            raise IRError(f"gradient of pow with a non-constant exponent is not supported: {n}")
-        return None if a is None else a * n.rhs * binary(ExprOp.POW, n.lhs, n.rhs - 1.0)
+            # d x**y / dy = x**y * log(x), 0 where x == 0 and y >= 0 (torch's rule: no 0 * -inf)
+            zero = const(0.0, n.dtype)
+            out = _add(out, b * where(n.lhs.eq(zero) & (n.rhs >= zero), zero, n * log(n.lhs)))
+        return out
     if op is ExprOp.WHERE:
         a, b = d[n.then], d[n.otherwise]
         if a is None and b is None:

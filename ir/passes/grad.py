@@ -50,6 +50,12 @@ class _Grad:
         self.counter = itertools.count()
         self.ext = dict(op.extents)
         self.shapes: dict[str, tuple] = {}
+        # the tensors that depend on a requested input: only they carry adjoints (a node nothing requested
+        # reads, e.g. a max-reduction output of another input, is never differentiated)
+        self.active = set(self.wrt)
+        for n in op.nodes:
+            if any(a.tensor in self.active for e in n.exprs() for a in loads(e)):
+                self.active.add(n.out)
 
     def fresh_axis(self, extent) -> Axis:
         a = self.bld.axis(f"g{next(self.counter)}", extent)
@@ -58,7 +64,7 @@ class _Grad:
 
     def needs(self, tensor: str) -> bool:
         t = self.op.tensor(tensor)
-        return t.dtype.is_float and (t.kind != "input" or tensor in self.wrt)
+        return t.dtype.is_float and tensor in self.active
 
     # scatter an adjoint contribution g * dv (over frame axes) to the tensor read by `acc` -----------------
     def scatter(self, acc: Access, frame: tuple[Axis, ...], g: Expr, dv: Expr | None = None) -> None:
@@ -264,13 +270,44 @@ class _Grad:
     # node rules ---------------------------------------------------------------------------------------
     def node(self, n) -> None:
         g = self.total(n.out, n.axes)
-        if g is None:
+        if g is None or not self.needs(n.out):
             return
+        try:
+            self.node_rule(n, g)
+        except IRError as e:
+            if f"node {n.out} (" in str(e):
+                raise
+            raise IRError(f"grad of {self.op.name}: node {n.out} ({type(n).__name__}) is not differentiated: "
+                          f"{e}") from e
+
+    def undifferentiable(self, n, why: str) -> IRError:
+        """The error for a node the transform has no rule for: names the node, its kind, why, and the requested
+        inputs whose gradients flow through it."""
+        need = ", ".join(sorted(x for x in self.wrt if x in self.upstream(n)))
+        return IRError(f"grad of {self.op.name}: node {n.out} ({type(n).__name__}) is not differentiated: {why} "
+                       f"(the gradient of {need or 'a requested input'} flows through it)")
+
+    def upstream(self, n) -> set[str]:
+        """The tensors node ``n`` depends on, transitively."""
+        producers = {m.out: m for m in self.op.nodes}
+        seen: set[str] = set()
+        todo = [a.tensor for e in n.exprs() for a in loads(e)]
+        while todo:
+            x = todo.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            if x in producers:
+                todo += [a.tensor for e in producers[x].exprs() for a in loads(e)]
+        return seen
+
+    def node_rule(self, n, g: Expr) -> None:
         if isinstance(n, Map):
             self.chain(n.value, n.axes, g)
         elif isinstance(n, Reduce):
             if n.monoid != SUM:
-                raise IRError(f"grad of {self.op.name}: {n.monoid} reductions are not differentiated yet")
+                raise self.undifferentiable(n, f"a {n.monoid} reduction over {', '.join(map(str, n.raxes))} has "
+                                               f"no adjoint rule (only sum reductions do)")
             val = n.value if n.predicate is None else where(n.predicate, n.value, 0.0)
             self.chain(val, n.axes + n.raxes, g)
         elif (isinstance(n, Scan) and isinstance(n.combine, Affine) and len(n.scan_axes) == 1
@@ -278,8 +315,11 @@ class _Grad:
             self.scan(n, g)
         elif isinstance(n, Scan) and isinstance(n.combine, Affine):
             self.traversal_scan(n, g)
+        elif isinstance(n, Scan):
+            raise self.undifferentiable(n, f"a scan with the {n.combine.monoid} combine has no adjoint rule (only "
+                                           f"affine scans h = a * h[prev] + b do)")
         else:
-            raise IRError(f"grad of {self.op.name}: node {n.out} ({type(n).__name__}) is not differentiated yet")
+            raise self.undifferentiable(n, "no adjoint rule for this node kind")
 
     def scan(self, n: Scan, g: Expr) -> None:
         (t,) = n.scan_axes

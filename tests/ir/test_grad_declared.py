@@ -186,3 +186,64 @@ def test_unknown_traversal_is_reported_with_the_node():
 
     with pytest.raises(IRError, match=r"odd_order: node \w+ \(Scan\).*traversal 'spiral'"):
         grad_op(odd.build(), ["x"])
+
+
+# 3. several outputs -------------------------------------------------------------------------------------------
+
+@opgen.op
+def two_outputs(x: F64["B L"], y: F64["B L"]):
+    b, t = opgen.axes("b t")
+    s = opgen.compute(x[b, t] * y[b, t], (b, t))
+    return {"s": s, "d": opgen.compute(opgen.exp(s[b, t]) - y[b, t], (b, t))}
+
+
+@opgen.op
+def scan_and_total(x: F64["B L"], f: F64["B L"], y: F64["B"]):
+    b, t = opgen.axes("b t")
+    h = opgen.scan(t, a=opgen.sigmoid(f[b, t]), b=x[b, t])
+    return {"h": h, "total": opgen.sum(t, h[b, t] * x[b, t]), "yy": opgen.compute(y[b] * 2.0, (b,))}
+
+
+@pytest.mark.parametrize("zero", [(), ("s",), ("d",), ("s", "d")])
+@pytest.mark.parametrize("shape", [(3, 7), (1, 1)])
+def test_two_outputs_one_read_by_the_other(zero, shape):
+    _check(two_outputs.build(), dict(x=_r(*shape), y=_r(*shape)), zero_grads=zero)
+
+
+@pytest.mark.parametrize("zero", [(), ("h",), ("total",), ("yy",)])
+@pytest.mark.parametrize("wrt", [("x", "f", "y"), ("x",), ("y",)])
+def test_scan_output_also_read_by_another_output(zero, wrt):
+    _check(scan_and_total.build(), dict(x=_r(2, 5), f=_r(2, 5), y=_r(2)), wrt=wrt, zero_grads=zero)
+
+
+def test_an_output_independent_of_the_requested_inputs_is_not_differentiated():
+    """The max-reduction output depends only on x: asking for dy must not need a rule for max."""
+    @opgen.op
+    def max_and_product(x: F64["B L"], y: F64["B L"]):
+        b, t = opgen.axes("b t")
+        return {"m": opgen.max(t, x[b, t]), "s": opgen.compute(y[b, t] * x[b, t], (b, t))}
+
+    op = max_and_product.build()
+    _check(op, dict(x=_r(2, 5), y=_r(2, 5)), wrt=["y"])
+    with pytest.raises(IRError, match=r"max_and_product: node m \(Reduce\) is not differentiated: a max reduction "
+                                      r"over t has no adjoint rule .*gradient of x flows through it"):
+        grad_op(op, ["x", "y"])
+
+
+def test_undifferentiable_scan_names_the_node():
+    @opgen.op
+    def running_max(x: F64["B L"]):
+        b, t = opgen.axes("b t")
+        return opgen.scan(t, combine=opgen.ir.nodes.MAX, value=x[b, t])
+
+    with pytest.raises(IRError, match=r"running_max: node out \(Scan\) is not differentiated: a scan with the max"):
+        grad_op(running_max.build(), ["x"])
+
+
+def test_pow_with_a_variable_exponent():
+    @opgen.op
+    def powers(x: F64["B L"], p: F64["B L"]):
+        b, t = opgen.axes("b t")
+        return opgen.compute(x[b, t] ** p[b, t], (b, t))
+
+    _check(powers.build(), dict(x=torch.rand(2, 5, dtype=T) + 0.1, p=_r(2, 5)))
