@@ -80,7 +80,7 @@ class TorchOp:
         self.name, self.tensors, self.statics = name, tuple(tensors), tuple(statics)
         self.declare, self.n_outputs, self.flexible = declare, n_outputs, flexible
         self.who = who or f"torch.ops.{namespace}.{name}"
-        self.qualified = f"{namespace}::{name}"
+        self.qualified = f"{namespace}::{_unused_name(namespace, name)}"
         self._warned: set[tuple[Op, str]] = set()
         self._fwd = self._register_forward()
         self._bwd = self._register_backward()
@@ -306,6 +306,20 @@ def _fresh_output(y: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
 def _aliases(y: Tensor, inputs: Mapping[str, Tensor]) -> bool:
     ptr = y.untyped_storage().data_ptr()
     return any(x.untyped_storage().data_ptr() == ptr for x in inputs.values() if x.numel() and y.numel())
+
+
+def _unused_name(namespace: str, name: str) -> str:
+    """``name``, or ``name_2``, ``name_3``... when an op of that name is already registered (a declaration run
+    twice, e.g. a re-run notebook cell): never replace another op's kernels."""
+    ns = getattr(torch.ops, namespace)
+    candidate, k = name, 1
+    while True:
+        try:
+            getattr(ns, candidate)
+        except (AttributeError, RuntimeError):
+            return candidate
+        k += 1
+        candidate = f"{name}_{k}"
 
 
 def _schema_default(v: Any) -> str:

@@ -17,7 +17,7 @@ import inspect
 import sys
 from typing import Any, Callable
 
-from opgen.ir import ArgumentError, IRError, Op
+from opgen.ir import ArgumentError, DType, IRError, Op
 from opgen.ir.builder import OpDef, TensorType
 
 _STATIC_KINDS = (bool, int, float, str)
@@ -59,15 +59,21 @@ class DeclaredOp(OpDef):
 
     @property
     def fingerprint(self) -> str:
-        """A stable hash of the declaration (module, qualified name, source): part of its torch op's name."""
+        """A stable hash of the declaration: its module and qualified name and the IR fingerprint of its float32
+        build with default static arguments (which sees constants a closure captured); the source text when static
+        arguments have no defaults. Part of its torch op's name."""
         from opgen.bridge import source_fingerprint
 
         fn = self.fn
         try:
-            src = inspect.getsource(fn)
-        except (OSError, TypeError):
-            src = fn.__code__.co_code.hex()
-        return source_fingerprint(getattr(fn, "__module__", ""), fn.__qualname__, self.name, src)
+            body = self._built(DType.f32, ()).fingerprint
+        except (IRError, TypeError):
+            try:
+                body = inspect.getsource(fn)
+            except (OSError, TypeError):
+                body = fn.__code__.co_code.hex()
+            body += repr([c.cell_contents for c in fn.__closure__ or ()])
+        return source_fingerprint(getattr(fn, "__module__", ""), fn.__qualname__, self.name, body)
 
     def tune(self, shape: dict[str, int], *, trials: int = 20, dtype: str = "float32", **kw: Any):
         """Tune the op's schedule at ``shape`` (dims by name); the next call at that shape bucket uses the best
