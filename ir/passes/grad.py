@@ -17,6 +17,15 @@ a weight gradient is the correlation ``dw[co, ci, k] = sum_{n, o} dy[n, co, o] *
 Nodes no requested gradient reads are dropped, and an adjoint that passes through unchanged (a bias add) is
 reused rather than copied, so a single stride-1 data or dense weight gradient is a plain window reduction
 (:func:`~opgen.ir.passes.window.fuse_window` recognizes it).
+
+Gather-style reads: an index that is a bijection of one frame axis onto the tensor dim (``n - 1 - a``, a circular
+shift ``(a + c) % n``, a serpentine column ``Piecewise((w, r % 2 == 0), (W - 1 - w, True))``) scatters as a gather
+through its inverse. Any other index falls back to the definition of the adjoint, a sum over the frame where
+``index == u`` (:meth:`_Grad.scatter_general`: correct for every read, O(frame x tensor)). A scan in a traversal
+order (row / column major, zigzag, strided, reversed) has the reverse scan in the same traversal as its adjoint
+(:meth:`_Grad.traversal_scan`). Only nodes that depend on a requested input are differentiated; a node without
+a rule (a max / min / prod reduction, a general-monoid scan) raises :class:`IRError` naming the node, its kind
+and why.
 """
 from __future__ import annotations
 
