@@ -96,3 +96,26 @@ class Space:
                 yield from rec(i + 1, cur)
             cur.pop(self.knobs[i].name, None)
         yield from rec(0, {})
+
+
+@dataclass(frozen=True)
+class TargetKnob:
+    """A knob as a target describes it: its allowed values (``values``) and what it does (``doc``); the tuner turns
+    these into :class:`Knob` s."""
+
+    name: str
+    values: tuple
+    doc: str
+
+
+@dataclass(frozen=True)
+class TargetSpace:
+    """A target's description of a kernel's schedule space: its knobs and, as text, the constraints a config must
+    satisfy (the target's check function enforces them)."""
+
+    knobs: tuple[TargetKnob, ...]
+    constraints: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"knobs": {k.name: {"values": list(k.values), "doc": k.doc} for k in self.knobs},
+                "constraints": list(self.constraints)}

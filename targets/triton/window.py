@@ -41,7 +41,7 @@ Variants (``TritonWindowConfig.variant``):
 The kernels apply the fused epilogue (bias, activation, gating, rendered by
 :class:`~opgen.targets.triton.expr.ValueRenderer`) to the fp32 tile before the store, in the output's dtype.
 Channel counts, window sizes, strides, dilations and offsets are baked into the source from the binding (one module
-per such combination, as in :mod:`opgen.targets.tvm.window`; :func:`opgen.targets.window_static.static_window`
+per such combination, as in :mod:`opgen.targets.tvm.window`; :func:`opgen.schedules.window_static.static_window`
 provides them); batch and spatial sizes, tensor strides and the tile sizes are kernel arguments (tiles as
 ``tl.constexpr``). Tensors of 16-bit and 32-bit floats are supported; offsets are 32-bit (tensors of 2**31 elements
 or more are rejected).
@@ -52,79 +52,28 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import sympy
 
-from opgen.ir import DType, promote
+from opgen.ir import DType
 from opgen.ir.passes.window import WindowGroup, fuse_window
+from opgen.schedules import window as _sched
+from opgen.schedules.window import (BLOCK_H, BLOCK_K, BLOCK_MN, BLOCK_W, DIRECT_ELEMS_PER_THREAD,  # noqa: F401
+                                    GEMM_ACC_PER_THREAD, GEMM_GATHER_PER_THREAD, GEMM_LIKE, H100_SHARED_MEMORY,
+                                    IM2WIN_MAX_BYTES, STAGES, WARPS, TritonWindowConfig, WindowRules, WindowShape,
+                                    WindowSpace, _shape_text, _size_values, _window_bytes_error, dot_config,
+                                    window_shape, window_tensor_bytes, window_tensor_shape, window_width)
+from opgen.schedules.window import TRITON_VARIANTS as VARIANTS, as_triton_window_config as as_config  # noqa: F401
 
 from .expr import TL_DTYPE, TL_SIGNATURE, AxisVar, Namer, Section, TensorArg, ValueRenderer, helper_source
 
 GENERATOR_VERSION = "triton-window-1"
-VARIANTS = ("direct", "gemm", "im2win")
-GEMM_LIKE = ("gemm", "im2win")      # the tl.dot variants: the same tile knobs, constraints and epilogue
 SUPPORTED_DTYPES = (DType.f16, DType.bf16, DType.f32)
-H100_SHARED_MEMORY = 232448
 STATIC_TAPS = 25                  # windows with at most this many taps are fully unrolled (tl.static_range)
 STATIC_ROW = 9                    # larger windows: runtime loop over kernel rows, a row of at most 9 taps unrolled
-DIRECT_ELEMS_PER_THREAD = 32      # fp32 accumulator elements per thread allowed in the direct tile
-GEMM_ACC_PER_THREAD = 128         # fp32 accumulator elements per thread allowed in the gemm tile
-GEMM_GATHER_PER_THREAD = 64       # gathered input elements per thread (plus their index arithmetic)
 _INT32_LIMIT = 2**31 - 1
-IM2WIN_MAX_BYTES = 2**31          # the largest im2win window tensor (bytes); also keeps its offsets in 32 bits
-
-BLOCK_H = (1, 2, 4, 8, 16, 32)
-BLOCK_W = (16, 32, 64, 128, 256, 512, 1024)
-BLOCK_MN = (16, 32, 64, 128)
-BLOCK_K = (16, 32, 64)
-WARPS = (1, 2, 4, 8)
-STAGES = (1, 2, 3, 4)
-
-
-# ------------------------------------------------------------------------------------------------- configs
-
-
-@dataclass(frozen=True)
-class TritonWindowConfig:
-    """Schedule knobs of the window kernels (JSON-serializable through :meth:`to_dict`).
-
-    ``direct`` uses ``block_h`` x ``block_w`` (1 x ``block_w`` for 1-D windows), ``gemm`` and ``im2win`` use
-    ``block_m`` x ``block_n`` tiles reduced in ``block_k`` chunks; ``tf32`` lets their fp32 dots use tf32 tensor
-    cores.
-    """
-
-    variant: str = "direct"
-    block_h: int = 8
-    block_w: int = 64
-    block_m: int = 64
-    block_n: int = 32
-    block_k: int = 32
-    num_warps: int = 4
-    num_stages: int = 2
-    tf32: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TritonWindowConfig":
-        """A config from a mapping (unknown keys are an error; missing ones take the defaults)."""
-        names = {f.name for f in fields(cls)}
-        extra = set(d) - names
-        if extra:
-            raise ValueError(f"TritonWindowConfig: unknown knobs {sorted(extra)} (known: {sorted(names)})")
-        return cls(**dict(d))
-
-
-def as_config(config: "TritonWindowConfig | Mapping[str, Any] | None") -> TritonWindowConfig | None:
-    """``config`` as a :class:`TritonWindowConfig` (None stays None)."""
-    if config is None or isinstance(config, TritonWindowConfig):
-        return config
-    if isinstance(config, Mapping):
-        return TritonWindowConfig.from_dict(config)
-    raise TypeError(f"expected a TritonWindowConfig, a dict or None, got {type(config).__name__}")
 
 
 # ------------------------------------------------------------------------------------ structure and support
@@ -159,56 +108,9 @@ def unsupported(group: WindowGroup) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class WindowShape:
-    """The static numbers of a group at a binding (what the source depends on)."""
-
-    two_d: bool
-    KH: int
-    KW: int
-    SH: int
-    SW: int
-    DH: int
-    DW: int
-    OFF_H: int
-    OFF_W: int
-    FLIP_H: bool
-    FLIP_W: bool
-    Cg: int
-    Fg: int
-    G: int
-    kind: str
-
-    @property
-    def taps(self) -> int:
-        return self.KH * self.KW
-
-    @property
-    def reduction(self) -> int:
-        return self.Cg * self.KH * self.KW
-
-
-def window_shape(group: WindowGroup, binding) -> WindowShape:
-    """The static numbers of ``group`` at ``binding`` (ValueError naming the op for unsupported forms)."""
-    from opgen.targets.window_static import static_window  # the same numbers as the TVM kernels
-
-    sh = static_window(group, binding)
-    r, c = sh.row, sh.col
-    return WindowShape(r.real, r.K if r.real else 1, c.K, r.stride, c.stride, r.dil, c.dil, r.off if r.real else 0,
-                       c.off, r.flip, c.flip, sh.Cg, sh.Fg, sh.G, sh.kind)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _in_dtype(group: WindowGroup) -> DType:
-    op = group.op
-    return promote(op.tensor(group.data.tensor).dtype, op.tensor(group.weight.tensor).dtype)
-
-
-def _elem_bytes(group: WindowGroup) -> int:
-    return 4 if _in_dtype(group) == DType.f32 else 2
+# ------------------------------------------------------------------------------------- the schedule (data)
+# The knobs, checks and default configs live in :mod:`opgen.schedules.window`; these bind them to the FFT rule of
+# :mod:`opgen.targets.spectral` (imported when first asked: it imports torch).
 
 
 def _fft_ok(group: WindowGroup, binding=None) -> tuple[bool, str]:
@@ -217,202 +119,30 @@ def _fft_ok(group: WindowGroup, binding=None) -> tuple[bool, str]:
     return window_fft_supported(group, binding)
 
 
-# --------------------------------------------------------------------------------------- configs and space
+def _prefer_fft(group: WindowGroup, binding) -> bool:
+    from opgen.targets.spectral import prefer_fft
+
+    return prefer_fft(group, binding)
 
 
-def _smem_estimate(group: WindowGroup, cfg: TritonWindowConfig) -> int:
-    """Shared-memory bytes of the gemm and im2win kernels: the pipelined operand tiles (an upper estimate)."""
-    if cfg.variant not in GEMM_LIKE:
-        return 0
-    eb = _elem_bytes(group)
-    return max(1, cfg.num_stages) * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * eb
+RULES = WindowRules(_fft_ok, _prefer_fft)
 
 
 def check(group: WindowGroup, cfg: TritonWindowConfig | Mapping[str, Any], binding=None,
           caps=None) -> str | None:
     """Why ``cfg`` is invalid for ``group`` (at ``binding``'s static sizes when given), or None when feasible."""
-    try:
-        c = as_config(cfg)
-    except (TypeError, ValueError) as e:
-        return str(e)
-    if c.variant == "fft":
-        ok, why = _fft_ok(group, binding)
-        return None if ok else why
-    if c.variant not in VARIANTS:
-        return f"variant={c.variant!r} not in {VARIANTS + ('fft',)}"
-    for name, choices in (("block_h", BLOCK_H), ("block_w", BLOCK_W), ("block_m", BLOCK_MN),
-                          ("block_n", BLOCK_MN), ("block_k", BLOCK_K), ("num_warps", WARPS),
-                          ("num_stages", STAGES), ("tf32", (False, True))):
-        if getattr(c, name) not in choices:
-            return f"{name}={getattr(c, name)!r} not in {choices}"
-    if c.tf32 and _in_dtype(group) != DType.f32:
-        return "tf32=True only applies to fp32 inputs"
-    two_d = len(group.spatial) == 2
-    threads = 32 * c.num_warps
-    if c.variant == "direct":
-        if not two_d and c.block_h != 1:
-            return f"block_h={c.block_h} must be 1 for a 1-D window"
-        per = c.block_h * c.block_w / threads
-        if per > DIRECT_ELEMS_PER_THREAD:
-            return (f"registers: the {c.block_h}x{c.block_w} tile is {per:.0f} accumulator elements per thread "
-                    f"(> {DIRECT_ELEMS_PER_THREAD}) with {c.num_warps} warps")
-    else:
-        acc = c.block_m * c.block_n / threads
-        if acc > GEMM_ACC_PER_THREAD:
-            return (f"registers: the {c.block_m}x{c.block_n} accumulator is {acc:.0f} elements per thread "
-                    f"(> {GEMM_ACC_PER_THREAD}) with {c.num_warps} warps")
-        gat = c.block_m * c.block_k / threads
-        if gat > GEMM_GATHER_PER_THREAD:
-            what = "gathered" if c.variant == "gemm" else "window"
-            return (f"registers: the {what} {c.block_m}x{c.block_k} input tile is {gat:.0f} elements per thread "
-                    f"(> {GEMM_GATHER_PER_THREAD}) with {c.num_warps} warps")
-        limit = int(getattr(caps, "shared_memory", 0) or 0) or H100_SHARED_MEMORY
-        smem = _smem_estimate(group, c)
-        if smem > limit:
-            return f"shared memory: about {smem} bytes > {limit}"
-    if binding is not None:
-        try:
-            ws = window_shape(group, binding)
-        except ValueError as e:
-            return str(e)
-        if c.variant in GEMM_LIKE:
-            if c.block_n > max(16, _pow2(ws.Fg)):
-                return f"block_n={c.block_n} exceeds the padded output channels per group {max(16, _pow2(ws.Fg))}"
-            if c.block_k > max(16, _pow2(ws.reduction)):
-                return f"block_k={c.block_k} exceeds the padded reduction size {max(16, _pow2(ws.reduction))}"
-        if c.variant == "im2win":
-            return _window_bytes_error(group, binding)
-    return None
-
-
-# ------------------------------------------------------------------------------------ the im2win window tensor
-
-
-def window_width(ws: WindowShape, ow: int) -> int:
-    """``WP``: the padded input columns the ``ow`` outputs read (``(ow - 1) * SW + (KW - 1) * DW + 1``)."""
-    return (ow - 1) * ws.SW + (ws.KW - 1) * ws.DW + 1 if ow > 0 else 0
-
-
-def window_tensor_shape(group: WindowGroup, binding) -> tuple[int, int, int, int, int, int]:
-    """The shape ``[NB, G, OH, WP, KH, Cg]`` of the im2win window tensor of ``group`` at ``binding``."""
-    ws = window_shape(group, binding)
-    v = _size_values(group, binding)
-    return (v["NB"], ws.G, v.get("OH", 1), window_width(ws, v["OW"]), ws.KH, ws.Cg)
-
-
-def window_tensor_bytes(group: WindowGroup, binding) -> int:
-    """Bytes of the im2win window tensor (in the data's dtype) at ``binding``."""
-    return math.prod(window_tensor_shape(group, binding)) * _data_bytes(group)
-
-
-def _data_bytes(group: WindowGroup) -> int:
-    return 4 if group.op.tensor(group.data.tensor).dtype == DType.f32 else 2
-
-
-def _window_bytes_error(group: WindowGroup, binding) -> str | None:
-    """Why the im2win window tensor is too large at ``binding`` (op, sizes, limit), or None."""
-    n = window_tensor_bytes(group, binding)
-    if n <= IM2WIN_MAX_BYTES:
-        return None
-    shape = window_tensor_shape(group, binding)
-    return (f"triton target, op {group.op.name}: the im2win window tensor [NB, G, OH, WP, KH, Cg] = {list(shape)} "
-            f"at sizes {_shape_text(binding)} would take {n} bytes, over the limit IM2WIN_MAX_BYTES = "
-            f"{IM2WIN_MAX_BYTES}; use the gemm variant")
+    return _sched.check_triton_window(group, cfg, binding, caps, rules=RULES)
 
 
 def default_config(group: WindowGroup, binding, caps=None) -> TritonWindowConfig:
-    """A reasonable config without tuning, valid for every shape (image sizes only shrink the tiles).
-
-    1-D: the FFT when :func:`~opgen.targets.spectral.prefer_fft` says so (long depthwise windows), gemm for dense
-    windows with at least 8 input channels per group, else direct with up to 512 outputs per program. 2-D: gemm when
-    a group has at least 8 input channels (64 pixels x up to 64 channels, ``block_k`` 32, 3 stages), else direct
-    with a tile of up to 16 x 64 outputs.
-    """
-    from opgen.targets.spectral import prefer_fft
-
-    ws = window_shape(group, binding)
-    out_sizes = [int(binding.extents[s.out_axis]) for s in group.spatial]
-    ow = out_sizes[-1]
-    if ws.Cg >= 8 and (ws.two_d or ws.Fg >= 2):
-        return dot_config(group, binding, "gemm")
-    if not ws.two_d:
-        if prefer_fft(group, binding):
-            return TritonWindowConfig("fft", block_h=1)
-        bw = min(512, max(16, _pow2(ow)))
-        warps = 4 if bw >= 256 else 2 if bw >= 64 else 1
-        return TritonWindowConfig("direct", block_h=1, block_w=bw, num_warps=warps, num_stages=1)
-    oh = out_sizes[0]
-    bw = min(64, max(16, _pow2(ow)))
-    bh = min(16 if ws.taps <= 49 else 8, _pow2(oh), max(1, 1024 // bw))
-    warps = 4 if bh * bw >= 512 else 2 if bh * bw >= 128 else 1
-    return TritonWindowConfig("direct", block_h=bh, block_w=bw, num_warps=warps, num_stages=1)
-
-
-def dot_config(group: WindowGroup, binding, variant: str = "gemm") -> TritonWindowConfig:
-    """The untuned config of a tl.dot variant ("gemm" or "im2win"; :func:`default_config` uses it for gemm, the
-    tuner may choose im2win): 64 pixels x up to 64 channels, ``block_k`` 32 (16 for tiny reductions), 4 warps,
-    3 stages."""
-    if variant not in GEMM_LIKE:
-        raise ValueError(f"op {group.op.name}: {variant!r} is not a tl.dot window variant {GEMM_LIKE}")
-    ws = window_shape(group, binding)
-    pixels = math.prod(int(binding.extents[s.out_axis]) for s in group.spatial)
-    bk = min(32, max(16, _pow2(ws.reduction)))      # 64 with 16-bit inputs: 254 registers on sm_90
-    bn = min(64, max(16, _pow2(ws.Fg)))
-    bm = min(64, max(16, _pow2(pixels)))
-    return TritonWindowConfig(variant, block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=3)
-
-
-@dataclass(frozen=True)
-class WindowSpace:
-    """The knob space of a window group: per-variant knobs (plain data) and the constraints of :func:`check`."""
-
-    name: str
-    knobs: Mapping[str, Mapping[str, tuple]]      # variant -> knob -> choices
-    default: TritonWindowConfig
-    group: WindowGroup = field(repr=False, compare=False)
-    binding: Any = field(repr=False, compare=False, default=None)
-    caps: Any = field(repr=False, compare=False, default=None)
-
-    def infeasible(self, cfg: TritonWindowConfig | Mapping[str, Any]) -> str | None:
-        return check(self.group, cfg, self.binding, self.caps)
-
-    def enumerate(self) -> Iterator[TritonWindowConfig]:
-        """Every feasible config, variant by variant (knobs in preference order)."""
-        for variant, knobs in self.knobs.items():
-            names = list(knobs)
-
-            def rec(i: int, cur: dict) -> Iterator[TritonWindowConfig]:
-                if i == len(names):
-                    cfg = TritonWindowConfig(variant=variant, **cur)
-                    if self.infeasible(cfg) is None:
-                        yield cfg
-                    return
-                for ch in knobs[names[i]]:
-                    yield from rec(i + 1, {**cur, names[i]: ch})
-            yield from rec(0, {})
+    """A reasonable config without tuning (:func:`opgen.schedules.window.default_triton_window_config`)."""
+    return _sched.default_triton_window_config(group, binding, caps, rules=RULES)
 
 
 def space(group: WindowGroup, binding=None, caps=None) -> WindowSpace:
-    """The knobs of the window kernels: the variant, the tile sizes of each, warps, stages, tf32 (fp32 gemm and
-    im2win)."""
-    two_d = len(group.spatial) == 2
-    f32 = _in_dtype(group) == DType.f32
-    knobs: dict[str, dict[str, tuple]] = {
-        "direct": {"block_h": BLOCK_H if two_d else (1,), "block_w": BLOCK_W, "num_warps": WARPS,
-                   "num_stages": (1,)},
-        "gemm": _gemm_knobs(f32),
-        "im2win": _gemm_knobs(f32),
-    }
-    if _fft_ok(group, binding)[0]:
-        knobs["fft"] = {}
-    default = default_config(group, binding, caps) if binding is not None else TritonWindowConfig()
-    return WindowSpace(f"triton/{group.op.name}/{group.out}/window", knobs, default, group, binding, caps)
+    """The knobs of the window kernels (:func:`opgen.schedules.window.triton_window_space`)."""
+    return _sched.triton_window_space(group, binding, caps, rules=RULES)
 
-
-def _gemm_knobs(f32: bool) -> dict[str, tuple]:
-    """The knobs of a tl.dot variant (gemm, im2win): tiles, warps, stages, tf32 for fp32 inputs."""
-    return {"block_m": BLOCK_MN, "block_n": BLOCK_MN, "block_k": BLOCK_K, "num_warps": (2, 4, 8),
-            "num_stages": STAGES, "tf32": (False, True) if f32 else (False,)}
 
 
 def launch_options(cfg: TritonWindowConfig) -> dict[str, int]:
@@ -922,17 +652,6 @@ def resolve_config(group: WindowGroup, binding, config=None, caps=None) -> Trito
     return cfg
 
 
-def _size_values(group: WindowGroup, binding) -> dict[str, int]:
-    ext = binding.extents
-    shape = binding.shapes[group.data.tensor]
-    sp = group.spatial
-    vals = {"NB": math.prod(int(ext[a]) for a, _ in group.batch), "W": int(shape[sp[-1].data_dim]),
-            "OW": int(ext[sp[-1].out_axis])}
-    if len(sp) == 2:
-        vals["H"] = int(shape[sp[0].data_dim])
-        vals["OH"] = int(ext[sp[0].out_axis])
-    return vals
-
 
 def _check_sizes(group: WindowGroup, binding, mod: WindowModule, cfg: TritonWindowConfig) -> int:
     """The number of programs; ValueError naming the op and the sizes when they break the kernel's assumptions
@@ -959,9 +678,6 @@ def _check_sizes(group: WindowGroup, binding, mod: WindowModule, cfg: TritonWind
             raise ValueError(why)
     return progs
 
-
-def _shape_text(binding) -> str:
-    return ", ".join(f"{k} {tuple(v)}" for k, v in binding.shapes.items())
 
 
 def kernel_args(group: WindowGroup, mod: WindowModule, binding, tensors: Mapping[str, Any],

@@ -29,16 +29,16 @@ The epilogue (bias, activation, gating with another tensor) is applied to the re
 :class:`~opgen.targets.tvm.expr.ExprEmitter` (vectorized; the partial last column tile runs it as scalar code).
 
 Sizes: batch and spatial sizes (N, H, W, L) stay symbolic (one kernel serves every image size that fills the default
-blocks; the default config fits the blocks of smaller images, :func:`_fit_blocks`); channel counts,
-kernel sizes and the padding / offsets are baked in from the binding (one kernel per such combination).
+blocks; the default config fits the blocks of smaller images, :func:`opgen.schedules.window._fit_blocks`); channel
+counts, kernel sizes and the padding / offsets are baked in from the binding (one kernel per such combination).
+The knobs, their checks and the default configs are in :mod:`opgen.schedules.window`.
 """
 from __future__ import annotations
 
 import functools
-import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import sympy
 
@@ -46,68 +46,18 @@ from opgen.ir import Access, DType, ExprOp, promote
 from opgen.ir.passes.window import WindowGroup, fuse_window
 from opgen.ir.symbols import Dim
 
+from opgen.schedules import window as _sched
+from opgen.schedules.space import TargetSpace as Space
+from opgen.schedules.window import (MAX_PATCH_ELEMS, VARIANTS, WindowConfig, WindowRules, _block_rows,  # noqa: F401
+                                    _patch_extent, as_window_config)
+from opgen.schedules.window_static import StaticDim, StaticWindow, static_window
 from opgen.targets.spectral import prefer_fft, window_fft_supported
-from opgen.targets.window_static import StaticDim, StaticWindow, static_window
 
 from .expr import (Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, scratch_buffer,
                    tvm_dtype, write_func_head)
 
 SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
-VARIANTS = ("direct", "gemm")
-MAX_PATCH_ELEMS = 32768          # staged patch in a local (stack) buffer: 128 KiB of fp32
 _INT32_LIMIT = 2**31 - 1
-
-
-# ------------------------------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class WindowConfig:
-    """Schedule knobs of the window kernels (JSON-serializable; see :func:`window_space`)."""
-
-    variant: str = "direct"      # "direct" (staged patch per block) | "gemm" (padded workspace, channel tiles)
-    vector: int = 8              # SIMD lanes along the output width
-    co_tile: int = 1             # output channels per register tile
-    rows_tile: int = 1           # output rows per register tile (2-D windows)
-    width_vectors: int = 1       # vectors along the output width per register tile
-    block_rows: int = 8          # direct: output rows per parallel block (a multiple of rows_tile)
-    block_width: int = 64        # direct: output columns per staged patch (a multiple of the tile width)
-    kh_block: int = 0            # 0: tap order; k: weight-stationary blocks of k kernel rows (row reuse)
-    unroll_kh: bool = True       # tap order: unroll the kernel-height loop
-    unroll_kw: bool = True       # unroll the kernel-width loop
-    kw_outer: bool = False       # tap order: kw outer, kh inner (the tile's input rows slide through registers)
-    fast_math: bool = True       # polynomial exp in float32 epilogues (silu, sigmoid, ...)
-
-    @property
-    def tile_width(self) -> int:
-        return self.vector * self.width_vectors
-
-    def to_json(self) -> dict:
-        """A plain dict (:meth:`from_json` reads it back)."""
-        return asdict(self)
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any] | str) -> "WindowConfig":
-        """The config of a dict (or its JSON text); unknown knobs are an error naming them."""
-        if isinstance(data, str):
-            data = json.loads(data)
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown window config knobs {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**dict(data))
-
-
-def as_window_config(config) -> WindowConfig | None:
-    """A :class:`WindowConfig` from itself, its JSON dict or text, or None."""
-    if config is None or isinstance(config, WindowConfig):
-        return config
-    if isinstance(config, (Mapping, str)):
-        return WindowConfig.from_json(config)
-    raise TypeError(f"expected a WindowConfig, a dict or None as the window config, got {type(config).__name__}")
 
 
 @dataclass(frozen=True)
@@ -138,98 +88,43 @@ def window_supported(group: WindowGroup | None) -> tuple[bool, str]:
     return True, ""
 
 
-# ---------------------------------------------------------------------------------------------- the space
+# ------------------------------------------------------------------------------------- the schedule (data)
+# The knobs, checks and default configs live in :mod:`opgen.schedules.window`; these bind them to this target's
+# facts (the host's SIMD width, the FFT rule of :mod:`opgen.targets.spectral`).
 
 
-def _vector_lanes(group: WindowGroup, caps=None) -> int:
+def _host_vector_bits() -> int:
     from .target import host_vector_bits
 
-    bits = (caps.vector_bits if caps is not None and getattr(caps, "vector_bits", 0) else host_vector_bits()) or 128
-    return max(1, bits // _acc_bits(group))
+    return host_vector_bits()
 
 
-def _acc_bits(group: WindowGroup) -> int:
-    return 64 if any(t.dtype == DType.f64 for t in group.op.tensors) else 32
+RULES = WindowRules(window_fft_supported, prefer_fft, _host_vector_bits)
 
 
-def window_space(group: WindowGroup, binding=None, caps=None):
-    """The knobs of the window kernels (a :class:`~opgen.targets.tvm.target.Space`) and their constraints."""
-    from .target import Knob, Space
-
-    V = _vector_lanes(group, caps)
-    return Space(
-        knobs=(
-            Knob("variant", VARIANTS + (("fft",) if window_fft_supported(group)[0] else ()),
-                 "direct: staged patch per (channel, row block); gemm: padded workspace, output-channel x pixel "
-                 "tiles reduced over C*KH*KW; fft (1-D depthwise, stride 1): torch.fft transforms of size >= N+K-1 "
-                 "(the other knobs are ignored)"),
-            Knob("vector", tuple(sorted({V, max(1, V // 2)})), "SIMD lanes along the output width"),
-            Knob("co_tile", (1, 2, 3, 4, 6, 8), "output channels per register tile"),
-            Knob("rows_tile", (1, 2, 3, 4, 5, 6, 7, 8), "output rows per register tile (2-D)"),
-            Knob("width_vectors", (1, 2, 3, 4), "vectors along the output width per register tile"),
-            Knob("block_rows", (8, 16, 28, 32, 56, 64), "direct: output rows per parallel block"),
-            Knob("block_width", (32, 64, 128, 256, 512), "direct: output columns per staged patch"),
-            Knob("kh_block", (0, 2, 3, 4, 5, 6, 7, 8), "0: tap order (each weight broadcast feeds the whole "
-                 "register tile); k: blocks of k kernel rows in weight-stationary order (each input row vector is "
-                 "loaded once and feeds every output row of the tile)"),
-            Knob("unroll_kh", (True, False), "tap order: unroll the kernel-height loop"),
-            Knob("unroll_kw", (True, False), "unroll the kernel-width loop"),
-            Knob("kw_outer", (False, True), "tap order: kw outer and kh inner (input rows slide through "
-                 "registers) instead of kh outer"),
-            Knob("fast_math", (True, False), "polynomial exp in float32 epilogues"),
-        ),
-        constraints=(
-            "rows_tile == 1 for a 1-D window",
-            "direct: block_rows is a multiple of rows_tile, block_width of vector * width_vectors "
-            "(gemm ignores both: its parallel block is one register tile)",
-            "co_tile * rows_tile * width_vectors <= 24 register vectors",
-            "direct: (C/groups) * patch rows * patch columns <= 32768 elements (a local buffer)",
-            "unroll_kw: KW <= 32; unroll_kh (tap order): KH <= 32",
-        ),
-    )
+def window_space(group: WindowGroup, binding=None, caps=None) -> Space:
+    """The knobs of the window kernels and their constraints (:func:`opgen.schedules.window.window_space`)."""
+    return _sched.window_space(group, binding, caps, rules=RULES)
 
 
 def check_window_config(cfg: WindowConfig, group: WindowGroup, binding) -> tuple[bool, str]:
     """Whether ``cfg`` is valid for ``group`` at ``binding`` ((False, reason) when not)."""
-    if cfg.variant == "fft":
-        return window_fft_supported(group, binding)
-    if cfg.variant not in VARIANTS:
-        return False, f"variant must be one of {VARIANTS + ('fft',)}, got {cfg.variant!r}"
-    for name in ("vector", "co_tile", "rows_tile", "width_vectors", "block_rows", "block_width"):
-        if getattr(cfg, name) < 1:
-            return False, f"{name} must be >= 1, got {getattr(cfg, name)}"
-    if cfg.kh_block < 0:
-        return False, f"kh_block must be >= 0, got {cfg.kh_block}"
-    try:
-        sh = static_window(group, binding)
-    except ValueError as e:
-        return False, str(e)
-    if not sh.row.real and cfg.rows_tile != 1:
-        return False, "rows_tile must be 1 for a 1-D window"
-    if cfg.co_tile * cfg.rows_tile * cfg.width_vectors > 24:
-        return False, "co_tile * rows_tile * width_vectors exceeds 24 register vectors"
-    if cfg.variant == "direct":
-        if cfg.block_rows % cfg.rows_tile or cfg.block_width % cfg.tile_width:
-            return False, (f"block_rows {cfg.block_rows} must be a multiple of rows_tile {cfg.rows_tile} and "
-                           f"block_width {cfg.block_width} of vector * width_vectors {cfg.tile_width}")
-        rows = _patch_extent(_block_rows(cfg, sh), sh.row) if sh.row.real else 1
-        elems = sh.Cg * rows * _patch_extent(cfg.block_width, sh.col)
-        if elems > MAX_PATCH_ELEMS:
-            return False, f"the staged patch has {elems} elements (> {MAX_PATCH_ELEMS}); use smaller blocks"
-    if cfg.unroll_kw and sh.col.K > 32:
-        return False, f"unroll_kw with a window width of {sh.col.K} (> 32)"
-    if cfg.unroll_kh and not cfg.kh_block and sh.row.K > 32:
-        return False, f"unroll_kh with a window height of {sh.row.K} (> 32)"
-    return True, ""
+    return _sched.check_window_config(cfg, group, binding, rules=RULES)
 
 
-def _block_rows(cfg: WindowConfig, sh: StaticWindow) -> int:
-    return cfg.block_rows if sh.row.real else 1
+def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfig:
+    """The heuristic config (:func:`opgen.schedules.window.default_window_config`)."""
+    return _sched.default_window_config(group, binding, caps, rules=RULES)
 
 
-def _patch_extent(n_out: int, sp: StaticDim) -> int:
-    """Input positions read by ``n_out`` consecutive outputs along ``sp``."""
-    return (n_out - 1) * sp.stride + (sp.K - 1) * sp.dil + 1
+def resolve_window_config(group: WindowGroup, binding, config=None, caps=None) -> WindowConfig:
+    """The config a call uses: ``config`` legalized, or the default."""
+    return _sched.resolve_window_config(group, binding, config, caps, rules=RULES)
+
+
+def legalize_window_config(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
+    """``cfg`` if valid here, else the default config (ValueError naming the op when neither is)."""
+    return _sched.legalize_window_config(cfg, group, binding, rules=RULES)
 
 
 def _lin(var: str, scale: int, off: int) -> str:
@@ -240,153 +135,6 @@ def _lin(var: str, scale: int, off: int) -> str:
 
 def _mul(var: str, k: int) -> str:
     return var if k == 1 else f"{var} * {k}"
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def default_window_config(group: WindowGroup, binding, caps=None) -> WindowConfig:
-    """A heuristic config from the channel structure and the static sizes only (channels, kernel, strides), so
-    that the untuned kernel of a convolution serves every batch size and every image size that fills its blocks
-    (smaller images get blocks fitted to them, :func:`_fit_blocks`; tuned on AVX2).
-
-    1-D (causal conv1d): the FFT variant where :func:`~opgen.targets.spectral.prefer_fft` says so (long depthwise
-    windows), else direct, 4 vectors per tile, 512 outputs per staged block, the window unrolled (dense 1-D
-    convolutions: gemm, channels x 2 vectors). Many input channels per group (dense, grouped): gemm with a 6 (8 with
-    512-bit vectors) channels x 2 (3) rows x 1 vector tile in tap order (kw outer with 256-bit vectors). Depthwise
-    with 256-bit vectors: direct with a 7-row x 1-vector tile in sliding tap order (kw outer), 56 x 64 output
-    blocks. Otherwise (other few-channel groups, 512-bit vectors): direct with an 8-row x 1-vector tile in weight-
-    stationary order with blocks of up to 7 kernel rows (the block's weights, the 8 accumulators and the input
-    vector fill the 16 AVX2 registers), 64 x 64 output blocks (32 rows for kernels above 15)."""
-    sh = static_window(group, binding)
-    V = _vector_lanes(group, caps)
-    wide = V * _acc_bits(group) >= 512
-    unroll_kw = sh.col.K <= 16
-    if not sh.row.real:
-        if sh.Cg >= 8 and sh.Fg >= 2:                  # a dense 1-D convolution: channels x 2 vectors
-            return WindowConfig("gemm", V, min(8 if wide else 6, sh.Fg), 1, 2, 1, 2 * V, kh_block=0,
-                                unroll_kh=True, unroll_kw=unroll_kw)
-        cfg = WindowConfig("direct", V, 1, 1, 4, 1, _round_up(512, 4 * V), kh_block=0, unroll_kh=True,
-                           unroll_kw=unroll_kw)
-        if prefer_fft(group, binding):                 # a long depthwise window: transforms beat K taps
-            return replace(cfg, variant="fft")
-        return _shrink(cfg, group, binding)
-    small_taps = sh.row.K * sh.col.K <= 25
-    if sh.Cg >= 8 and sh.Fg >= 2:
-        ct = min(8 if wide else 6, sh.Fg)
-        rt = 3 if wide else 2
-        # kw outer on AVX2: measured 10% faster on dense 3x3 64->64 56x56 (2.74 against 3.06 ms)
-        return WindowConfig("gemm", V, ct, rt, 1, rt, V, kh_block=0, unroll_kh=small_taps, unroll_kw=unroll_kw,
-                            kw_outer=not wide)
-    if sh.Fg >= 8 and sh.row.K * sh.col.K >= 100:
-        # few input channels, many output channels and a long window: the weight gradient of a convolution (taps
-        # = the output pixels, a 3x3 output). gemm, 3 channels x 3 rows x 1 vector: 3.5 ms against 10.3 ms for
-        # the direct tile on the 64->128 stride-2 56x56 gradient (best of 64 gemm tiles measured)
-        # (the kernel-height loop is unrolled only up to 32 rows: the taps of an output above 32 px, the weight
-        # gradient of a 33..56 px stride-1 layer, raised "unroll_kh with a window height of 56 (> 32)")
-        return WindowConfig("gemm", V, min(3, sh.Fg), 3, 1, 28, _round_up(32, V), kh_block=0,
-                            unroll_kh=sh.row.K <= 32, unroll_kw=False)
-    if sh.Cg == 1 and sh.Fg == 1 and not wide and sh.row.K > 1:
-        # depthwise on AVX2: 7 rows x 1 vector in sliding tap order (measured 3x3 .. 13x13: 15-20% over the
-        # weight-stationary 8-row tile below, 31x31 the same)
-        cfg = WindowConfig("direct", V, 1, 7, 1, 56, _round_up(64, V), kh_block=0, unroll_kh=sh.row.K <= 7,
-                           unroll_kw=unroll_kw, kw_outer=True)
-        return _shrink(cfg, group, binding)
-    ct = min(sh.Fg, 2) if sh.Cg > 1 or sh.Fg > 1 else 1
-    rt = 8 if ct == 1 else 4
-    regs = 32 if wide else 16
-    kb = min(sh.row.K, regs - rt * ct - 1) if ct == 1 and sh.row.K > 1 else 0
-    br = 32 if sh.row.K > 15 else 64
-    cfg = WindowConfig("direct", V, ct, rt, 1, br, _round_up(64, V), kh_block=kb, unroll_kh=small_taps,
-                       unroll_kw=unroll_kw)
-    return _shrink(cfg, group, binding)
-
-
-def _fit_blocks(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
-    """A direct config whose blocks exceed the image: each block dim cut to the fewest tiles, a power of two, that
-    cover the output (so at most four block sizes, i.e. kernels, per dim). Measured with 56 x 64 blocks against
-    fitted ones, depthwise 7x7: C=384 14x14 0.50 -> 0.35 ms, C=768 7x7 0.42 -> 0.16 ms (the loops and the patch are
-    sized by the static block, the work by the image)."""
-    if cfg.variant != "direct":
-        return cfg
-    sh = static_window(group, binding)
-
-    def fit(block: int, tile: int, n_out: int) -> int:
-        tiles = 1
-        while tiles * tile < min(block, n_out):
-            tiles *= 2
-        return min(block, tiles * tile)
-
-    bw = fit(cfg.block_width, cfg.tile_width, int(binding.extents[sh.col.out_axis]))
-    br = fit(cfg.block_rows, cfg.rows_tile, int(binding.extents[sh.row.out_axis])) if sh.row.real else cfg.block_rows
-    return replace(cfg, block_rows=br, block_width=bw)
-
-
-def _shrink(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
-    """Fit the direct blocks to the image (:func:`_fit_blocks`), then halve them until the staged patch fits; when
-    one register tile's patch is still too big (a large stride: 3x3 stride 16 reads 243 columns for 16 outputs),
-    smaller tiles (:func:`_smaller_tiles`), and last the gemm variant, which stages nothing (always valid)."""
-    cfg = _fit_blocks(cfg, group, binding)
-    while not check_window_config(cfg, group, binding)[0]:
-        if cfg.variant != "direct":
-            break
-        tw = cfg.tile_width
-        if cfg.block_width > tw:
-            cfg = replace(cfg, block_width=max(tw, _round_up(cfg.block_width // 2, tw)))
-        elif cfg.block_rows > cfg.rows_tile:
-            cfg = replace(cfg, block_rows=max(cfg.rows_tile, _round_up(cfg.block_rows // 2, cfg.rows_tile)))
-        elif cfg.unroll_kw:
-            cfg = replace(cfg, unroll_kw=False)
-        else:
-            break
-    if cfg.variant == "direct" and not check_window_config(cfg, group, binding)[0]:
-        cfg = _smaller_tiles(cfg, group, binding)
-    return cfg
-
-
-def _smaller_tiles(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
-    """A valid config for a direct ``cfg`` whose one-tile blocks still stage too big a patch: the rows of the tile
-    halved, then one vector of half the lanes per tile, else the gemm variant with the same channel tile (its
-    padded workspace has no size limit). Only reached by shapes whose patch does not fit otherwise (large strides
-    with several input channels per group), so usual shapes keep their configs."""
-    ok = lambda c: check_window_config(c, group, binding)[0]  # noqa: E731
-    c = cfg
-    while c.rows_tile > 1:
-        rt = max(1, c.rows_tile // 2)
-        c = replace(c, rows_tile=rt, block_rows=rt)
-        if ok(c):
-            return c
-    for vector in (c.vector, max(1, _vector_lanes(group) // 2)):
-        c2 = replace(c, vector=vector, width_vectors=1, block_width=vector)
-        if ok(c2):
-            return c2
-    sh = static_window(group, binding)
-    g = replace(cfg, variant="gemm", width_vectors=1, block_rows=cfg.rows_tile, block_width=cfg.tile_width,
-                kh_block=0, kw_outer=False, unroll_kh=cfg.unroll_kh and sh.row.K <= 32,
-                unroll_kw=cfg.unroll_kw and sh.col.K <= 32)
-    g = replace(g, block_width=g.tile_width)
-    if ok(g):
-        return g
-    return replace(g, co_tile=1, rows_tile=1, block_rows=1, unroll_kh=False, unroll_kw=False)
-
-
-def resolve_window_config(group: WindowGroup, binding, config=None, caps=None) -> WindowConfig:
-    """The config a call uses: ``config`` legalized, or the default."""
-    cfg = as_window_config(config)
-    return default_window_config(group, binding, caps) if cfg is None else legalize_window_config(cfg, group, binding)
-
-
-def legalize_window_config(cfg: WindowConfig, group: WindowGroup, binding) -> WindowConfig:
-    """``cfg`` if valid here, else the default config (ValueError naming the op when neither is)."""
-    ok, why = check_window_config(cfg, group, binding)
-    if ok:
-        return cfg
-    d = default_window_config(group, binding)
-    ok2, why2 = check_window_config(d, group, binding)
-    if not ok2:
-        raise ValueError(f"op {group.op.name}: no valid window config ({why2})")
-    return d
 
 
 # --------------------------------------------------------------------------------------------- rendering
