@@ -1,9 +1,10 @@
 """Every script in examples/ runs to completion (each checks its own results against torch).
 
 The scripts run one after another in **one** fresh interpreter (``runpy`` with ``__name__ == "__main__"``, their
-own argv, working directory and captured output, and ``torch._dynamo.reset()`` between them): importing torch and
-TVM costs ~8 s per process on the CI machine, which one process per script paid nine times. A script that fails
-(an exception or a non-zero ``SystemExit``) fails its own test, with its output and traceback.
+own working directory, captured output and arguments (``ARGS``: small sizes, few tuning trials), and
+``torch._dynamo.reset()`` between them): importing torch and TVM costs ~8 s per process on the CI machine, which
+one process per script paid nine times. A script that fails (an exception or a non-zero ``SystemExit``) fails its
+own test, with its output and traceback.
 
 The scripts are split into two halves, each an ``xdist_group``: with ``pytest -n 2 --dist loadgroup`` the halves run
 in two interpreters on the two workers at once (each worker runs only the half its tests belong to).
@@ -18,12 +19,17 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
+#: command-line arguments per script (default: none), to keep the suite's time down
+ARGS = {
+    "gated_rnn.py": ["--trials", "2", "--C", "32", "--L", "128"],
+    "declared_rnns.py": ["--L", "32", "--steps", "6"],
+}
 
 DRIVER = r"""
 import contextlib, io, json, os, runpy, sys, traceback
 scripts, out_dir = json.loads(sys.argv[1]), sys.argv[2]
 results = {}
-for script in scripts:
+for script, args in scripts:
     work = os.path.join(out_dir, os.path.basename(script) + ".d")
     os.makedirs(work, exist_ok=True)
     old_cwd, old_argv, old_path = os.getcwd(), sys.argv, list(sys.path)
@@ -31,7 +37,7 @@ for script in scripts:
     rc = 0
     try:
         os.chdir(work)
-        sys.argv = [script]
+        sys.argv = [script, *args]
         sys.path.insert(0, os.path.dirname(script))
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             try:
@@ -69,7 +75,7 @@ def example_results(tmp_path_factory):
 
     def results(half: int) -> dict:
         if half not in done:
-            scripts = [str(p) for p in EXAMPLES if _half(p) == half]
+            scripts = [(str(p), ARGS.get(p.name, [])) for p in EXAMPLES if _half(p) == half]
             out = tmp_path_factory.mktemp(f"examples{half}")
             proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(scripts), str(out)],
                                   capture_output=True, text=True, timeout=1500)
