@@ -29,6 +29,7 @@ and why.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import replace
 from typing import Sequence
@@ -174,7 +175,9 @@ class _Grad:
                     preds += [sympy.Ge(val, 0), sympy.Le(val, self.ext[o] - 1)]
             c = self.substitute_padded(c, subst, set(windowed))
         elif subst:
-            c = substitute(c, subst)
+            # reads of the scattered position itself are the output position (x[L-1-t] at t = L-1-u is x[u]):
+            # say so directly rather than leave the composed inverse in the index
+            c = substitute(_reindex(c, acc, tuple(out_axes)), subst)
         pred = index(sympy.And(*preds)) if preds else None
         rest = tuple(a for a in frame if a not in used) + tuple(extra)
         if (not rest and pred is None and c.op is ExprOp.LOAD and c.arg.pad is None
@@ -480,6 +483,20 @@ def _padded_read(name: str, axes: tuple[Axis, ...], t: Axis, to, op: Op, steps) 
     return load(name, tuple(to if a == t else a for a in axes), dt, pad)
 
 
+def _reindex(e: Expr, acc: Access, to: tuple) -> Expr:
+    """``e`` with every read of exactly ``acc`` made a read of ``acc.tensor[to]`` (no padding: ``to`` ranges over
+    the tensor's positions)."""
+    memo: dict[Expr, Expr] = {}
+    for n in e.walk():
+        if n.op is ExprOp.LOAD and n.arg == acc:
+            memo[n] = load(acc.tensor, to, n.dtype)
+        elif n.src:
+            memo[n] = Expr(n.op, n.dtype, tuple(memo[s] for s in n.src), n.arg)
+        else:
+            memo[n] = n
+    return memo[e]
+
+
 def _drop_ones(e: Expr) -> Expr:
     """``e`` without multiplications by the constant 1 (the derivative of a product leaves ``1.0 * w``)."""
     if e.op is ExprOp.MUL:
@@ -520,6 +537,7 @@ def _window_axis(ie: sympy.Expr, frame: tuple[Axis, ...], used: set[Axis], once)
 _ORDERS = {"row": row_major, "forward": row_major, "column": column_major, "zigzag": zigzag}
 
 
+@functools.lru_cache(maxsize=64)
 def _traversal_order(tr: Traversal):
     """``(ordinal, pos, step, total, reverse)`` for a traversal opgen knows how to invert: ``ordinal(axes)``, the
     position of grid point ``axes`` in the traversal's flat order; ``pos(o)`` its inverse; ``step`` the ordinal

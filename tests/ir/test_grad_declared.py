@@ -109,6 +109,32 @@ def test_non_bijective_modular_read_falls_back_to_a_predicated_sum(l, k):
     _check(circular_sum.build(), dict(x=_r(2, l), w=_r(k)))
 
 
+
+@opgen.op
+def replicate_shift(x: F64["B L"]):
+    """x[t + 1] with the last position repeated (replicate padding): not injective, general adjoint."""
+    b = opgen.axes("b")
+    L = opgen.dims("L")
+    t = opgen.axis("t", L)
+    return opgen.compute(x[b, sympy.Min(t + 1, L - 1)] * x[b, t] + x[b, (t + 2) % L], (b, t))
+
+
+@opgen.op
+def circular_sum_over_t(x: F64["B L"], s: F64["B L"]):
+    """A circular read along the reduced axis: a bijection of the reduction axis, inverted (no predicate)."""
+    b = opgen.axes("b")
+    L = opgen.dims("L")
+    t = opgen.axis("t", L)
+    return opgen.sum(t, x[b, (L - t + 1) % L] * s[b, t], axes=(b,))
+
+
+@pytest.mark.parametrize("shape", [(2, 6), (1, 1), (3, 2)])
+@pytest.mark.parametrize("make", [replicate_shift, circular_sum_over_t])
+def test_clamped_and_reduced_axis_reads(make, shape):
+    op = make.build()
+    _check(op, {t.name: _r(*shape) for t in op.inputs})
+
+
 # 2. scans in a traversal order ---------------------------------------------------------------------------
 
 _TRAVERSALS = {
