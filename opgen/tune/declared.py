@@ -367,6 +367,13 @@ def declared_problem(decl: Any, shape: Mapping[str, int], *, dtype: str | None =
                      shape_who: str = "shape") -> DeclaredProblem:
     """The tuning problem of ``decl`` (see :func:`tune_op`) at ``shape``; :class:`ArgumentError` for bad arguments
     (``who`` names the argument that gave ``decl``), RuntimeError when the backend is unavailable here."""
+    import json
+
+    try:
+        json.dumps(dict(static or {}))
+    except (TypeError, ValueError) as exc:
+        raise ArgumentError(f"static options must be JSON values (bool, int, float, str, lists of them): the "
+                            f"measuring process rebuilds the op from them; got {dict(static or {})!r} ({exc})") from None
     where, op, dt, st = locate(decl, dtype, static, who)
     dims = check_shape(op, shape, shape_who)
     return DeclaredProblem(where.qualname, dims, resolve_backend(backend), dt, st, seed,

@@ -53,6 +53,17 @@ def decl_module(tmp_path_factory):
     sys.modules.pop(MOD, None)
 
 
+@pytest.fixture(scope="module")
+def tvm_measurer():
+    """A measuring worker of this module's own: it loads TVM, whose SIGSEGV handler would change the crash reports
+    that tests/tune/test_measure.py checks on the shared ``measurer``."""
+    from opgen.tune.measure import MeasureOptions, Measurer
+
+    m = Measurer(MeasureOptions(timeout=60.0, setup_timeout=120.0, warmup=1, min_reps=3, min_time_s=0.01))
+    yield m
+    m.close()
+
+
 @pytest.fixture
 def session(tmp_path, monkeypatch):
     """The default session of this test: a fresh cache dir (kernels and the tuning journal)."""
@@ -71,7 +82,7 @@ def _inputs(dims=SHAPE):
     return {k: torch.randn(dims["B"], dims["C"], dims["L"], generator=g) for k in ("x", "f")}
 
 
-def test_tune_op_then_the_next_call_uses_the_tuned_config(decl_module, session, measurer, monkeypatch):
+def test_tune_op_then_the_next_call_uses_the_tuned_config(decl_module, session, tvm_measurer, monkeypatch):
     op = decl_module.decay_scan.build()
     used = []
     real = session.tuned_config
@@ -85,7 +96,8 @@ def test_tune_op_then_the_next_call_uses_the_tuned_config(decl_module, session, 
     before = opgen.run(op, **ins)["out"]
     assert used == [("tvm", None)]                      # nothing tuned yet: the default config, memoized
 
-    res = tune_op(decl_module.decay_scan, SHAPE, trials=2, progress=False, measurer=measurer, seed=0)
+    res = tune_op(decl_module.decay_scan, SHAPE, trials=2, progress=False, measurer=tvm_measurer,
+                   seed=0)
     assert res.best_config is not None and 1 <= res.measured <= 2
     assert res.study_name.startswith("opgen/decay_scan/f32/B1-C8-L32/tvm/")
 
@@ -168,6 +180,8 @@ def test_bad_shapes_and_options(decl_module, session):
         tune_op(decl_module.decay_scan, SHAPE, trials=0, progress=False)
     with pytest.raises(ArgumentError, match="backend: expected one of auto, tvm, triton"):
         tune_op(decl_module.decay_scan, SHAPE, backend="cuda", progress=False)
+    with pytest.raises(ArgumentError, match="static options must be JSON values"):
+        tune_op(decl_module.decay_scan, SHAPE, scale=object(), progress=False)
     with pytest.raises(ArgumentError, match="carries its static options"):
         tune_op(decl_module.decay_scan.build(), SHAPE, scale=2.0, progress=False)
 
