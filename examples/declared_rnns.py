@@ -137,7 +137,7 @@ def main() -> None:
     check("ssd_scan", ssd_scan, ssd_loop, {
         "x": torch.randn(a.B, a.L, a.H, a.P), "dt": F.softplus(torch.randn(a.B, a.L, a.H)) / 4,
         "A": -torch.rand(a.H) - 0.5, "Bm": torch.randn(a.B, a.L, a.G, a.N), "Cm": torch.randn(a.B, a.L, a.G, a.N),
-        "D": torch.randn(a.H)}, 1e-4)
+        "D": torch.randn(a.H)}, 1e-3)   # dA sums B * L * N * P terms a head in fp32
     lengths = (a.L * 3 // 4, a.L)
     train("minGRU", MinGRU(8, a.D), a.steps, lengths, 8)
     train("SSD", SSD(8, a.H, a.P, a.N, a.G), a.steps, lengths, 8)
