@@ -1,21 +1,29 @@
 """The one path from IR ops to torch: a family of built ops becomes a ``torch.library`` custom op.
 
-A :class:`TorchOp` registers ``torch.ops.opgen.<name>`` (and ``<name>_backward``) for a *family* of IR ops: a
-``declare`` function maps the call's tensors (their dtypes) and static arguments to the :class:`~opgen.ir.Op` to
-run. Every registered op gets
+A :class:`TorchOp` registers ``torch.ops.opgen.<name>`` and ``<name>_backward`` for a *family* of IR ops: a
+``declare`` function maps the call's tensors (their dtypes, ranks) and static arguments to the
+:class:`~opgen.ir.Op` to run. The library ops (:mod:`opgen.ops`) and every op a user declares with ``@opgen.op``
+(:mod:`opgen.declared`) go through it. Every registered op gets
 
 * a fake kernel from the IR's shape arithmetic (:mod:`opgen.ir.shape_plan`: symbolic sizes, no ``int()``, fresh
   outputs), so ``torch.compile(fullgraph=True)`` with dynamic sizes sees one opaque node;
-* a kernel that binds the sizes (clear errors naming the op, the argument, what was expected and what came) and
-  runs the op on the session's target for the tensors' device (CPU: TVM, CUDA: Triton; an op no compiled target
-  takes runs its scan and reduction nodes as compiled node kernels and the rest in the reference interpreter,
-  with one :class:`~opgen.ir.errors.FallbackWarning` per op and device saying so);
-* autograd through the op's generated backward op (:func:`opgen.ir.passes.grad.grad_op`), itself run on compiled
-  kernels where they exist; only the gradients ``ctx.needs_input_grad`` asks for are generated and computed, and
-  a backward that cannot be generated raises when ``.backward()`` first needs it (forward-only use works).
+* a kernel that checks and binds the arguments (errors name the op, the argument, what was expected and what
+  came) and runs the op on the session's target for the tensors' device (CPU: TVM, CUDA: Triton; an op that no
+  compiled target takes whole runs its scan and large reduction nodes as compiled node kernels and the rest in
+  the reference interpreter, with one :class:`~opgen.ir.errors.FallbackWarning` per op and device saying so);
+* autograd through the generated backward op (:func:`opgen.ir.passes.grad.grad_op`), itself run on compiled
+  kernels where they exist: only the gradients ``ctx.needs_input_grad`` asks for are generated and computed, each
+  gradient that a compiled target takes alone runs as its own op; a backward that cannot be generated raises,
+  naming the node and why, when ``.backward()`` first needs it (forward-only use keeps working);
+* calls with a zero-size dim (IR dims are positive): the family's closed form when it has one
+  (``closed_form(*args)``: outputs, and gradients by torch autograd through it), else empty outputs.
+
+The backward op's schema is ``(<tensor params>, Tensor grad_<output>..., <static params>, bool[]? mask=None)
+-> Tensor[]``: one gradient per tensor parameter (an empty tensor where absent or not asked for by ``mask``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import warnings
@@ -31,7 +39,7 @@ from opgen.ir.errors import FallbackWarning
 from opgen.ir.shape_plan import output_shapes
 from opgen.runtime import default_session
 
-_SCHEMA_TYPES = {bool: "bool", int: "SymInt", float: "float", str: "str"}
+_SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str", list: "int[]"}
 _REQUIRED = object()
 
 
@@ -45,7 +53,7 @@ class TensorArg:
 
 @dataclass(frozen=True)
 class StaticArg:
-    """A non-tensor parameter (bool, int, float or str), passed to ``declare``."""
+    """A non-tensor parameter: ``kind`` is bool, int, float, str, or list (a list of ints)."""
 
     name: str
     kind: type
@@ -53,6 +61,7 @@ class StaticArg:
 
 
 Declare = Callable[[Mapping[str, Optional[Tensor]], Mapping[str, Any]], Op]
+Adapt = Callable[[Op, Mapping[str, Optional[Tensor]], Mapping[str, Any]], dict]
 
 
 def op_name(qualname: str, fingerprint: str) -> str:
@@ -62,7 +71,7 @@ def op_name(qualname: str, fingerprint: str) -> str:
 
 
 def source_fingerprint(*parts: str) -> str:
-    """A stable fingerprint of a declaration's identity (module, qualified name, source text)."""
+    """A stable fingerprint of a declaration's identity (module, qualified name, IR or source text)."""
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -70,47 +79,68 @@ class TorchOp:
     """``torch.ops.opgen.<name>`` for a family of IR ops; calling it calls the registered op.
 
     ``declare(tensors, statics)`` returns the op for a call (tensors by parameter name, None for absent optional
-    ones); ``flexible`` names the tensor parameters whose dtype follows the call (cast to the op's input dtype when
-    they differ); the others must match it. ``n_outputs`` fixes the schema's outputs (``None``: a list).
+    ones). ``adapt(op, tensors, statics)`` gives the op's inputs by name (default: the tensors themselves, cast
+    where the parameter is in ``flexible`` (its dtype follows the call), else required to match the op's dtype);
+    a gradient of an adapted input is reshaped back to its parameter's shape. ``outputs`` names the op's outputs
+    for the schema (``None``: a list of tensors). ``check(who, *args)`` validates a call (forward and backward
+    kernels; the public functions check before :meth:`impl`). ``run_who`` names the op in binding errors.
     """
 
     def __init__(self, name: str, tensors: Sequence[TensorArg], statics: Sequence[StaticArg], declare: Declare,
-                 *, n_outputs: int | None = None, flexible: frozenset[str] = frozenset(), who: str | None = None,
-                 namespace: str = "opgen") -> None:
-        self.name, self.tensors, self.statics = name, tuple(tensors), tuple(statics)
-        self.declare, self.n_outputs, self.flexible = declare, n_outputs, flexible
-        self.who = who or f"torch.ops.{namespace}.{name}"
-        self.qualified = f"{namespace}::{_unused_name(namespace, name)}"
+                 *, outputs: Sequence[str] | None = None, flexible: frozenset[str] = frozenset(),
+                 adapt: Adapt | None = None, check: Callable[..., None] | None = None,
+                 closed_form: Callable[..., Any] | None = None, who: str | None = None,
+                 run_who: str | None = None, warn_fallback: bool = True, namespace: str = "opgen") -> None:
+        self.tensors, self.statics = tuple(tensors), tuple(statics)
+        self.declare, self.outputs, self.flexible = declare, None if outputs is None else tuple(outputs), flexible
+        self.adapt, self.check, self.closed_form = adapt, check, closed_form
+        self.name = _unused_name(namespace, name)
+        self.qualified = f"{namespace}::{self.name}"
+        self.who = who or f"torch.ops.{namespace}.{self.name}"
+        self.backward_who = f"torch.ops.{namespace}.{self.name}_backward" if who is None else f"{who} (backward)"
+        self.run_who = run_who or self.who
+        self.warn_fallback = warn_fallback
         self._warned: set[tuple[Op, str]] = set()
         self._fwd = self._register_forward()
         self._bwd = self._register_backward()
         self._fwd.register_autograd(self._autograd_backward, setup_context=self._setup_context)
 
     # schema ------------------------------------------------------------------------------------------------
-    def _params(self) -> list[str]:
-        ps = [f"Tensor{'?' if t.optional else ''} {t.name}" for t in self.tensors]
+    def _tensor_params(self) -> list[str]:
+        return [f"Tensor{'?' if t.optional else ''} {t.name}" for t in self.tensors]
+
+    def _static_params(self) -> list[str]:
+        ps = []
         for s in self.statics:
             default = "" if s.default is _REQUIRED else f"={_schema_default(s.default)}"
             ps.append(f"{_SCHEMA_TYPES[s.kind]} {s.name}{default}")
         return ps
 
     def _register_forward(self):
-        outs = "Tensor[]" if self.n_outputs is None else (
-            "Tensor" if self.n_outputs == 1 else "(" + ", ".join(["Tensor"] * self.n_outputs) + ")")
-        schema = f"({', '.join(self._params())}) -> {outs}"
+        n = None if self.outputs is None else len(self.outputs)
+        outs = "Tensor[]" if n is None else "Tensor" if n == 1 else "(" + ", ".join(["Tensor"] * n) + ")"
+        schema = f"({', '.join(self._tensor_params() + self._static_params())}) -> {outs}"
         op = torch.library.custom_op(self.qualified, self._forward_kernel, mutates_args=(), schema=schema)
         op.register_fake(self._forward_fake)
         return op
 
     def _register_backward(self):
-        ps = self._params()
-        ps.insert(len(self.tensors), "Tensor?[] grads")
-        ps.insert(len(self.tensors) + 1, "bool[] needs")
-        schema = f"({', '.join(ps)}) -> Tensor[]"
+        grads = ["Tensor?[] grads"] if self.outputs is None else [f"Tensor grad_{o}" for o in self.outputs]
+        ps = self._tensor_params() + grads + self._static_params() + ["bool[]? mask=None"]
         op = torch.library.custom_op(self.qualified + "_backward", self._backward_kernel, mutates_args=(),
-                                     schema=schema)
+                                     schema=f"({', '.join(ps)}) -> Tensor[]")
         op.register_fake(self._backward_fake)
         return op
+
+    @property
+    def forward_op(self):
+        """The registered forward op (``torch.ops.opgen.<name>``)."""
+        return self._fwd
+
+    @property
+    def backward(self):
+        """The registered backward op (``torch.ops.opgen.<name>_backward``)."""
+        return self._bwd
 
     # the call ----------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -120,58 +150,75 @@ class TorchOp:
         n = len(self.tensors)
         tensors = {t.name: a for t, a in zip(self.tensors, args[:n])}
         statics = {s.name: a for s, a in zip(self.statics, args[n:])}
+        for s in self.statics[len(args) - n:]:
+            statics[s.name] = s.default
         return tensors, statics
 
-    def build(self, tensors: Mapping[str, Optional[Tensor]], statics: Mapping[str, Any]) -> Op:
-        """The IR op for a call, after checking that every tensor is a dense floating tensor on one device."""
+    def _generic_check(self, who: str, tensors: Mapping[str, Optional[Tensor]]) -> None:
+        """Every tensor given (unless optional), dense, and on one device."""
         dev = None
         for t in self.tensors:
             x = tensors[t.name]
             if x is None:
                 if not t.optional:
-                    raise ArgumentError(f"{self.who}: argument '{t.name}' expected a tensor, got None")
+                    raise ArgumentError(f"{who}: argument '{t.name}' expected a tensor, got None")
                 continue
             if x.layout != torch.strided:
-                raise ArgumentError(f"{self.who}: argument '{t.name}' expected a dense (strided) tensor, "
-                                    f"got layout {x.layout}")
+                raise ArgumentError(f"{who}: argument '{t.name}' expected a dense (strided) tensor, got layout "
+                                    f"{x.layout}")
             if dev is None:
                 dev = (t.name, x.device)
             elif x.device != dev[1]:
-                raise ArgumentError(f"{self.who}: argument '{t.name}' is on {x.device} but '{dev[0]}' is on "
-                                    f"{dev[1]}; all tensors must be on one device")
-        return self.declare(tensors, statics)
+                raise ArgumentError(f"{who}: argument '{t.name}' is on {x.device} but '{dev[0]}' is on {dev[1]}; "
+                                    f"all tensors must be on one device")
 
-    def _inputs(self, op: Op, tensors: Mapping[str, Optional[Tensor]]) -> dict[str, Tensor]:
-        """The op's inputs by name, cast where the parameter's dtype follows the call; dtype errors otherwise."""
+    def _inputs(self, op: Op, tensors: Mapping[str, Optional[Tensor]], statics: Mapping[str, Any],
+                who: str) -> dict[str, Tensor]:
+        """The op's inputs by name (see the class docstring)."""
+        if self.adapt is not None:
+            return self.adapt(op, tensors, statics)
         out = {}
         for p in op.inputs:
             x = tensors.get(p.name)
             if x is None:
-                raise ArgumentError(f"{self.who}: the op needs input '{p.name}', which was not given")
+                raise ArgumentError(f"{who}: the op needs input '{p.name}', which was not given")
             want = to_torch(p.dtype)
             if x.dtype != want:
                 if p.name not in self.flexible or not x.dtype.is_floating_point:
-                    raise ArgumentError(f"{self.who}: argument '{p.name}' expected a {_dt_name(want)} tensor, got "
+                    raise ArgumentError(f"{who}: argument '{p.name}' expected a {_dt_name(want)} tensor, got "
                                         f"{_dt_name(x.dtype)} of shape {tuple(x.shape)}")
                 x = x.to(want)
             out[p.name] = x
         return out
 
-    def _forward_kernel(self, *args: Any) -> Any:
+    def _empty_call(self, tensors: Mapping[str, Optional[Tensor]]) -> bool:
+        return any(x is not None and x.numel() == 0 for x in tensors.values())
+
+    def impl(self, *args: Any) -> Any:
+        """The forward without the dispatcher and without :attr:`check` (the caller checked the arguments)."""
         tensors, statics = self._split(args)
-        op = self.build(tensors, statics)
-        inputs = self._inputs(op, tensors)
-        shapes = {k: tuple(v.shape) for k, v in inputs.items()}
-        if any(0 in s for s in shapes.values()):
-            return self._pack(self._zero_size(op, inputs))
+        if self._empty_call(tensors) and self.closed_form is not None:
+            return self._pack(list(_closed_form_outputs(self.closed_form, *args)))
+        op = self.declare(tensors, statics)
+        inputs = self._inputs(op, tensors, statics, self.who)
+        if self._empty_call(inputs):
+            return self._pack(self._empty_outputs(op, inputs))
         session = default_session()
         device = next(iter(inputs.values())).device.type
         self._warn_fallback(session, op, device)
-        res = session.run(op, inputs, who=self.who)
+        res = session.run(op, inputs, who=self.run_who)
         return self._pack([_fresh_output(res[t.name], inputs) for t in op.outputs])
 
-    def _zero_size(self, op: Op, inputs: Mapping[str, Tensor]) -> list[Tensor]:
-        """Outputs of a call with an empty input: empty outputs; an output with elements has no IR value."""
+    def _forward_kernel(self, *args: Any) -> Any:
+        tensors, statics = self._split(args)
+        self._generic_check(self.who, tensors)
+        if self.check is not None:
+            self.check(self.who, *args)
+        return self.impl(*args)
+
+    def _empty_outputs(self, op: Op, inputs: Mapping[str, Tensor]) -> list[Tensor]:
+        """Outputs of a call with an empty input and no closed form: empty outputs (an output with elements has
+        no value without the family's closed form: a clear error)."""
         shapes = output_shapes(op, lambda name, k: inputs[name].shape[k])
         ref = next(iter(inputs.values()))
         outs = []
@@ -184,37 +231,42 @@ class TorchOp:
 
     def _forward_fake(self, *args: Any) -> Any:
         tensors, statics = self._split(args)
-        op = self.build(tensors, statics)
-        for p in op.inputs:
-            x = tensors.get(p.name)
-            if x is None or x.dim() != p.rank:
-                raise ArgumentError(f"{self.who}: argument '{p.name}' expected a {p.rank}-D tensor, got "
-                                    f"{'None' if x is None else f'{x.dim()}-D'}")
-        shapes = output_shapes(op, lambda name, k: tensors[name].shape[k])
+        op = self.declare(tensors, statics)
+        inputs = self._fake_inputs(op, tensors, statics)
+        shapes = output_shapes(op, lambda name, k: inputs[name].shape[k])
         ref = next(x for x in tensors.values() if x is not None)
         return self._pack([ref.new_empty(shapes[t.name], dtype=to_torch(t.dtype)) for t in op.outputs])
 
+    def _fake_inputs(self, op: Op, tensors, statics) -> dict[str, Tensor]:
+        inputs = self._inputs(op, tensors, statics, self.who) if self.adapt is not None else tensors
+        for p in op.inputs:
+            x = inputs.get(p.name)
+            if x is None or x.dim() != p.rank:
+                raise ArgumentError(f"{self.who}: argument '{p.name}' expected a {p.rank}-D tensor, got "
+                                    f"{'None' if x is None else f'{x.dim()}-D'}")
+        return inputs
+
     def _pack(self, outs: list[Tensor]) -> Any:
-        if self.n_outputs is None:
+        if self.outputs is None:
             return outs
-        if len(outs) != self.n_outputs:
-            raise ArgumentError(f"{self.who}: the op has {len(outs)} outputs, the schema {self.n_outputs}")
-        return outs[0] if self.n_outputs == 1 else tuple(outs)
+        if len(outs) != len(self.outputs):
+            raise ArgumentError(f"{self.who}: the op has {len(outs)} outputs, the schema {len(self.outputs)}")
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _warn_fallback(self, session, op: Op, device: str) -> None:
-        """One FallbackWarning per (op, device) when no compiled target runs the op whole."""
-        if (op, device) in self._warned or session.config.backend != "auto":
+        """One FallbackWarning per (op, device) when no compiled target runs the op whole (``warn_fallback``: a
+        library family documents instead which calls run where)."""
+        if not self.warn_fallback or (op, device) in self._warned or session.config.backend != "auto":
             return
         self._warned.add((op, device))
-        target = session.target_for(op, device)
-        if target.name != "reference":
+        if session.target_for(op, device).name != "reference":
             return
         reasons = []
-        for t in session.targets._targets:                                   # noqa: SLF001 (same package)
-            if t.name == "reference":
+        for name in session.targets.names():
+            if name == "reference":
                 continue
-            ok, why = t.available()
-            reasons.append(f"{t.name}: {why or 'does not take this op whole'}" if ok or why else t.name)
+            ok, why = session.targets.get(name).available()
+            reasons.append(f"{name}: {why if not ok else 'does not take this op whole'}")
         warnings.warn(f"{self.who}: no compiled target runs op {op.name} whole on {device} ({'; '.join(reasons)}); "
                       f"its scan and large reduction nodes run as compiled node kernels where a target has them, "
                       f"the rest in the reference interpreter", FallbackWarning, stacklevel=4)
@@ -224,79 +276,222 @@ class TorchOp:
         n = len(self.tensors)
         ctx.save_for_backward(*inputs[:n])
         ctx.statics = tuple(inputs[n:])
+        outs = output if isinstance(output, (list, tuple)) else (output,)
+        ctx.out_meta = tuple((o.shape, o.dtype) for o in outs)
 
     def _autograd_backward(self, ctx, *grads):
         tensors = ctx.saved_tensors
         n = len(self.tensors)
-        needs = [bool(ctx.needs_input_grad[k]) and tensors[k] is not None and tensors[k].dtype.is_floating_point
-                 for k in range(n)]
-        if not any(needs):
+        mask = [bool(ctx.needs_input_grad[k]) and tensors[k] is not None for k in range(n)]
+        if not any(mask):
             return (None,) * (n + len(self.statics))
-        if self.n_outputs is None:
-            grads = grads[0] if len(grads) == 1 and isinstance(grads[0], (list, tuple)) else grads
-        gs = self._bwd(*tensors, [g.contiguous() if g is not None else None for g in grads], needs, *ctx.statics)
-        return (*[g if need else None for g, need in zip(gs, needs)], *([None] * len(self.statics)))
+        if self.outputs is None and len(grads) == 1 and isinstance(grads[0], (list, tuple)):
+            grads = tuple(grads[0])
+        ref = next(t for t in tensors if t is not None)
+        full = [g.contiguous() if g is not None else ref.new_zeros(shape, dtype=dt)
+                for g, (shape, dt) in zip(grads, ctx.out_meta)]
+        args = (*tensors, full, *ctx.statics, mask) if self.outputs is None else (*tensors, *full, *ctx.statics, mask)
+        gs = self._bwd(*args)
+        return (*[g if m else None for g, m in zip(gs, mask)], *([None] * len(self.statics)))
 
     def backward_op(self, op: Op, wrt: tuple[str, ...]) -> Op:
         """The generated backward op of ``op`` for the inputs ``wrt`` (memoized)."""
-        return _backward(op, wrt)
+        return backward_op(op, wrt)
 
-    def _backward_kernel(self, *args: Any) -> list[Tensor]:
+    def _split_backward(self, args: Sequence[Any]):
         n = len(self.tensors)
         tensors = {t.name: a for t, a in zip(self.tensors, args[:n])}
-        grads, needs = args[n], args[n + 1]
-        statics = {s.name: a for s, a in zip(self.statics, args[n + 2:])}
-        op = self.build(tensors, statics)
-        inputs = self._inputs(op, tensors)
-        wrt = tuple(t.name for t, need in zip(self.tensors, needs) if need and t.name in inputs)
-        ref = next(iter(inputs.values()))
-        if any(0 in x.shape for x in inputs.values()):
-            return [ref.new_zeros(x.shape, dtype=x.dtype) if x is not None and need else ref.new_empty(0)
-                    for x, need in zip(tensors.values(), needs)]
-        back = self.backward_op(op, wrt)
+        k = n + 1 if self.outputs is None else n + len(self.outputs)
+        grads = list(args[n]) if self.outputs is None else list(args[n:k])
+        rest = list(args[k:])
+        mask = rest[len(self.statics)] if len(rest) > len(self.statics) else None
+        statics = {s.name: (rest[i] if i < len(rest) else s.default) for i, s in enumerate(self.statics)}
+        return tensors, grads, statics, mask, args[:n] + tuple(rest[:len(self.statics)])
+
+    def _mask(self, who: str, tensors: Mapping[str, Optional[Tensor]], mask) -> list[bool]:
+        if mask is None:
+            return [x is not None and x.dtype.is_floating_point for x in tensors.values()]
+        if len(mask) != len(self.tensors) or any(not isinstance(m, bool) for m in mask):
+            raise ArgumentError(f"{who}: argument 'mask' expected a list of {len(self.tensors)} bools, got "
+                                f"{mask!r}")
+        return [bool(m) and tensors[t.name] is not None for m, t in zip(mask, self.tensors)]
+
+    def _backward_kernel(self, *args: Any) -> list[Tensor]:
+        who = self.backward_who
+        tensors, grads, statics, mask, fwd_args = self._split_backward(args)
+        self._generic_check(who, tensors)
+        if self.check is not None:
+            self.check(who, *fwd_args)
+        mask = self._mask(who, tensors, mask)
+        ref = next(x for x in tensors.values() if x is not None)
+        if self._empty_call(tensors) and self.closed_form is not None:
+            self._check_grad_shapes(who, self._declared_output_shapes(tensors, statics), grads)
+            return zero_size_grads(self.closed_form, fwd_args, grads, mask)
+        op = self.declare(tensors, statics)
+        inputs = self._inputs(op, tensors, statics, who)
         shapes = output_shapes(op, lambda name, k: inputs[name].shape[k])
+        self._check_grad_shapes(who, [shapes[t.name] for t in op.outputs], grads)
+        if self._empty_call(inputs):
+            return [ref.new_zeros(x.shape, dtype=x.dtype) if x is not None and m else ref.new_empty(0)
+                    for x, m in zip(tensors.values(), mask)]
         full = {}
-        for t, g in zip(op.outputs, list(grads) + [None] * (len(op.outputs) - len(grads))):
-            if g is None:
-                g = ref.new_zeros(shapes[t.name], dtype=to_torch(t.dtype))
-            elif tuple(g.shape) != tuple(shapes[t.name]):
-                raise ArgumentError(f"{self.who}: the gradient of output '{t.name}' has shape {tuple(g.shape)}, "
-                                    f"expected {tuple(shapes[t.name])}")
+        for t, g in zip(op.outputs, grads + [None] * (len(op.outputs) - len(grads))):
+            g = ref.new_zeros(shapes[t.name], dtype=to_torch(t.dtype)) if g is None else g
             full[f"grad_{t.name}"] = g.to(to_torch(t.dtype)).contiguous()
-        res = default_session().run(back, {**inputs, **full}, who=self.who + " (backward)")
+        wrt = tuple(t.name for t, m in zip(self.tensors, mask) if m and t.name in inputs)
+        res = run_grads(op, inputs, full, wrt, self.run_who)
         out = []
-        for t, need in zip(self.tensors, needs):
+        for t, m in zip(self.tensors, mask):
             x = tensors[t.name]
-            if need and t.name in wrt:
-                out.append(res[f"grad_{t.name}"].to(x.dtype).contiguous().clone()
-                           if _aliases(res[f"grad_{t.name}"], inputs) else res[f"grad_{t.name}"].to(x.dtype)
-                           .contiguous())
+            if m and f"grad_{t.name}" in res:
+                g = res[f"grad_{t.name}"]
+                g = g.reshape(x.shape).to(x.dtype).contiguous()
+                out.append(g.clone() if _aliases(g, {**inputs, **full}) else g)
             else:
                 out.append(ref.new_empty(0))
         return out
 
-    def _backward_fake(self, *args: Any) -> list[Tensor]:
-        n = len(self.tensors)
-        tensors = list(args[:n])
-        needs = args[n + 1]
-        statics = {s.name: a for s, a in zip(self.statics, args[n + 2:])}
-        named = {t.name: x for t, x in zip(self.tensors, tensors)}
-        op = self.build(named, statics)
-        wrt = tuple(t.name for t, need in zip(self.tensors, needs) if need and named[t.name] is not None)
-        self.backward_op(op, wrt)       # a backward that cannot be generated fails here, when it is traced
-        ref = next(x for x in tensors if x is not None)
-        return [x.new_empty(x.shape) if x is not None and need else ref.new_empty(0)
-                for x, need in zip(tensors, needs)]
+    def _declared_output_shapes(self, tensors, statics) -> list[tuple]:
+        """Output shapes of a zero-size call from the closed form (the IR has no zero dims)."""
+        args = [tensors[t.name] for t in self.tensors] + [statics[s.name] for s in self.statics]
+        return [tuple(o.shape) for o in _closed_form_outputs(self.closed_form, *args)]
 
+    def _check_grad_shapes(self, who: str, shapes: Sequence[tuple], grads: Sequence[Optional[Tensor]]) -> None:
+        names = self.outputs or tuple(f"output {k}" for k in range(len(shapes)))
+        for name, shape, g in zip(names, shapes, grads):
+            if g is None:
+                continue
+            if not isinstance(g, Tensor) or tuple(g.shape) != tuple(shape):
+                from opgen.ops._args import describe
+
+                raise ArgumentError(f"{who}: argument 'grad_{name}' expected shape {tuple(shape)} (the shape of "
+                                    f"{name}), got {describe(g)}")
+
+    def _backward_fake(self, *args: Any) -> list[Tensor]:
+        tensors, grads, statics, mask, _ = self._split_backward(args)
+        mask = self._mask(self.backward_who, tensors, mask)
+        if not (self._empty_call(tensors) and self.closed_form is not None):
+            op = self.declare(tensors, statics)
+            wrt = tuple(t.name for t, m in zip(self.tensors, mask) if m and t.name in {p.name for p in op.inputs})
+            backward_op(op, wrt)       # a backward that cannot be generated fails here, when it is traced
+        ref = next(x for x in tensors.values() if x is not None)
+        # contiguous, whatever the inputs' strides (what the kernels return; inductor checks them)
+        return [x.new_empty(x.shape) if x is not None and m else ref.new_empty(0)
+                for x, m in zip(tensors.values(), mask)]
+
+
+# ------------------------------------------------------------------------------------------------ backward
 
 @functools.lru_cache(maxsize=256)
-def _backward(op: Op, wrt: tuple[str, ...]) -> Op:
-    """The backward op, its gradient reductions restaged into window reductions where that makes them ones."""
+def backward_op(op: Op, wrt: tuple[str, ...]) -> Op:
+    """The backward op of ``op`` for the inputs ``wrt``, its gradient reductions restaged into window
+    reductions where that makes them ones (memoized)."""
     from opgen.ir.passes.grad import grad_op
     from opgen.ir.passes.restage import restage_windows
 
     return restage_windows(grad_op(op, wrt))
 
+
+@functools.lru_cache(maxsize=256)
+def _grad_groups(op: Op, wrt: tuple[str, ...], device: str) -> tuple[tuple[str, ...], ...]:
+    """The backward ops to run for ``wrt``: each gradient that a compiled target takes alone, the rest together."""
+    if len(wrt) < 2:
+        return (wrt,) if wrt else ()
+    sess = default_session()
+    alone = []
+    for k in wrt:
+        try:
+            if sess.target_for(backward_op(op, (k,)), device).name != "reference":
+                alone.append(k)
+        except (LookupError, ArgumentError):
+            pass
+    rest = tuple(k for k in wrt if k not in alone)
+    return tuple((k,) for k in alone) + ((rest,) if rest else ())
+
+
+def run_grads(op: Op, inputs: Mapping[str, Tensor], grads: Mapping[str, Tensor], wrt: tuple[str, ...],
+              who: str) -> dict[str, Tensor]:
+    """``{"grad_<input>": ...}`` for the inputs ``wrt`` of ``op`` given the output gradients ``grads``
+    (``{"grad_<output>": ...}``), by the generated backward ops on the session's targets."""
+    present = {k: v.contiguous() for k, v in inputs.items()}
+    res: dict = {}
+    if not wrt:
+        return res
+    device = next(iter(present.values())).device.type
+    for group in _grad_groups(op, wrt, device):
+        back = backward_op(op, group)
+        try:
+            res.update(default_session().run(back, {**present, **grads}, who=who + " (backward)"))
+        except ArgumentError:
+            # the bounds check rejects some generated backward ops whose reads are in bounds (stride-1 grouped
+            # conv2d dx reads weight[.., g - C*(g // C), ..]): torch autograd through the reference interpreter
+            res.update(_reference_grads(op, present, grads, group))
+    return res
+
+
+def _reference_grads(op: Op, present: Mapping[str, Tensor], grads: Mapping[str, Tensor],
+                     wrt: Sequence[str]) -> dict:
+    """The gradients ``wrt`` by torch autograd through the differentiable reference interpreter."""
+    with autograd_inside_op():
+        leaves = {k: v.detach().requires_grad_(k in wrt) for k, v in present.items()}
+        outs = default_session().run(op, leaves, who=f"{op.name} (reference backward)")
+        names = [t.name for t in op.outputs]
+        gs = torch.autograd.grad([outs[n] for n in names], [leaves[k] for k in wrt],
+                                 [grads[f"grad_{n}"] for n in names], allow_unused=True)
+    return {f"grad_{k}": g if g is not None else torch.zeros_like(present[k]) for k, g in zip(wrt, gs)}
+
+
+@contextlib.contextmanager
+def autograd_inside_op():
+    """Grad mode with the autograd dispatch keys back on (a custom op's kernel runs with them excluded), so code
+    inside a kernel that uses ``torch.autograd`` records a graph."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for k in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor, keys.ADInplaceOrView):
+        if exclude.has(k):
+            exclude = exclude.remove(k)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+# -------------------------------------------------------------------------------------- zero-size closed forms
+
+def _closed_form_outputs(formula: Callable, *args) -> tuple[Tensor, ...]:
+    """The outputs of the closed form ``formula(*args)`` of a zero-size call (fresh tensors, no grad)."""
+    with torch.no_grad():
+        outs = formula(*args)
+    return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+
+
+def zero_size_grads(formula: Callable, args: Sequence, grads: Sequence[Optional[Tensor]],
+                    mask: Sequence[bool]) -> list[Tensor]:
+    """Gradients of the tensor ``args`` whose ``mask`` entry is set, by torch autograd through the closed form
+    ``formula(*args)`` of a zero-size call (zeros where an input does not reach the outputs; an empty tensor
+    for absent or unmasked inputs); ``grads`` are the output gradients (None: zero)."""
+    ref = next(a for a in args if isinstance(a, Tensor))
+    with autograd_inside_op():
+        leaves = [a.detach().requires_grad_(bool(m)) if isinstance(a, Tensor) and m else a
+                  for a, m in zip(args, list(mask) + [False] * (len(args) - len(mask)))]
+        outs = formula(*leaves)
+        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+        wrt = [x for x in leaves if isinstance(x, Tensor) and x.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g.to(o.dtype) for o, g in pairs],
+                                  allow_unused=True) if wrt and pairs else [None] * len(wrt)
+    it = iter(got)
+    res = []
+    for x in leaves[:len(mask)]:
+        if isinstance(x, Tensor) and x.requires_grad:
+            g = next(it)
+            # (a clone: a gradient passed straight through, e.g. initial_state's, would alias an input)
+            res.append(g.clone(memory_format=torch.contiguous_format) if g is not None
+                       else torch.zeros_like(x, memory_format=torch.contiguous_format))
+        else:
+            res.append(ref.new_empty(0))
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- helpers
 
 def _fresh_output(y: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
     """``y``, copied when it shares storage with an input (a custom op's outputs may not alias its inputs)."""
@@ -304,8 +499,10 @@ def _fresh_output(y: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
 
 
 def _aliases(y: Tensor, inputs: Mapping[str, Tensor]) -> bool:
+    if not y.numel():
+        return False
     ptr = y.untyped_storage().data_ptr()
-    return any(x.untyped_storage().data_ptr() == ptr for x in inputs.values() if x.numel() and y.numel())
+    return any(x.numel() and x.untyped_storage().data_ptr() == ptr for x in inputs.values())
 
 
 def _unused_name(namespace: str, name: str) -> str:
@@ -338,6 +535,11 @@ def _shapes(inputs: Mapping[str, Tensor]) -> str:
     return ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
 
 
+def given_inputs(op: Op, tensors: Mapping[str, Optional[Tensor]], statics: Mapping[str, Any]) -> dict:
+    """An ``adapt`` for families whose ``declare`` follows the call's dtypes: the tensors given, by name."""
+    return {k: v for k, v in tensors.items() if v is not None}
+
+
 def torch_op(op: Op) -> TorchOp:
     """A built op as a torch op ``torch.ops.opgen.<name>_<fingerprint>`` taking its inputs positionally and
     returning its outputs (one tensor, or a tuple in the op's output order); input dtypes must match the op's."""
@@ -346,9 +548,8 @@ def torch_op(op: Op) -> TorchOp:
 
 @functools.lru_cache(maxsize=None)
 def _torch_op_of(op: Op) -> TorchOp:
-    name = op_name(op.name, op.fingerprint)
-    return TorchOp(name, [TensorArg(t.name) for t in op.inputs], (), lambda tensors, statics: op,
-                   n_outputs=len(op.outputs), who=f"op {op.name}")
+    return TorchOp(op_name(op.name, op.fingerprint), [TensorArg(t.name) for t in op.inputs], (),
+                   lambda tensors, statics: op, outputs=[t.name for t in op.outputs], who=f"op {op.name}")
 
 
 def input_dtype(tensors: Mapping[str, Optional[Tensor]], names: Sequence[str]) -> DType:

@@ -46,6 +46,8 @@ class DeclaredOp(OpDef):
 
                 raise ArgumentError(f"op {self.name}: argument '{pname}' expected a tensor, got {describe(x)}")
         outs = top(*tensors, *(static.get(s, d) for s, _, d in params[1]))
+        if top.outputs is not None:
+            return outs
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def torch(self):
@@ -130,8 +132,13 @@ def _register(decl: DeclaredOp):
         dtype = input_dtype(call_tensors, sorted(flexible))
         return decl._built(dtype, tuple(sorted(call_statics.items())))
 
+    try:
+        outputs = [t.name for t in decl._built(DType.f32, ()).outputs]
+    except (IRError, TypeError):
+        outputs = None                                   # static args without defaults: a list of outputs
     return TorchOp(op_name(decl.name, decl.fingerprint), [TensorArg(n) for n, _ in tensors],
-                   [StaticArg(n, k, d) for n, k, d in statics], declare, flexible=flexible, who=f"op {decl.name}")
+                   [StaticArg(n, k, d) for n, k, d in statics], declare, outputs=outputs, flexible=flexible,
+                   who=f"op {decl.name}")
 
 
 def op(fn: Callable[..., Any] | None = None, *, name: str | None = None):

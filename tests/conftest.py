@@ -43,13 +43,12 @@ def reference_backend(monkeypatch):
     op's semantics against independent formulations, whose kernels are tested per backend under tests/targets
     (this spares one cold kernel build per parametrization)."""
     import opgen.attention_op
-    import opgen.conv_ops
-    import opgen.torch_ops
+    import opgen.bridge
     from opgen.config import from_env
     from opgen.runtime import make_session
 
     session = make_session(replace(from_env(), backend="reference"))
-    for module in (opgen.attention_op, opgen.conv_ops, opgen.torch_ops):
+    for module in (opgen.attention_op, opgen.bridge):
         monkeypatch.setattr(module, "default_session", lambda: session)
     return session
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as Fn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import opgen.conv_ops  # noqa: F401  (registers the ops)
+import opgen.ops.conv  # noqa: F401  (registers the ops)
 
 D64 = torch.float64
 ops = torch.ops.opgen
@@ -163,7 +163,7 @@ def test_strided_data_gradient_phases_run_on_window_kernels(tmp_path):
     from opgen.runtime import make_session
     from opgen.targets.reference import evaluate
 
-    back = opgen.conv_ops._backward(declare_conv2d(stride=(2, 2), padding=(1, 1, 1, 1)), ("x",))
+    back = opgen.bridge.backward_op(declare_conv2d(stride=(2, 2), padding=(1, 1, 1, 1)), ("x",))
     x, w = torch.randn(2, 5, 13, 12), torch.randn(6, 5, 3, 3)
     ins = {"x": x, "weight": w, "grad_out": torch.randn(2, 6, 7, 6)}
     b = bind(back, {k: tuple(v.shape) for k, v in ins.items()})
@@ -184,7 +184,7 @@ def test_conv2d_strided_weight_gradient_on_the_gemm_kernel():
     from opgen.ir import bind
     from opgen.ops.conv import declare_conv2d
     from opgen.targets.tvm.window import default_window_config, window_group
-    from opgen.torch_ops import _backward
+    from opgen.bridge import backward_op as _backward
 
     x, w = _t(2, 3, 23, 21, dtype=torch.float32), _t(8, 3, 3, 3, dtype=torch.float32)
     _check_against(ops.conv2d, _ref_conv2d, (x, w, None, [2, 2], [1, 1, 1, 1], [1, 1], 1), F32_TOL)

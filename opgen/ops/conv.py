@@ -6,12 +6,13 @@ import functools
 
 import torch
 
+from opgen.bridge import StaticArg, TensorArg, TorchOp, given_inputs
+from opgen.eager import call
 from opgen.ir import DType, OpBuilder, dims, silu
 from opgen.ir.symbols import make_axes
 
-from opgen.eager import call
-
 from . import _args
+from ._args import ir_dtype as _dt
 
 # ------------------------------------------------------------------------------------------- causal_conv1d
 
@@ -53,10 +54,7 @@ def causal_conv1d(x, weight, bias=None, activation=None):
         raise _args.ArgumentError(f"{who}: argument 'activation' expected None, 'silu' or 'swish', "
                                   f"got {_args.describe(activation)}")
     check_causal_conv1d(who, x, weight, bias, activation is not None)
-    import opgen.conv_ops  # (registers torch.ops.opgen.causal_conv1d)
-
-    return call(torch.ops.opgen.causal_conv1d, opgen.conv_ops.causal_conv1d_impl, x, weight, bias,
-                activation is not None)
+    return call(CAUSAL_CONV1D.forward_op, CAUSAL_CONV1D.impl, x, weight, bias, activation is not None)
 
 
 # -------------------------------------------------------------------------------------------------- conv2d
@@ -185,10 +183,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         ph, pw = _pair(who, "padding", padding, 0)
         pads = (ph, ph, pw, pw)
     check_conv2d(who, x, weight, bias, [sh, sw], list(pads), [dh, dw], groups)
-    import opgen.conv_ops  # (registers torch.ops.opgen.conv2d)
-
-    return call(torch.ops.opgen.conv2d, opgen.conv_ops.conv2d_impl, x, weight, bias, [sh, sw], list(pads), [dh, dw],
-                groups)
+    return call(CONV2D.forward_op, CONV2D.impl, x, weight, bias, [sh, sw], list(pads), [dh, dw], groups)
 
 
 # ----------------------------------------------------------------------------------------------- long_conv
@@ -219,6 +214,76 @@ def long_conv(u, k):
     """Causal long convolution (H3 / Hyena / FlashFFTConv): u ``[B, H, L]``, k ``[H, Lk]`` with Lk <= L,
     ``y[b, h, t] = sum_{0 <= s <= t, t - s < Lk} k[h, t - s] * u[b, h, s]``; returns ``[B, H, L]``."""
     check_long_conv("opgen.ops.long_conv", u, k)
-    import opgen.conv_ops  # (registers torch.ops.opgen.long_conv)
+    return call(LONG_CONV.forward_op, LONG_CONV.impl, u, k)
 
-    return call(torch.ops.opgen.long_conv, opgen.conv_ops.long_conv_impl, u, k)
+
+# ------------------------------------------------------------------------------------- the torch ops (bridge)
+# ``torch.ops.opgen.{conv2d, causal_conv1d, long_conv}`` and their ``*_backward`` ops: the declarations above through
+# :class:`opgen.bridge.TorchOp` (inputs made contiguous; a depthwise conv2d's weight passed as ``[C, KH, KW]``). A
+# call with a zero-size dim takes the op's closed form at that size.
+
+def _depthwise(x, weight, groups) -> bool:
+    """One filter per channel (groups = channels in = channels out): the plain-index depthwise op."""
+    return groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
+
+
+def conv2d_op_for(x, weight, bias, stride, padding, dilation, groups):
+    """The IR op a conv2d call runs (the depthwise op for groups = channels, else the grouped dense op)."""
+    if _depthwise(x, weight, groups):
+        return declare_depthwise_conv2d(_dt(x), _dt(weight), _dt(bias), tuple(stride), tuple(padding),
+                                        tuple(dilation))
+    return declare_conv2d(_dt(x), _dt(weight), _dt(bias), tuple(stride), tuple(padding), tuple(dilation),
+                          int(groups))
+
+
+def conv2d_inputs(op, tensors, statics) -> dict:
+    """The conv2d op's inputs: contiguous, the depthwise weight as ``[C, KH, KW]``."""
+    x, weight = tensors["x"].contiguous(), tensors["weight"].contiguous()
+    if _depthwise(x, weight, statics["groups"]):
+        weight = weight.reshape(weight.shape[0], *weight.shape[2:])
+    return given_inputs(op, {"x": x, "weight": weight, "bias": tensors["bias"]}, statics)
+
+
+def _contiguous_inputs(op, tensors, statics) -> dict:
+    return {k: v.contiguous() for k, v in given_inputs(op, tensors, statics).items()}
+
+
+def _conv2d_zero(x, weight, bias, stride, padding, dilation, groups):
+    """conv2d with a zero-size batch or channel dim: every sum is empty, so the output is the bias (or 0)."""
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = x.new_zeros((n, weight.shape[0], oh, ow))
+    return out + bias.to(x.dtype)[:, None, None] if bias is not None else out
+
+
+def _causal_conv1d_zero(x, weight, bias, silu):
+    """causal_conv1d with a zero-size dim (batch, dim or L; W >= 1 is checked): the output is empty."""
+    return x.new_zeros(x.shape)
+
+
+def _long_conv_zero(u, k):
+    """long_conv with a zero-size dim: the output is empty, or zero for an empty filter (Lk = 0)."""
+    return u.new_zeros(u.shape)
+
+
+_XWB = [TensorArg("x"), TensorArg("weight"), TensorArg("bias", optional=True)]
+
+CONV2D = TorchOp(
+    "conv2d", _XWB, [StaticArg(n, list) for n in ("stride", "padding", "dilation")] + [StaticArg("groups", int)],
+    lambda t, s: conv2d_op_for(t["x"], t["weight"], t["bias"], s["stride"], s["padding"], s["dilation"],
+                               s["groups"]),
+    outputs=["out"], adapt=conv2d_inputs, check=check_conv2d, closed_form=_conv2d_zero, run_who="opgen.ops.conv2d",
+    warn_fallback=False)
+
+CAUSAL_CONV1D = TorchOp(
+    "causal_conv1d", _XWB, [StaticArg("silu", bool)],
+    lambda t, s: declare_causal_conv1d(_dt(t["x"]), _dt(t["weight"]), _dt(t["bias"]), "silu" if s["silu"] else None),
+    outputs=["out"], adapt=_contiguous_inputs, check=check_causal_conv1d, closed_form=_causal_conv1d_zero,
+    run_who="opgen.ops.causal_conv1d", warn_fallback=False)
+
+LONG_CONV = TorchOp(
+    "long_conv", [TensorArg("u"), TensorArg("k")], [], lambda t, s: declare_long_conv(_dt(t["u"]), _dt(t["k"])),
+    outputs=["y"], adapt=_contiguous_inputs, check=check_long_conv, closed_form=_long_conv_zero,
+    run_who="opgen.ops.long_conv", warn_fallback=False)

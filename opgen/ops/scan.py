@@ -5,13 +5,15 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
+from opgen.bridge import StaticArg, TensorArg, TorchOp, given_inputs
+from opgen.eager import call
 from opgen.ir import DType, OpBuilder, accum_dtype, dims, exp, promote, silu, softplus
 from opgen.ir.symbols import Dim, make_axes
 
-from opgen.eager import call
-
 from . import _args
+from ._args import ir_dtype as _dt
 
 # --------------------------------------------------------------------------------------------- linear_scan
 
@@ -64,10 +66,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int = -1, reverse: bool =
     _args.same_device(who, a=a, b=b, initial=initial)
     shape3 = (math.prod(a.shape[:dim]), a.shape[dim], math.prod(a.shape[dim + 1:]))
     init = initial.reshape(shape3[0], shape3[2]) if initial is not None else None
-    from opgen import torch_ops
-
-    out = call(torch.ops.opgen.linear_scan, torch_ops.linear_scan_impl, a.reshape(shape3), b.reshape(shape3), init,
-               reverse)
+    out = call(LINEAR_SCAN.forward_op, LINEAR_SCAN.impl, a.reshape(shape3), b.reshape(shape3), init, reverse)
     return out.reshape(a.shape)
 
 
@@ -159,10 +158,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     who = "opgen.ops.selective_scan"
     check_selective_scan(who, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     _args.flag(who, "return_last_state", return_last_state)
-    from opgen import torch_ops
-
-    out, last_state = call(torch.ops.opgen.selective_scan, torch_ops.selective_scan_impl, u, delta, A, B, C, D, z,
-                           delta_bias, delta_softplus)
+    out, last_state = call(SELECTIVE_SCAN.forward_op, SELECTIVE_SCAN.impl, u, delta, A, B, C, D, z, delta_bias,
+                           delta_softplus)
     return (out, last_state) if return_last_state else out
 
 
@@ -212,8 +209,65 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
         scale = q.shape[-1] ** -0.5 if isinstance(q, torch.Tensor) and q.dim() and q.shape[-1] else 1.0
     check_chunk_gla(who, q, k, v, g, initial_state, scale)
     _args.flag(who, "output_final_state", output_final_state)
-    from opgen import torch_ops
-
-    o, final_state = call(torch.ops.opgen.chunk_gla, torch_ops.chunk_gla_impl, q, k, v, g, initial_state,
-                          float(scale))
+    o, final_state = call(CHUNK_GLA.forward_op, CHUNK_GLA.impl, q, k, v, g, initial_state, float(scale))
     return o, (final_state if output_final_state else None)
+
+
+# ------------------------------------------------------------------------------------- the torch ops (bridge)
+# ``torch.ops.opgen.{linear_scan, selective_scan, chunk_gla}`` and their ``*_backward`` ops: the declarations above
+# through :class:`opgen.bridge.TorchOp`. A call with a zero-size dim (no IR: dims are positive) takes the op's
+# closed form at that size, and its gradients come from torch autograd through it.
+
+def _acc_torch(*xs: torch.Tensor) -> torch.dtype:
+    from opgen.ir.dtypes import to_torch
+
+    return to_torch(accum_dtype(promote(*(_dt(x) for x in xs))))
+
+
+def _linear_scan_zero(a, b, initial, reverse):
+    """linear_scan with a zero-size dim: h is empty."""
+    return a.new_zeros(a.shape, dtype=torch.promote_types(a.dtype, b.dtype))
+
+
+def _selective_scan_zero(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """selective_scan with a zero-size dim: the state sum is empty (N = 0) or the output is (batch, dim or L
+    = 0), so ``out = D * u * silu(z)`` (each factor when given); ``last_state`` is zero (h[-1] at L = 0)."""
+    acc = _acc_torch(u, delta, A, B, C)
+    y = u.to(acc) * D.to(acc)[:, None] if D is not None else u.new_zeros(u.shape, dtype=acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(u.dtype), u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=acc)
+
+
+def _chunk_gla_zero(q, k, v, g, initial_state, scale):
+    """chunk_gla with a zero-size dim: o is empty or (K = 0) zero; the state never changes from its initial
+    value (T = 0) or is empty."""
+    acc = _acc_torch(q, k, v, g)
+    o = q.new_zeros((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+    if initial_state is not None:
+        return o, initial_state.to(acc, copy=True)
+    return o, q.new_zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), dtype=acc)
+
+
+LINEAR_SCAN = TorchOp(
+    "linear_scan", [TensorArg("a"), TensorArg("b"), TensorArg("initial", optional=True)], [StaticArg("reverse", bool)],
+    lambda t, s: declare_linear_scan(_dt(t["a"]), _dt(t["b"]), s["reverse"], _dt(t["initial"])),
+    outputs=["h"], adapt=given_inputs, check=check_linear_scan, closed_form=_linear_scan_zero,
+    run_who="opgen.ops.linear_scan", warn_fallback=False)
+
+SELECTIVE_SCAN = TorchOp(
+    "selective_scan", [TensorArg(n) for n in ("u", "delta", "A", "B", "C")]
+    + [TensorArg(n, optional=True) for n in ("D", "z", "delta_bias")], [StaticArg("delta_softplus", bool)],
+    lambda t, s: declare_selective_scan(
+        _dt(t["u"]), _dt(t["delta"]), _dt(t["A"]), _dt(t["B"]), _dt(t["C"]), _BC_LAYOUT[t["B"].dim()],
+        _BC_LAYOUT[t["C"].dim()], _dt(t["D"]), _dt(t["z"]), _dt(t["delta_bias"]), bool(s["delta_softplus"]), True),
+    outputs=["out", "last_state"], adapt=given_inputs, check=check_selective_scan, closed_form=_selective_scan_zero,
+    run_who="opgen.ops.selective_scan", warn_fallback=False)
+
+CHUNK_GLA = TorchOp(
+    "chunk_gla", [TensorArg(n) for n in ("q", "k", "v", "g")] + [TensorArg("initial_state", optional=True)],
+    [StaticArg("scale", float)],
+    lambda t, s: declare_chunk_gla(_dt(t["q"]), _dt(t["k"]), _dt(t["v"]), _dt(t["g"]), float(s["scale"]),
+                                   _dt(t["initial_state"]), True),
+    outputs=["o", "final_state"], adapt=given_inputs, check=check_chunk_gla, closed_form=_chunk_gla_zero,
+    run_who="opgen.ops.chunk_gla", warn_fallback=False)

@@ -95,7 +95,7 @@ def _conv_inputs(op_name: str, dims: Mapping[str, int], dt, r) -> tuple[Any, dic
             raise ValueError(f"opgen tune conv2d: groups G={g} must divide C={c} and F={f}")
         op = declare_conv2d(dt, dt, None, (s, s), (p, p, p, p), (1, 1), g)
         return op, {"x": r(n, c, hh, ww), "weight": r(f, c // g, k, k) / (k * (c // g) ** 0.5)}
-    op = declare_depthwise_conv2d(dt, dt, dt, (1, 1), (p, p, p, p), (1, 1))     # what conv_ops runs for groups=C
+    op = declare_depthwise_conv2d(dt, dt, dt, (1, 1), (p, p, p, p), (1, 1))     # what opgen.ops.conv runs for groups=C
     return op, {"x": r(n, c, hh, ww), "weight": r(c, k, k) / k, "bias": r(c)}
 
 

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from opgen.conv_ops import _backward
+from opgen.bridge import backward_op as _backward
 from opgen.ir import DType, bind
 from opgen.ir.passes.correlation import fuse_correlation
 from opgen.ir.passes.window import fuse_window

@@ -102,15 +102,15 @@ def test_triton_window_space_lists_feasible_configs_default_first(groups, k):
     dense conv (gemm and direct)."""
     import json
 
-    from opgen.conv_ops import _conv2d_op, _conv2d_weight
+    from opgen.ops.conv import conv2d_inputs, conv2d_op_for
     from opgen.runtime import default_session
     from opgen.targets.triton import TritonTarget
     from opgen.targets.triton.window import check, default_config, window_group
     from opgen.tune.library import _space
 
     x, w = torch.randn(1, 8, 13, 11), torch.randn(8, 8 // groups, k, k)
-    op = _conv2d_op(x, w, None, (1, 1), (k // 2,) * 4, (1, 1), groups)
-    ww = _conv2d_weight(x, w, groups)
+    op = conv2d_op_for(x, w, None, (1, 1), (k // 2,) * 4, (1, 1), groups)
+    ww = conv2d_inputs(op, {"x": x, "weight": w, "bias": None}, {"groups": groups})["weight"]
     b = default_session().binding(op, {"x": tuple(x.shape), "weight": tuple(ww.shape)}, {}, "test")
     space, convert = _space(TritonTarget(), op, b)
     choices = space.knobs[0].choices

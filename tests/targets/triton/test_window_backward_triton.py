@@ -51,7 +51,7 @@ def _run(cache_dir: str) -> int:
     from opgen.runtime import _sub_binding
     from opgen.targets.reference import evaluate
     from opgen.targets.triton import TritonTarget
-    from opgen.torch_ops import _backward
+    from opgen.bridge import backward_op as _backward
 
     target = TritonTarget(cache_dir=cache_dir)
     bad = 0

@@ -21,7 +21,7 @@ from opgen.targets.reference.evaluate import _Evaluator  # noqa: E402
 from opgen.targets.reference import evaluate  # noqa: E402
 from opgen.targets.tvm import TVMTarget  # noqa: E402
 from opgen.targets.tvm.reduce import reduce_supported, render_reduce, run_reduce  # noqa: E402
-from opgen.torch_ops import _backward  # noqa: E402
+from opgen.bridge import backward_op as _backward  # noqa: E402
 
 
 @pytest.fixture(scope="module")

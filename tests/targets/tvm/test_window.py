@@ -159,7 +159,7 @@ def test_long_conv_flipped_window(rnd, cache):
 def test_flipped_2d_window_in_kernel_row_blocks(kh_block, rnd, cache):
     """The data gradient of a depthwise conv2d reads its window flipped (dilation -1); the weight-stationary
     kernel-row blocks after the first must index the flipped weight (a regression: 13x13 was wrong with 7)."""
-    from opgen.conv_ops import _backward
+    from opgen.bridge import backward_op as _backward
     from opgen.ops.conv import declare_depthwise_conv2d
 
     k, p = 13, 6
