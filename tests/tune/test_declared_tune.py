@@ -189,7 +189,7 @@ def test_bad_shapes_and_options(decl_module, session):
 def test_local_and_interactive_declarations_are_refused_with_the_fix(session, monkeypatch):
     def make():
         @opgen.op
-        def local_op(x: opgen.Float["B"]):
+        def local_op(x: opgen.Float["B"]):  # noqa: F821 (a dims string, not a name)
             (b,) = opgen.axes("b")
             return opgen.compute(x[b] * 2.0, (b,))
         return local_op
