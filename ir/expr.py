@@ -294,8 +294,45 @@ def as_expr(x: ExprLike, like: DType | None = None) -> Expr:
             return const(x, like)
         return const(x)
     if isinstance(x, sympy.Basic):
+        if isinstance(x, sympy.Expr) and not (x.is_integer or x.is_Integer):
+            return _sympy_value(x, like if like is not None and like.is_float else DType.f32)
         return index(x)
     raise IRError(f"cannot use {type(x).__name__} {x!r} in an IR expression")
+
+
+def _sympy_value(e: sympy.Expr, dt: DType) -> Expr:
+    """A non-integer sympy expression of dims and axes used as a value (``1 / E``, ``E ** -0.5``,
+    ``sympy.sqrt(E)``, ``t / L``, ``E + 1.0``) as a float value of dtype ``dt``: integer parts stay INDEX leaves
+    (cast), reciprocals, square roots, powers and rational / float constants become value ops."""
+    if e.is_Integer or e.is_integer:
+        return _cast_to(index(e), dt)
+    if e.is_number:
+        return const(float(e), dt)
+    if e.is_Add:
+        out = None
+        for a in e.args:
+            v = _sympy_value(a, dt)
+            out = v if out is None else binary(ExprOp.ADD, out, v)
+        return out
+    if e.is_Mul:
+        num, den = sympy.fraction(e)
+        if den != 1:
+            return binary(ExprOp.DIV, _sympy_value(num, dt), _sympy_value(den, dt))
+        out = None
+        for a in e.args:
+            v = _sympy_value(a, dt)
+            out = v if out is None else binary(ExprOp.MUL, out, v)
+        return out
+    if e.is_Pow:
+        base, ex = e.args
+        if ex == sympy.Rational(1, 2):
+            return sqrt(_sympy_value(base, dt))
+        if ex == -sympy.Rational(1, 2):
+            return binary(ExprOp.DIV, const(1.0, dt), sqrt(_sympy_value(base, dt)))
+        if ex.is_Integer and ex < 0:
+            return binary(ExprOp.DIV, const(1.0, dt), _sympy_value(base ** -ex, dt))
+        return binary(ExprOp.POW, _sympy_value(base, dt), _sympy_value(ex, dt))
+    raise IRError(f"cannot use {e} as a value: only +, -, *, /, powers and sqrt of dims and axes lift to values")
 
 
 _SYMPY_ARITH = {ExprOp.ADD: lambda a, b: a + b, ExprOp.SUB: lambda a, b: a - b, ExprOp.MUL: lambda a, b: a * b,

@@ -278,13 +278,9 @@ def test_pow_with_a_variable_exponent():
 # 4. dims in value expressions ------------------------------------------------------------------------------------
 # A dim (or an axis) in a value is lifted to an INDEX leaf and cast to float where it meets a float (x / E, E * x,
 # opgen.sqrt(E)); the grad transform passes such leaves through untouched (their derivative is 0). Sympy arithmetic
-# that leaves the integers before it meets a value (1 / E, E ** -0.5, sympy.sqrt(E), E + 1.0, t / L) is rejected when
-# the op is declared, by ir/expr.py: as_expr() lifts every sympy expression with index(), which requires an integer
-# ("index expression 1/E is not integer-valued"). Those forms are the strict xfails below.
+# that leaves the integers before it meets a value (1 / E, E ** -0.5, sympy.sqrt(E), E + 1.0, t / L) is lifted to a
+# float value by ir/expr.py as_expr (it was rejected as "index expression 1/E is not integer-valued").
 
-_SYMPY_VALUE = pytest.mark.xfail(raises=IRError, strict=True,
-                                 reason="ir/expr.py as_expr: a non-integer sympy expression of dims is rejected by "
-                                        "index() at declaration (not by the grad transform)")
 
 
 def _dim_scaled(form: str):
@@ -299,9 +295,7 @@ def _dim_scaled(form: str):
     return dim_scaled.build()
 
 
-@pytest.mark.parametrize("form", ["opgen_sqrt", pytest.param("sympy_sqrt", marks=_SYMPY_VALUE),
-                                  pytest.param("power", marks=_SYMPY_VALUE),
-                                  pytest.param("reciprocal", marks=_SYMPY_VALUE)])
+@pytest.mark.parametrize("form", ["opgen_sqrt", "sympy_sqrt", "power", "reciprocal"])
 @pytest.mark.parametrize("b,e", [(3, 7), (1, 1)])
 def test_dims_in_value_expressions(form, b, e):
     _check(_dim_scaled(form), dict(x=_r(b, e), w=_r(e)))
@@ -332,7 +326,6 @@ def test_dims_in_a_window_reduction_value(l):
     _check(dim_scaled_window.build(), dict(x=_r(2, l), w=_r(3)))
 
 
-@_SYMPY_VALUE
 def test_sympy_arithmetic_of_dims_and_axes_as_a_value():
     @opgen.op
     def ramp(x: F64["B L"]):
