@@ -37,8 +37,8 @@ triton.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import sympy
 
@@ -46,278 +46,27 @@ from opgen.ir import DType, Expr, ExprOp, access_report, expr_str, load
 from opgen.ir.passes.attention import AttentionGroup
 from opgen.ir.passes.diff import derivative
 from opgen.ir.symbols import Dim
+from opgen.schedules.attention import (BLOCKS, DECODE_MAX_LEN, H100_SHARED_MEMORY, H100_SMS, KINDS,  # noqa: F401
+                                       MAX_HEAD_DIM, PRECISIONS, REGISTER_ELEMENTS_PER_THREAD, SPLITS, STAGES, WARPS,
+                                       AttentionShape, AttentionSpace, TritonAttentionConfig, _pow2, padded_dim,
+                                       unsupported_shape, use_decode)
+# the schedule (knobs, checks, default configs) under its old names: opgen.schedules.attention
+from opgen.schedules.attention import (as_triton_attention_config as as_config,  # noqa: F401
+                                       check_triton_attention as check,
+                                       default_triton_attention_config as default_config,
+                                       triton_attention_space as space)
 
+from .attention_kernels import (DSC_MASK_T as _DSC_MASK_T, KERNELS as _KERNELS, SCORE_DSC_T as _SCORE_DSC_T,
+                                SCORE_T as _SCORE_T)
 from .expr import AxisVar, Namer, Section, TensorArg, ValueRenderer, helper_source
 
 GENERATOR_VERSION = "triton-attention-1"
-H100_SHARED_MEMORY = 232448       # bytes per block (sm_90 opt-in maximum)
-H100_SMS = 132
-MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535                # CUDA limit of grid dims 1 and 2 (batch x heads runs on dim 1)
-DECODE_MAX_LEN = 16               # queries per head up to which the decode path is preferred
 SUPPORTED_DTYPES = (DType.f16, DType.bf16, DType.f32)
-KINDS = ("forward", "backward", "decode")
-
-
-# ------------------------------------------------------------------------------------------------- configs
-
-
-@dataclass(frozen=True)
-class TritonAttentionConfig:
-    """Schedule knobs of the attention kernels (JSON-serializable through :meth:`to_dict`).
-
-    ``block_m`` query rows and ``block_n`` keys per tile (the tile tables must be built with the same sizes),
-    ``num_warps`` / ``num_stages`` per kernel launch, ``splits`` key-tile splits of the decode path (1 otherwise),
-    ``dot_precision`` the ``input_precision`` of fp32 dots (ignored for fp16/bf16).
-    """
-
-    block_m: int = 64
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-    splits: int = 1
-    dot_precision: str = "ieee"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TritonAttentionConfig":
-        """A config from a mapping (unknown keys are an error; missing ones take the defaults)."""
-        names = {f.name for f in fields(cls)}
-        extra = set(d) - names
-        if extra:
-            raise ValueError(f"TritonAttentionConfig: unknown knobs {sorted(extra)} (known: {sorted(names)})")
-        return cls(**{k: d[k] for k in d})
-
-
-def as_config(config: "TritonAttentionConfig | Mapping[str, Any] | None") -> TritonAttentionConfig | None:
-    """``config`` as a :class:`TritonAttentionConfig` (None stays None)."""
-    if config is None or isinstance(config, TritonAttentionConfig):
-        return config
-    return TritonAttentionConfig.from_dict(config)
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    """The sizes a schedule depends on: q ``[batch, heads, q_len, head_dim]``, k ``[batch, kv_heads, kv_len,
-    head_dim]``, v ``[batch, kv_heads, kv_len, value_dim]``; ``dtype`` is q's (and k's) dtype."""
-
-    batch: int
-    heads: int
-    kv_heads: int
-    q_len: int
-    kv_len: int
-    head_dim: int
-    value_dim: int
-    dtype: DType
-
-    @classmethod
-    def of(cls, group: AttentionGroup, shapes: Mapping[str, Sequence[int]]) -> "AttentionShape":
-        """From tensor shapes by name (``binding.shapes`` or ``{name: tensor.shape}``)."""
-        q, k, v = (tuple(int(x) for x in shapes[n]) for n in (group.q, group.k, group.v))
-        return cls(q[0], q[1], k[1], q[2], k[2], q[3], v[3], group.op.tensor(group.q).dtype)
-
-    @property
-    def group_size(self) -> int:
-        return self.heads // max(1, self.kv_heads)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def padded_dim(d: int) -> int:
-    """The tile width of a head dim: the next power of two, at least 16 (the minimum ``tl.dot`` size)."""
-    return max(16, _pow2(d))
-
-
-def _elem_bytes(dtype: DType) -> int:
-    return 4 if dtype == DType.f32 else 2
-
-
-def _smem_limit(caps) -> int:
-    s = int(getattr(caps, "shared_memory", 0) or 0) if caps is not None else 0
-    return s if s > 0 else H100_SHARED_MEMORY
-
-
-def _sms(caps) -> int:
-    if caps is not None and getattr(caps, "device_kind", "") == "cuda" and getattr(caps, "cores", 0):
-        return int(caps.cores)
-    return H100_SMS
-
-
-# (block_m, block_n, num_warps, num_stages) by padded head dim: the largest spill-free choices of sm_90 AOT compiles
-# (triton 3.9; the score mod a soft-cap, so tanh and its derivative are live too). 16-bit at head dims 64 and 128
-# are kept honest by test_aot_sm90_default_config; 256 and fp32 (tf32x3 dots, which triple the operand registers)
-# were checked once by hand. fp32 "ieee" dots run on FMA units and spill in the backward at these sizes.
-_FWD_16 = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
-_FWD_32 = {64: (64, 32, 4, 3), 128: (64, 32, 8, 3), 256: (32, 32, 8, 2)}
-_BWD_16 = {64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)}
-_BWD_32 = {64: (32, 32, 8, 2), 128: (16, 16, 4, 2), 256: (16, 16, 8, 1)}
-_DEC_16 = {64: (16, 64, 4, 3), 128: (16, 64, 8, 3), 256: (16, 32, 8, 2)}
-_DEC_32 = {64: (16, 64, 4, 3), 128: (16, 32, 4, 3), 256: (16, 32, 8, 2)}
-
-
-def _table(kind: str, dtype: DType) -> dict:
-    wide = dtype == DType.f32
-    return {"forward": _FWD_32 if wide else _FWD_16, "backward": _BWD_32 if wide else _BWD_16,
-            "decode": _DEC_32 if wide else _DEC_16}[kind]
-
-
-def default_config(group: AttentionGroup, shape: AttentionShape, caps=None,
-                   kind: str = "forward") -> TritonAttentionConfig:
-    """A reasonable config for ``kind`` ("forward", "backward" or "decode") at ``shape`` without tuning.
-
-    Tiles come from a table by padded head dim and dtype (seeded from FlexAttention's H100 table and checked by
-    AOT compiles), shrunk to the problem (at least 16) and to the shared memory of ``caps`` (a
-    :class:`~opgen.targets.base.Caps`; the H100 limit when None). The decode split count aims at two programs
-    per SM without splitting below two key tiles per program.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown attention kernel kind {kind!r} (expected one of {KINDS})")
-    d = max(padded_dim(shape.head_dim), padded_dim(shape.value_dim))
-    key = 64 if d <= 64 else 128 if d <= 128 else 256
-    bm, bn, warps, stages = _table(kind, shape.dtype)[key]
-    bm = max(16, min(bm, _pow2(shape.q_len)))
-    bn = max(16, min(bn, _pow2(shape.kv_len)))
-    cfg = TritonAttentionConfig(bm, bn, warps, stages, 1, "tf32x3" if shape.dtype == DType.f32 else "ieee")
-    limit = _smem_limit(caps)
-    while _smem_estimate(cfg, shape, kind) > limit and cfg.num_stages > 1:
-        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
-    while _smem_estimate(cfg, shape, kind) > limit and max(cfg.block_m, cfg.block_n) > 16:
-        cfg = replace(cfg, block_n=max(16, cfg.block_n // 2)) if cfg.block_n >= cfg.block_m \
-            else replace(cfg, block_m=max(16, cfg.block_m // 2))
-    if kind == "decode":
-        programs = -(-shape.q_len // cfg.block_m) * shape.batch * shape.heads
-        tiles = -(-shape.kv_len // cfg.block_n)
-        want = max(1, -(-2 * _sms(caps) // max(1, programs)))
-        splits = 1
-        while splits < want and splits * 2 <= max(1, tiles // 2) and splits < 64:
-            splits *= 2
-        cfg = replace(cfg, splits=splits)
-    return cfg
-
-
-BLOCKS = (16, 32, 64, 128, 256)
-WARPS = (1, 2, 4, 8)
-STAGES = (1, 2, 3, 4)
-SPLITS = (1, 2, 4, 8, 16, 32, 64)
-PRECISIONS = ("ieee", "tf32x3", "tf32")
-REGISTER_ELEMENTS_PER_THREAD = 192    # live fp32 tile elements per thread we allow (of 255 registers)
-
-
-def _smem_estimate(cfg: TritonAttentionConfig, shape: AttentionShape, kind: str) -> int:
-    """Rough shared-memory bytes of the main kernel of ``kind``: pipelined key/value (or query/dout) tiles plus
-    the operand tiles staged for the dots; 1.5x for fp32 (tf32 operand splitting). An upper estimate, checked
-    against sm_90 AOT compiles."""
-    eb = _elem_bytes(shape.dtype)
-    be, bev = padded_dim(shape.head_dim), padded_dim(shape.value_dim)
-    bm, bn, st = cfg.block_m, cfg.block_n, max(1, cfg.num_stages)
-    if kind == "backward":
-        # dkdv keeps its k, v tiles and streams q, dout tiles; dq the other way round; plus the ds / p staging
-        tile = max(bm, bn) * (be + bev) * eb
-        est = (st + 1.5) * tile + 2 * bm * bn * eb
-    else:
-        est = st * bn * (be + bev) * eb + bm * be * eb + bm * bn * eb
-    return int(est * (1.5 if shape.dtype == DType.f32 else 1.0))
-
-
-def _register_estimate(cfg: TritonAttentionConfig, shape: AttentionShape, kind: str) -> float:
-    """Live fp32-equivalent tile elements per thread of the main kernel of ``kind`` (1.5x for fp32 inputs)."""
-    be, bev = padded_dim(shape.head_dim), padded_dim(shape.value_dim)
-    bm, bn = cfg.block_m, cfg.block_n
-    half = _elem_bytes(shape.dtype) / 4
-    if kind == "backward":
-        # dkdv: fp32 dk, dv accumulators, the k, v tiles, and the [BN, BM] score, p, dp and ds tiles
-        dkdv = bn * (be + bev) * (1 + half) + 4 * bm * bn
-        dq = bm * be + bm * (be + bev) * half + 4 * bm * bn
-        live = max(dkdv, dq)
-    else:
-        live = bm * bev + 2 * bm * bn + bm * be * half
-    return live / (32 * cfg.num_warps) * (1.5 if shape.dtype == DType.f32 else 1.0)
-
-
-def check(group: AttentionGroup, cfg: TritonAttentionConfig | Mapping[str, Any], shape: AttentionShape | None = None,
-          kind: str = "forward", caps=None) -> str | None:
-    """Why ``cfg`` is invalid for ``kind`` (at ``shape``'s sizes when given), or None when it is feasible."""
-    try:
-        c = as_config(cfg)
-    except (TypeError, ValueError) as e:
-        return str(e)
-    if kind not in KINDS:
-        return f"unknown kind {kind!r}"
-    for name, choices in (("block_m", BLOCKS), ("block_n", BLOCKS), ("num_warps", WARPS), ("num_stages", STAGES),
-                          ("splits", SPLITS), ("dot_precision", PRECISIONS)):
-        if getattr(c, name) not in choices:
-            return f"{name}={getattr(c, name)!r} not in {choices}"
-    if kind != "decode" and c.splits != 1:
-        return f"splits={c.splits} is only meaningful for the decode kernels"
-    if shape is None:
-        return None
-    why = unsupported_shape(shape)
-    if why is not None:
-        return why
-    if shape.dtype != DType.f32 and c.dot_precision != "ieee":
-        return f"dot_precision={c.dot_precision!r} only applies to fp32 inputs (use 'ieee')"
-    if c.block_m > max(16, _pow2(shape.q_len)):
-        return f"block_m={c.block_m} exceeds the padded query length {max(16, _pow2(shape.q_len))}"
-    if c.block_n > max(16, _pow2(shape.kv_len)):
-        return f"block_n={c.block_n} exceeds the padded key length {max(16, _pow2(shape.kv_len))}"
-    if kind == "decode" and c.splits > max(1, -(-shape.kv_len // c.block_n)):
-        return f"splits={c.splits} exceeds the {-(-shape.kv_len // c.block_n)} key tiles"
-    smem = _smem_estimate(c, shape, kind)
-    if smem > _smem_limit(caps):
-        return f"shared memory: about {smem} bytes > {_smem_limit(caps)}"
-    regs = _register_estimate(c, shape, kind)
-    if regs > REGISTER_ELEMENTS_PER_THREAD:
-        return (f"registers: about {regs:.0f} live tile elements per thread (> {REGISTER_ELEMENTS_PER_THREAD}) "
-                f"with {c.num_warps} warps")
-    return None
-
-
-@dataclass(frozen=True)
-class AttentionSpace:
-    """The knob space of one direction of an attention group at one shape: plain data plus constraints."""
-
-    name: str
-    kind: str
-    knobs: Mapping[str, tuple]
-    default: TritonAttentionConfig
-    group: AttentionGroup = field(repr=False, compare=False)
-    shape: AttentionShape | None = field(repr=False, compare=False, default=None)
-    caps: Any = field(repr=False, compare=False, default=None)
-
-    def infeasible(self, cfg: TritonAttentionConfig | Mapping[str, Any]) -> str | None:
-        return check(self.group, cfg, self.shape, self.kind, self.caps)
-
-    def enumerate(self) -> Iterator[TritonAttentionConfig]:
-        """Every feasible config (knobs in preference order)."""
-        names = list(self.knobs)
-
-        def rec(i: int, cur: dict) -> Iterator[TritonAttentionConfig]:
-            if i == len(names):
-                cfg = TritonAttentionConfig(**cur)
-                if self.infeasible(cfg) is None:
-                    yield cfg
-                return
-            for ch in self.knobs[names[i]]:
-                yield from rec(i + 1, {**cur, names[i]: ch})
-        yield from rec(0, {})
-
-
-def space(group: AttentionGroup, shape: AttentionShape, caps=None, kind: str = "forward") -> AttentionSpace:
-    """The knobs of ``kind`` at ``shape``: block sizes, warps, stages; splits for decode; the dot precision for
-    fp32 inputs."""
-    default = default_config(group, shape, caps, kind)
-    knobs: dict[str, tuple] = {"block_m": (16,) if kind == "decode" else (16, 32, 64, 128),
-                               "block_n": (16, 32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3, 4),
-                               "splits": SPLITS if kind == "decode" else (1,),
-                               "dot_precision": PRECISIONS if shape.dtype == DType.f32 else ("ieee",)}
-    return AttentionSpace(f"triton/{group.op.name}/{group.out}/{kind}", kind, knobs, default, group, shape, caps)
 
 
 # ------------------------------------------------------------------------------------------- support checks
+# (the configs, their checks, spaces and defaults, and the shape checks: opgen.schedules.attention)
 
 
 def unsupported(group: AttentionGroup) -> str | None:
@@ -336,16 +85,6 @@ def unsupported(group: AttentionGroup) -> str | None:
     for c in group.captures:
         if op.tensor(c).dtype == DType.f64:
             return f"captured tensor {c} is fp64 (not supported by the triton attention kernels)"
-    return None
-
-
-def unsupported_shape(shape: AttentionShape) -> str | None:
-    """Why the kernels cannot run at ``shape`` (head dims), or None."""
-    for name, d in (("head dim E", shape.head_dim), ("value head dim EV", shape.value_dim)):
-        if d < 1 or d > MAX_HEAD_DIM:
-            return f"{name} = {d} is not supported (1 to {MAX_HEAD_DIM}; padded to a power of two >= 16)"
-    if shape.kv_heads < 1 or shape.heads % shape.kv_heads:
-        return f"{shape.kv_heads} kv heads do not divide {shape.heads} query heads"
     return None
 
 
@@ -522,339 +261,11 @@ def _kernel_params(text: str) -> dict[str, tuple[str, ...]]:
     return out
 
 
-_SCORE_T = "s = _score_mod(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__) * 1.4426950408889634\n"
-_SCORE_DSC_T = ("s, dsc = _score_bwd(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__)\n"
-                "s = s * 1.4426950408889634\n")
-_DSC_MASK_T = "dsc = tl.where(vis, dsc, 0.0)\n"
-
-
 def _indent(text: str, n: int) -> str:
     return "".join(" " * n + ln + "\n" for ln in text.splitlines())
 
-# The kernels. ``__CTXP__``/``__CTX__`` become the context arguments (capture pointers, dims, capture strides);
-# ``__SCORE_BWD*__`` / ``__DSC*__`` insert the score mod with its derivative in the backward when there is one.
-_KERNELS = '''
-@triton.jit
-def _fwd_block(q, m_i, l_i, acc, kt, partial, k_base, v_base, s_k_2, s_k_3, s_v_2, s_v_3,
-               off_b, off_h, qi, qi_ok, offs_e, e_ok, offs_ev, ev_ok, LK, sm_scale__CTXP__,
-               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One key tile of the online softmax: returns the updated (row max in log2 units, row sum, acc)."""
-    start_n = kt * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < LK
-    k_t = tl.load(k_base + offs_n[None, :] * s_k_2 + offs_e[:, None] * s_k_3,
-                  mask=n_ok[None, :] & e_ok[:, None], other=0.0)
-    qk = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=tl.float32) * sm_scale
-    kj = offs_n[None, :]
-    kj_ok = n_ok[None, :]
-    s = _score_mod(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__) * 1.4426950408889634
-    if (partial != 0) | (start_n + BLOCK_N > LK):
-        s = tl.where(_visible(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + offs_n[:, None] * s_v_2 + offs_ev[None, :] * s_v_3,
-                mask=n_ok[:, None] & ev_ok[None, :], other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=tl.float32)
-    return m_new, l_i, acc
 
-
-@triton.jit
-def _store_out(Out, Lse, m_i, l_i, acc, off_b, off_h, offs_m, m_ok, offs_ev, ev_ok,
-               s_o_0, s_o_1, s_o_2, s_o_3, s_l_0, s_l_1, s_l_2):
-    """out = acc / l (0 for a fully masked row) and lse = m + log(l) (natural log; -inf for a fully masked row)."""
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    o_base = Out + off_b.to(tl.int64) * s_o_0 + off_h.to(tl.int64) * s_o_1
-    tl.store(o_base + offs_m[:, None] * s_o_2 + offs_ev[None, :] * s_o_3, o.to(Out.dtype.element_ty),
-             mask=m_ok[:, None] & ev_ok[None, :])
-    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = tl.where(l_i > 0.0, (m_use + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(Lse + off_b.to(tl.int64) * s_l_0 + off_h.to(tl.int64) * s_l_1 + offs_m * s_l_2, lse, mask=m_ok)
-
-
-@triton.jit
-def attn_fwd(Q, K, V, Out, Lse, Cnt, Idx, Msk__CTXP__,
-             HQ, LQ, LK, DE, DV, GQA,
-             s_q_0, s_q_1, s_q_2, s_q_3, s_k_0, s_k_1, s_k_2, s_k_3, s_v_0, s_v_1, s_v_2, s_v_3,
-             s_o_0, s_o_1, s_o_2, s_o_3, s_l_0, s_l_1, s_l_2,
-             s_c_0, s_c_1, s_c_2, s_i_0, s_i_1, s_i_2, s_i_3, s_m_0, s_m_1, s_m_2, s_m_3,
-             sm_scale,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """Flash forward: grid (query tiles, B * HQ); the key tiles come from the row tile table."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // HQ
-    off_h = pid_bh % HQ
-    off_hk = off_h // GQA
-    k_base = K + off_b.to(tl.int64) * s_k_0 + off_hk.to(tl.int64) * s_k_1
-    v_base = V + off_b.to(tl.int64) * s_v_0 + off_hk.to(tl.int64) * s_v_1
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    m_ok = offs_m < LQ
-    e_ok = offs_e < DE
-    ev_ok = offs_ev < DV
-    q_base = Q + off_b.to(tl.int64) * s_q_0 + off_h.to(tl.int64) * s_q_1
-    q = tl.load(q_base + offs_m[:, None] * s_q_2 + offs_e[None, :] * s_q_3, mask=m_ok[:, None] & e_ok[None, :],
-                other=0.0)
-    qi = offs_m[:, None]
-    qi_ok = m_ok[:, None]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_EV], tl.float32)
-    cnt = tl.load(Cnt + off_b * s_c_0 + off_h * s_c_1 + pid_m * s_c_2)
-    i_base = Idx + off_b * s_i_0 + off_h * s_i_1 + pid_m * s_i_2
-    f_base = Msk + off_b * s_m_0 + off_h * s_m_1 + pid_m * s_m_2
-    for n in range(0, cnt):
-        kt = tl.load(i_base + n * s_i_3)
-        partial = tl.load(f_base + n * s_m_3)
-        m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, kt, partial, k_base, v_base, s_k_2, s_k_3, s_v_2, s_v_3,
-                                   off_b, off_h, qi, qi_ok, offs_e, e_ok, offs_ev, ev_ok, LK, sm_scale__CTX__,
-                                   BLOCK_N, PRECISION)
-    _store_out(Out, Lse, m_i, l_i, acc, off_b, off_h, offs_m, m_ok, offs_ev, ev_ok,
-               s_o_0, s_o_1, s_o_2, s_o_3, s_l_0, s_l_1, s_l_2)
-
-
-@triton.jit
-def attn_decode_split(Q, K, V, Pm, Pl, Pacc, Cnt, Idx, Msk__CTXP__,
-                      HQ, LQ, LK, DE, DV, GQA, BH, SPLITS,
-                      s_q_0, s_q_1, s_q_2, s_q_3, s_k_0, s_k_1, s_k_2, s_k_3, s_v_0, s_v_1, s_v_2, s_v_3,
-                      s_c_0, s_c_1, s_c_2, s_i_0, s_i_1, s_i_2, s_i_3, s_m_0, s_m_1, s_m_2, s_m_3,
-                      sm_scale,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    """FlashDecoding, part 1: grid (splits, query tiles, B * HQ); split s walks its share of the listed key
-    tiles and writes the partial (row max in log2 units, row sum, unnormalized acc) in fp32."""
-    pid_s = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    off_b = pid_bh // HQ
-    off_h = pid_bh % HQ
-    off_hk = off_h // GQA
-    k_base = K + off_b.to(tl.int64) * s_k_0 + off_hk.to(tl.int64) * s_k_1
-    v_base = V + off_b.to(tl.int64) * s_v_0 + off_hk.to(tl.int64) * s_v_1
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    m_ok = offs_m < LQ
-    e_ok = offs_e < DE
-    ev_ok = offs_ev < DV
-    q_base = Q + off_b.to(tl.int64) * s_q_0 + off_h.to(tl.int64) * s_q_1
-    q = tl.load(q_base + offs_m[:, None] * s_q_2 + offs_e[None, :] * s_q_3, mask=m_ok[:, None] & e_ok[None, :],
-                other=0.0)
-    qi = offs_m[:, None]
-    qi_ok = m_ok[:, None]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_EV], tl.float32)
-    cnt = tl.load(Cnt + off_b * s_c_0 + off_h * s_c_1 + pid_m * s_c_2)
-    i_base = Idx + off_b * s_i_0 + off_h * s_i_1 + pid_m * s_i_2
-    f_base = Msk + off_b * s_m_0 + off_h * s_m_1 + pid_m * s_m_2
-    per = tl.cdiv(cnt, SPLITS)
-    lo = pid_s * per
-    hi = tl.minimum(lo + per, cnt)
-    for n in range(lo, hi):
-        kt = tl.load(i_base + n * s_i_3)
-        partial = tl.load(f_base + n * s_m_3)
-        m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, kt, partial, k_base, v_base, s_k_2, s_k_3, s_v_2, s_v_3,
-                                   off_b, off_h, qi, qi_ok, offs_e, e_ok, offs_ev, ev_ok, LK, sm_scale__CTX__,
-                                   BLOCK_N, PRECISION)
-    row = (pid_s * BH + pid_bh).to(tl.int64) * LQ + offs_m
-    tl.store(Pm + row, m_i, mask=m_ok)
-    tl.store(Pl + row, l_i, mask=m_ok)
-    tl.store(Pacc + row[:, None] * DV + offs_ev[None, :], acc, mask=m_ok[:, None] & ev_ok[None, :])
-
-
-@triton.jit
-def attn_decode_combine(Pm, Pl, Pacc, Out, Lse, HQ, LQ, DV, BH, SPLITS,
-                        s_o_0, s_o_1, s_o_2, s_o_3, s_l_0, s_l_1, s_l_2,
-                        BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr):
-    """FlashDecoding, part 2: grid (query tiles, B * HQ); merges the partials of every split."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // HQ
-    off_h = pid_bh % HQ
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    m_ok = offs_m < LQ
-    ev_ok = offs_ev < DV
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_EV], tl.float32)
-    for sp in range(0, SPLITS):
-        row = (sp * BH + pid_bh).to(tl.int64) * LQ + offs_m
-        m_s = tl.load(Pm + row, mask=m_ok, other=float("-inf"))
-        l_s = tl.load(Pl + row, mask=m_ok, other=0.0)
-        a_s = tl.load(Pacc + row[:, None] * DV + offs_ev[None, :], mask=m_ok[:, None] & ev_ok[None, :], other=0.0)
-        m_new = tl.maximum(m_i, m_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        beta = tl.exp2(m_s - m_use)
-        l_i = l_i * alpha + l_s * beta
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
-        m_i = m_new
-    _store_out(Out, Lse, m_i, l_i, acc, off_b, off_h, offs_m, m_ok, offs_ev, ev_ok,
-               s_o_0, s_o_1, s_o_2, s_o_3, s_l_0, s_l_1, s_l_2)
-
-
-@triton.jit
-def attn_bwd_preprocess(Out, DOut, Delta, HQ, LQ, DV,
-                        s_o_0, s_o_1, s_o_2, s_o_3, s_do_0, s_do_1, s_do_2, s_do_3,
-                        BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr):
-    """delta[b, h, i] = sum_ev dout * out (fp32, contiguous [B * HQ, L])."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // HQ
-    off_h = pid_bh % HQ
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    ok = (offs_m < LQ)[:, None] & (offs_ev < DV)[None, :]
-    o = tl.load(Out + off_b.to(tl.int64) * s_o_0 + off_h.to(tl.int64) * s_o_1 + offs_m[:, None] * s_o_2
-                + offs_ev[None, :] * s_o_3, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DOut + off_b.to(tl.int64) * s_do_0 + off_h.to(tl.int64) * s_do_1 + offs_m[:, None] * s_do_2
-                 + offs_ev[None, :] * s_do_3, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh.to(tl.int64) * LQ + offs_m, tl.sum(o * do, 1), mask=offs_m < LQ)
-
-
-@triton.jit
-def attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DVt, Cnt, Idx, Msk__CTXP__,
-                  HQ, HKV, LQ, LK, DE, DV, GQA,
-                  s_q_0, s_q_1, s_q_2, s_q_3, s_k_0, s_k_1, s_k_2, s_k_3, s_v_0, s_v_1, s_v_2, s_v_3,
-                  s_do_0, s_do_1, s_do_2, s_do_3, s_l_0, s_l_1, s_l_2,
-                  s_dk_0, s_dk_1, s_dk_2, s_dk_3, s_dv_0, s_dv_1, s_dv_2, s_dv_3,
-                  s_c_0, s_c_1, s_c_2, s_i_0, s_i_1, s_i_2, s_i_3, s_m_0, s_m_1, s_m_2, s_m_3,
-                  sm_scale,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """dk, dv of one key tile: grid (key tiles, B * HKV); walks the query tiles of the column tile table of
-    each of the GQA query heads of this kv head (p recomputed from lse; no atomics)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // HKV
-    off_hk = pid_bh % HKV
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    n_ok = offs_n < LK
-    e_ok = offs_e < DE
-    ev_ok = offs_ev < DV
-    k = tl.load(K + off_b.to(tl.int64) * s_k_0 + off_hk.to(tl.int64) * s_k_1 + offs_n[:, None] * s_k_2
-                + offs_e[None, :] * s_k_3, mask=n_ok[:, None] & e_ok[None, :], other=0.0)
-    v = tl.load(V + off_b.to(tl.int64) * s_v_0 + off_hk.to(tl.int64) * s_v_1 + offs_n[:, None] * s_v_2
-                + offs_ev[None, :] * s_v_3, mask=n_ok[:, None] & ev_ok[None, :], other=0.0)
-    kj = offs_n[:, None]
-    kj_ok = n_ok[:, None]
-    dk = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_EV], tl.float32)
-    for g in range(0, GQA):
-        off_h = off_hk * GQA + g
-        q_base = Q + off_b.to(tl.int64) * s_q_0 + off_h.to(tl.int64) * s_q_1
-        do_base = DOut + off_b.to(tl.int64) * s_do_0 + off_h.to(tl.int64) * s_do_1
-        l_base = Lse + off_b.to(tl.int64) * s_l_0 + off_h.to(tl.int64) * s_l_1
-        d_base = Delta + (off_b * HQ + off_h).to(tl.int64) * LQ
-        cnt = tl.load(Cnt + off_b * s_c_0 + off_h * s_c_1 + pid_n * s_c_2)
-        i_base = Idx + off_b * s_i_0 + off_h * s_i_1 + pid_n * s_i_2
-        f_base = Msk + off_b * s_m_0 + off_h * s_m_1 + pid_n * s_m_2
-        for t in range(0, cnt):
-            mt = tl.load(i_base + t * s_i_3)
-            partial = tl.load(f_base + t * s_m_3)
-            offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < LQ
-            q_t = tl.load(q_base + offs_m[None, :] * s_q_2 + offs_e[:, None] * s_q_3,
-                          mask=m_ok[None, :] & e_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * s_do_2 + offs_ev[None, :] * s_do_3,
-                         mask=m_ok[:, None] & ev_ok[None, :], other=0.0)
-            # rows past the end get lse = +inf, hence p = 0; a fully masked row (lse = -inf) only has masked keys
-            lse = tl.load(l_base + offs_m * s_l_2, mask=m_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-            delta = tl.load(d_base + offs_m, mask=m_ok, other=0.0)
-            qk = tl.dot(k, q_t, input_precision=PRECISION, out_dtype=tl.float32) * sm_scale
-            qi = offs_m[None, :]
-            qi_ok = m_ok[None, :]
-__SCORE_BWD12__
-            p = tl.exp2(s - lse2[None, :])
-            if partial != 0:
-                vis = _visible(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__)
-                p = tl.where(vis, p, 0.0)
-__DSC_MASK16__
-            dv = tl.dot(p.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=tl.float32)
-            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=tl.float32)
-            ds = p * (dp - delta[None, :])__DSC_MUL__
-            dk = tl.dot(ds.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION, out_dtype=tl.float32)
-    dk = dk * sm_scale
-    tl.store(DK + off_b.to(tl.int64) * s_dk_0 + off_hk.to(tl.int64) * s_dk_1 + offs_n[:, None] * s_dk_2
-             + offs_e[None, :] * s_dk_3, dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & e_ok[None, :])
-    tl.store(DVt + off_b.to(tl.int64) * s_dv_0 + off_hk.to(tl.int64) * s_dv_1 + offs_n[:, None] * s_dv_2
-             + offs_ev[None, :] * s_dv_3, dv.to(DVt.dtype.element_ty), mask=n_ok[:, None] & ev_ok[None, :])
-
-
-@triton.jit
-def attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, Cnt, Idx, Msk__CTXP__,
-                HQ, LQ, LK, DE, DV, GQA,
-                s_q_0, s_q_1, s_q_2, s_q_3, s_k_0, s_k_1, s_k_2, s_k_3, s_v_0, s_v_1, s_v_2, s_v_3,
-                s_do_0, s_do_1, s_do_2, s_do_3, s_l_0, s_l_1, s_l_2, s_dq_0, s_dq_1, s_dq_2, s_dq_3,
-                s_c_0, s_c_1, s_c_2, s_i_0, s_i_1, s_i_2, s_i_3, s_m_0, s_m_1, s_m_2, s_m_3,
-                sm_scale,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """dq of one query tile: grid (query tiles, B * HQ); walks the key tiles of the row tile table."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // HQ
-    off_h = pid_bh % HQ
-    off_hk = off_h // GQA
-    k_base = K + off_b.to(tl.int64) * s_k_0 + off_hk.to(tl.int64) * s_k_1
-    v_base = V + off_b.to(tl.int64) * s_v_0 + off_hk.to(tl.int64) * s_v_1
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    m_ok = offs_m < LQ
-    e_ok = offs_e < DE
-    ev_ok = offs_ev < DV
-    q = tl.load(Q + off_b.to(tl.int64) * s_q_0 + off_h.to(tl.int64) * s_q_1 + offs_m[:, None] * s_q_2
-                + offs_e[None, :] * s_q_3, mask=m_ok[:, None] & e_ok[None, :], other=0.0)
-    do = tl.load(DOut + off_b.to(tl.int64) * s_do_0 + off_h.to(tl.int64) * s_do_1 + offs_m[:, None] * s_do_2
-                 + offs_ev[None, :] * s_do_3, mask=m_ok[:, None] & ev_ok[None, :], other=0.0)
-    lse = tl.load(Lse + off_b.to(tl.int64) * s_l_0 + off_h.to(tl.int64) * s_l_1 + offs_m * s_l_2, mask=m_ok,
-                  other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * LQ + offs_m, mask=m_ok, other=0.0)
-    qi = offs_m[:, None]
-    qi_ok = m_ok[:, None]
-    dq = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
-    cnt = tl.load(Cnt + off_b * s_c_0 + off_h * s_c_1 + pid_m * s_c_2)
-    i_base = Idx + off_b * s_i_0 + off_h * s_i_1 + pid_m * s_i_2
-    f_base = Msk + off_b * s_m_0 + off_h * s_m_1 + pid_m * s_m_2
-    for n in range(0, cnt):
-        kt = tl.load(i_base + n * s_i_3)
-        partial = tl.load(f_base + n * s_m_3)
-        start_n = kt * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < LK
-        k_t = tl.load(k_base + offs_n[None, :] * s_k_2 + offs_e[:, None] * s_k_3,
-                      mask=n_ok[None, :] & e_ok[:, None], other=0.0)
-        v_t = tl.load(v_base + offs_n[None, :] * s_v_2 + offs_ev[:, None] * s_v_3,
-                      mask=n_ok[None, :] & ev_ok[:, None], other=0.0)
-        qk = tl.dot(q, k_t, input_precision=PRECISION, out_dtype=tl.float32) * sm_scale
-        kj = offs_n[None, :]
-        kj_ok = n_ok[None, :]
-__SCORE_BWD8__
-        p = tl.exp2(s - lse2[:, None])
-        if (partial != 0) | (start_n + BLOCK_N > LK):
-            vis = _visible(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__)
-            p = tl.where(vis, p, 0.0)
-__DSC_MASK12__
-        dp = tl.dot(do, v_t, input_precision=PRECISION, out_dtype=tl.float32)
-        ds = p * (dp - delta[:, None])__DSC_MUL__
-        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION, out_dtype=tl.float32)
-    dq = dq * sm_scale
-    tl.store(DQ + off_b.to(tl.int64) * s_dq_0 + off_h.to(tl.int64) * s_dq_1 + offs_m[:, None] * s_dq_2
-             + offs_e[None, :] * s_dq_3, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])
-'''
+# The kernel templates (_KERNELS and the score-mod lines) are text in attention_kernels.py.
 
 
 # ----------------------------------------------------------------------------------------- tile tables
@@ -1065,11 +476,9 @@ def _resolve(group: AttentionGroup, shape: AttentionShape, config, kind: str, ca
 
 
 def _module(group: AttentionGroup, cache_dir):
-    from .compile import load_module
+    from .compile import _default_cache_dir, load_module
 
     if cache_dir is None:
-        from .target import _default_cache_dir
-
         cache_dir = _default_cache_dir()
     return load_module(render(group).source, cache_dir)
 
@@ -1260,11 +669,6 @@ def run_backward(group: AttentionGroup, inputs: Mapping, out, lse, dout, rows, c
     for c in calls:
         _launch(mod, render(group), c)
     return grads
-
-
-def use_decode(shape: AttentionShape) -> bool:
-    """Whether the split-key decode path should run ``shape``: short queries over at least 4 key tiles of 64."""
-    return shape.q_len <= DECODE_MAX_LEN and shape.kv_len >= 256
 
 
 # --------------------------------------------------------------------------------------------- AOT support

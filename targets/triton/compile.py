@@ -27,12 +27,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
-from ..cache_files import cache_subdir, exec_source, give_up, read_private_file, write_atomic
+from ..cache_files import cache_subdir, default_cache_dir, exec_source, give_up, read_private_file, write_atomic
 
 H100_SHARED_MEMORY = 232448   # bytes per block (sm_90 opt-in maximum)
 
 _LOCK = threading.Lock()
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
+
+
+def _default_cache_dir() -> Path:
+    """The directory of generated sources: ``$OPGEN_CACHE_DIR`` when set, else the user cache directory."""
+    if os.environ.get("OPGEN_CACHE_DIR"):
+        return Path(os.environ["OPGEN_CACHE_DIR"]).expanduser()
+    return default_cache_dir()
 
 
 def interpreter_enabled() -> bool:

@@ -31,27 +31,25 @@ Variants (see :class:`opgen.ir.passes.ScanVariant`):
 from __future__ import annotations
 
 import functools
-import math
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import sympy
 
-from opgen.ir import (SUM, DType, Expr, ExprOp, Map, access_report, expr_str, index_str, log, promote)
-from opgen.ir.passes import ScanGroup, ScanVariant, derive_scan_variants, inline_maps
+from opgen.ir import Map, access_report, expr_str, index_str
+from opgen.ir.passes import ScanGroup, ScanVariant, inline_maps
 from opgen.ir.symbols import Axis
-from opgen.ir.expr import free_symbols
+from opgen.schedules.scan import A_TILE_ELEMENTS, _axes, _free_state_axis, _pow2, _state_dtype, matmul_form
+# the schedule (knobs, checks, default configs) under its old names: opgen.schedules.scan
+from opgen.schedules.scan import (H100_SMS, REGISTER_ELEMENTS_PER_THREAD, MatmulForm, ScanSpace,  # noqa: F401
+                                  VariantSpace, check_triton_scan as check,
+                                  default_triton_scan_config as default_config, triton_scan_space as space, variants)
 
-from .expr import (TL_DTYPE, TL_SIGNATURE, AxisVar, Namer, Section, TensorArg, ValueRenderer, compute_dtype,
-                   helper_source, render_index)
+from .expr import (TL_DTYPE, TL_SIGNATURE, AxisVar, Namer, Section, TensorArg, ValueRenderer, helper_source,
+                   render_index)
 
 GENERATOR_VERSION = "triton-scan-1"
 SUPPORTED_VARIANTS = (ScanVariant.SEQUENTIAL, ScanVariant.CHUNKED_MATMUL)
-
-H100_SMS = 132
-REGISTER_ELEMENTS_PER_THREAD = 64      # live fp32 state elements per thread we allow (of 255 registers)
-A_TILE_ELEMENTS = 4096                 # size of the [BT, BT, BKA] intra-chunk temporary (per-key decay)
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -106,27 +104,6 @@ def _pre_maps(group: ScanGroup) -> dict[str, Map]:
 def _tails(group: ScanGroup) -> list[Map]:
     pre = _pre_maps(group)
     return [Map(m.out, m.axes, inline_maps(m.value, pre)) for m in group.tails]
-
-
-def _state_dtype(group: ScanGroup) -> DType:
-    c = group.scan.combine
-    return compute_dtype(promote(c.a.dtype, c.b.dtype))
-
-
-def _mul(fs: list[Expr]) -> Expr | None:
-    return functools.reduce(operator.mul, fs) if fs else None
-
-
-def _factors(e: Expr) -> list[Expr]:
-    return _factors(e.lhs) + _factors(e.rhs) if e.op is ExprOp.MUL else [e]
-
-
-def _axes(e: Expr) -> set:
-    return free_symbols(e)
-
-
-def _reads(e: Expr, tensor: str) -> bool:
-    return any(n.op is ExprOp.LOAD and n.arg.tensor == tensor for n in e.walk())
 
 
 class _Common:
@@ -263,13 +240,6 @@ def _needs_int64(tensors):
 
 
 # ------------------------------------------------------------------------------------------- sequential
-
-
-def _free_state_axis(group: ScanGroup) -> Axis | None:
-    """The state axis that may be split across programs: the last one the projection does not reduce."""
-    reduced = set(group.projection.raxes) if group.projection is not None else set()
-    free = [a for a in group.state if a not in reduced]
-    return free[-1] if free else None
 
 
 def _render_sequential(group: ScanGroup) -> KernelSpec:
@@ -415,67 +385,6 @@ def _render_sequential(group: ScanGroup) -> KernelSpec:
 
 
 # ----------------------------------------------------------------------------------------- chunked-matmul
-
-
-@dataclass(frozen=True)
-class MatmulForm:
-    """The decayed outer-product structure of a scan group (see the module docstring)."""
-
-    u: Axis                  # the state axis the projection reduces (keys)
-    v: Axis                  # the other state axis (values)
-    log_decay: Expr          # x with a = exp(x); depends on lanes, step and possibly u
-    k_factor: Expr           # the factors of b on the u side (and those on neither side)
-    v_factor: Expr           # the factors of b on the v side
-    q_factor: Expr           # the projection factors depending on u (without the state read)
-    post_factor: Expr | None  # the projection factors not depending on u
-
-
-def _unwrap_widening(e: Expr) -> Expr:
-    while e.op is ExprOp.CAST and e.dtype.is_float and e.operand.dtype.is_float \
-            and compute_dtype(e.operand.dtype).bits <= e.dtype.bits:
-        e = e.operand
-    return e
-
-
-def matmul_form(group: ScanGroup) -> MatmulForm | None:
-    """The chunked-matmul decomposition of ``group``, or None when it does not have that structure."""
-    if ScanVariant.CHUNKED_MATMUL not in derive_scan_variants(group) or group.store_state:
-        return None
-    u, v = group.state
-    p = group.projection
-    if p is None or tuple(p.raxes) != (u,) or p.monoid != SUM or p.predicate is not None:
-        return None
-    a = _unwrap_widening(group.scan.combine.a)
-    if v in _axes(a):
-        return None
-    x = a.operand if a.op is ExprOp.EXP else log(a)
-    kf, vf = [], []
-    for f in _factors(group.scan.combine.b):
-        ax = _axes(f)
-        if v in ax:
-            if u in ax:
-                return None
-            vf.append(f)
-        else:
-            kf.append(f)
-    qf, post, state_reads = [], [], 0
-    for f in _factors(p.value):
-        if f.op is ExprOp.LOAD and f.arg.tensor == group.scan.out:
-            state_reads += 1
-            continue
-        if _reads(f, group.scan.out):
-            return None
-        ax = _axes(f)
-        if u in ax:
-            if v in ax:
-                return None
-            qf.append(f)
-        else:
-            post.append(f)
-    if state_reads != 1 or not vf:
-        return None
-    one = Expr(ExprOp.CONST, DType.f32, (), 1.0)
-    return MatmulForm(u, v, x, _mul(kf) if kf else one, _mul(vf), _mul(qf) if qf else one, _mul(post))
 
 
 def _render_chunked_matmul(group: ScanGroup) -> KernelSpec:
@@ -651,15 +560,6 @@ def _render_chunked_matmul(group: ScanGroup) -> KernelSpec:
 # -------------------------------------------------------------------------------------------- rendering
 
 
-def variants(group: ScanGroup) -> tuple[ScanVariant, ...]:
-    """The variants this backend can render for ``group``, in preference order."""
-    out = []
-    for v in derive_scan_variants(group):
-        if v is ScanVariant.SEQUENTIAL or (v is ScanVariant.CHUNKED_MATMUL and matmul_form(group) is not None):
-            out.append(v)
-    return tuple(out)
-
-
 def render(group: ScanGroup, variant: ScanVariant | str = ScanVariant.SEQUENTIAL) -> KernelSpec:
     """The Triton module of ``group`` in ``variant`` (a pure function of both; cached)."""
     return _render(group, ScanVariant(variant))
@@ -673,224 +573,6 @@ def _render(group: ScanGroup, variant: ScanVariant) -> KernelSpec:
         return _render_chunked_matmul(group)
     raise ValueError(f"the triton backend does not render the {variant.value} variant "
                      f"(supported: {', '.join(v.value for v in SUPPORTED_VARIANTS)})")
-
-
-# ------------------------------------------------------------------------------------- configs and spaces
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _sizes(group: ScanGroup, binding) -> dict:
-    ext = {a: int(binding.extents[a]) for a in group.lanes + group.state + (group.step,)}
-    lanes = math.prod(ext[a] for a in group.lanes) if group.lanes else 1
-    return {"ext": ext, "lanes": lanes, "steps": ext[group.step]}
-
-
-def _elem_bytes(group: ScanGroup) -> int:
-    return 8 if _state_dtype(group) == DType.f64 else 4
-
-
-def _seq_state_elems(group: ScanGroup, binding, cfg: Mapping[str, Any]) -> int:
-    """Elements of the padded state tile of one program (BLOCK lanes x the state, the split axis tiled)."""
-    split = _free_state_axis(group)
-    n = cfg["BLOCK"]
-    for a in group.state:
-        e = _pow2(binding.extents[a])
-        n *= cfg["STATE_TILE"] if (a == split and cfg.get("STATE_TILE")) else e
-    return n
-
-
-def check(group: ScanGroup, cfg: Mapping[str, Any], binding=None) -> str | None:
-    """Why ``cfg`` is invalid for ``group`` (at ``binding``'s sizes when given), or None when it is feasible."""
-    try:
-        variant = ScanVariant(cfg["variant"])
-    except (KeyError, ValueError):
-        return f"unknown variant {cfg.get('variant')!r}"
-    if variant not in variants(group):
-        return f"variant {variant.value} is not available for this scan group"
-    sp = _space_for(group, variant)
-    for k, choices in sp.knobs.items():
-        if k not in cfg:
-            return f"missing knob {k}"
-        if cfg[k] not in choices:
-            return f"{k}={cfg[k]!r} not in {choices}"
-    extra = set(cfg) - set(sp.knobs) - {"variant"}
-    if extra:
-        return f"unknown knobs {sorted(extra)}"
-    warps = cfg["num_warps"]
-    eb = _elem_bytes(group) // 4
-    if variant is ScanVariant.SEQUENTIAL:
-        split = _free_state_axis(group)
-        if cfg["STATE_TILE"] and split is None:
-            return "STATE_TILE needs a state axis that the projection does not reduce"
-        if binding is None:
-            return None
-        elems = _seq_state_elems(group, binding, cfg)
-        if elems * eb > REGISTER_ELEMENTS_PER_THREAD * 32 * warps:
-            return (f"registers: BLOCK x state = {elems} elements over {32 * warps} threads is more than "
-                    f"{REGISTER_ELEMENTS_PER_THREAD} per thread")
-        if elems < 32 * warps // 2 and warps > 1:
-            return f"only {elems} state elements for {warps} warps: most threads would idle"
-        if split is not None and cfg["STATE_TILE"] and cfg["STATE_TILE"] > _pow2(binding.extents[split]):
-            return f"STATE_TILE={cfg['STATE_TILE']} exceeds the padded extent of {split}"
-        return None
-    # chunked-matmul
-    form = matmul_form(group)
-    if _state_dtype(group) == DType.f64 and cfg["dot_precision"] != "ieee":
-        return "fp64 dots need dot_precision='ieee'"
-    if binding is None:
-        return None
-    nk = max(16, _pow2(binding.extents[form.u]))
-    bt, bv = cfg["BT"], cfg["BV"]
-    if bv > max(16, _pow2(binding.extents[form.v])):
-        return f"BV={bv} exceeds the padded extent of {form.v}"
-    if bt > max(16, _pow2(binding.extents[group.step])):
-        return f"BT={bt} exceeds the padded number of steps"
-    live = _chunk_live(nk, bt, bv, form.u not in _axes(form.log_decay))
-    if live * eb > 2 * REGISTER_ELEMENTS_PER_THREAD * 32 * warps:
-        return (f"registers: state {nk}x{bv} plus chunk tiles (about {live} elements) over {32 * warps} threads "
-                f"is more than {2 * REGISTER_ELEMENTS_PER_THREAD} per thread")
-    return None
-
-
-@dataclass(frozen=True)
-class VariantSpace:
-    """The knobs of one variant (name -> choices in preference order)."""
-
-    variant: ScanVariant
-    knobs: Mapping[str, tuple]
-
-
-@functools.lru_cache(maxsize=None)
-def _space_for(group: ScanGroup, variant: ScanVariant) -> VariantSpace:
-    if variant is ScanVariant.SEQUENTIAL:
-        tiles = (0, 4, 8, 16, 32, 64, 128) if _free_state_axis(group) is not None else (0,)
-        return VariantSpace(variant, {"BLOCK": (1, 2, 4, 8, 16, 32, 64, 128, 256), "STATE_TILE": tiles,
-                                      "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)})
-    return VariantSpace(variant, {"BT": (16, 32, 64), "BV": (16, 32, 64, 128), "num_warps": (1, 2, 4, 8),
-                                  "num_stages": (1, 2, 3), "dot_precision": ("tf32x3", "tf32", "ieee")})
-
-
-@dataclass(frozen=True)
-class ScanSpace:
-    """The schedule space of one scan group on this backend: a ``variant`` knob and per-variant knobs.
-
-    Plain data plus :meth:`infeasible` (constraints checked before compiling, at ``binding``'s sizes when the
-    space was made with one) and :meth:`enumerate`; configs are JSON-serializable dicts.
-    """
-
-    name: str
-    group: ScanGroup = field(repr=False, compare=False)
-    binding: Any = field(repr=False, compare=False)
-    variants: tuple[VariantSpace, ...]
-    default: Mapping[str, Any] | None
-
-    def knobs(self, variant: ScanVariant | str) -> Mapping[str, tuple]:
-        v = ScanVariant(variant)
-        for vs in self.variants:
-            if vs.variant is v:
-                return vs.knobs
-        raise KeyError(f"variant {v.value} is not in this space")
-
-    def infeasible(self, cfg: Mapping[str, Any]) -> str | None:
-        return check(self.group, cfg, self.binding)
-
-    def enumerate(self) -> Iterator[dict[str, Any]]:
-        for vs in self.variants:
-            names = list(vs.knobs)
-
-            def rec(i: int, cur: dict) -> Iterator[dict]:
-                if i == len(names):
-                    cfg = {"variant": vs.variant.value, **cur}
-                    if self.infeasible(cfg) is None:
-                        yield cfg
-                    return
-                for ch in vs.knobs[names[i]]:
-                    cur[names[i]] = ch
-                    yield from rec(i + 1, cur)
-                cur.pop(names[i], None)
-            yield from rec(0, {})
-
-
-def space(group: ScanGroup, binding=None) -> ScanSpace:
-    """The schedule space of ``group`` (constraints use ``binding``'s sizes when given)."""
-    vs = tuple(_space_for(group, v) for v in variants(group))
-    default = default_config(group, binding) if binding is not None else None
-    return ScanSpace(f"triton/{group.op.name}/{group.scan.out}", group, binding, vs, default)
-
-
-def default_config(group: ScanGroup, binding, caps=None, variant: ScanVariant | str | None = None) -> dict:
-    """A reasonable config for ``group`` at ``binding``'s sizes (no tuning): a plain dict.
-
-    ``variant`` forces a variant; by default chunked-matmul is used when available, the sequence has at least
-    64 steps and the padded key axis is at most 128 (larger key tiles spill in the chunk kernel), else
-    sequential.
-    """
-    sms = getattr(caps, "cores", 0) or H100_SMS
-    avail = variants(group)
-    sz = _sizes(group, binding)
-    if variant is None:
-        form = matmul_form(group) if ScanVariant.CHUNKED_MATMUL in avail else None
-        big_keys = form is not None and _pow2(binding.extents[form.u]) > 128
-        variant = ScanVariant.CHUNKED_MATMUL if (form is not None and sz["steps"] >= 64 and not big_keys) \
-            else ScanVariant.SEQUENTIAL
-    variant = ScanVariant(variant)
-    if variant not in avail:
-        raise ValueError(f"variant {variant.value} is not available for op {group.op.name} "
-                         f"(available: {', '.join(v.value for v in avail)})")
-    eb = _elem_bytes(group) // 4
-    if variant is ScanVariant.SEQUENTIAL:
-        split = _free_state_axis(group)
-        state = math.prod(_pow2(binding.extents[a]) for a in group.state) if group.state else 1
-        tile = 0
-        if split is not None:
-            full = _pow2(binding.extents[split])
-            # split the free state axis when one lane's state is large (GLA-like): at most 64 wide tiles
-            if state > 1024 and full > 64:
-                tile = 64
-                state = state // full * tile
-        block = max(1, min(128, 512 // max(1, state * eb)))
-        floor = max(1, 32 // state)          # at least one warp's worth of state per program when possible
-        tiles1 = 1 if not tile else -(-binding.extents[split] // tile)
-        while block > floor and -(-sz["lanes"] // block) * tiles1 < 2 * sms:
-            block //= 2
-        block = max(1, min(block, _pow2(sz["lanes"])))
-        elems = block * state
-        warps = 1
-        while warps < 8 and elems * eb > 4 * 32 * warps:
-            warps *= 2
-        return {"variant": variant.value, "BLOCK": block, "STATE_TILE": tile, "num_warps": warps,
-                "num_stages": 2}
-    form = matmul_form(group)
-    nk = max(16, _pow2(binding.extents[form.u]))
-    nv = max(16, _pow2(binding.extents[form.v]))
-    scalar = form.u not in _axes(form.log_decay)
-    bt = 16
-    if _state_dtype(group) == DType.f64:
-        prec = "ieee"
-    elif all(t.dtype in (DType.f32, DType.f64) for t in group.op.inputs if t.dtype.is_float) and nk <= 128:
-        prec = "tf32x3"   # about fp32 accuracy on tensor cores (three tf32 products)
-    else:
-        prec = "tf32"
-    # (BV, num_warps) by padded key size: the largest spill-free choices of sm_90 AOT compiles (BT=16, triton
-    # 3.9; test_aot_sm90_default_config keeps them honest). BT is a tuning knob (16/32/64).
-    if prec == "tf32x3":
-        bv, warps = (32, 8) if nk <= 64 or scalar else (32, 4)
-    elif prec == "tf32":
-        bv, warps = ((64, 8) if scalar else (64, 4)) if nk <= 64 else (64, 8) if nk <= 128 else (16, 8)
-    else:
-        bv, warps = (32, 4) if nk <= 64 and not scalar else (16, 8)
-    bv = min(bv, nv)
-    return {"variant": variant.value, "BT": bt, "BV": bv, "num_warps": warps, "num_stages": 2,
-            "dot_precision": prec}
-
-
-def _chunk_live(nk: int, bt: int, bv: int, scalar_decay: bool) -> int:
-    """A rough count of the fp32 elements live in one chunked-matmul program (state, chunk tiles, scores)."""
-    bka = min(nk, max(1, A_TILE_ELEMENTS // (bt * bt)))
-    return nk * bv + 3 * bt * nk + 2 * bt * bv + bt * bt + (0 if scalar_decay else bt * bt * bka)
 
 
 def launch_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,16 +21,9 @@ from opgen.targets.base import Caps
 
 from .attention_call import attention_group, default_config as attention_default_config
 from .attention_call import run_backward as run_attention_backward, run_forward as run_attention
-from .compile import interpreter_enabled, load_module
-from ..cache_files import default_cache_dir
+from .compile import _default_cache_dir, interpreter_enabled, load_module
 from .scan import check, default_config, launch_kwargs, render, variants
 from .window import window_group
-
-
-def _default_cache_dir() -> Path:
-    if os.environ.get("OPGEN_CACHE_DIR"):
-        return Path(os.environ["OPGEN_CACHE_DIR"]).expanduser()
-    return default_cache_dir()
 
 
 @functools.lru_cache(maxsize=512)

@@ -38,16 +38,19 @@ import functools
 import math
 import weakref
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 import sympy
 
 from opgen.ir import DType, ExprOp
 from opgen.ir.passes.attention import AttentionGroup
+from opgen.schedules import attention as _sched
+from opgen.schedules.attention import AttentionConfig, as_attention_config, check_attention_config
+from opgen.schedules.space import TargetSpace as Space
 
 from .expr import (Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, const_text, fast_exp_f32, tvm_dtype,
                    write_signature)
+from .host import host_vector_bits
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +58,6 @@ if TYPE_CHECKING:
     from opgen.targets.base import Caps
 
     from .compile import KernelCache
-    from .target import Space
 
 SUPPORTED = {DType.f32: "float32", DType.f64: "float64"}
 _INT32_LIMIT = 2**31 - 1
@@ -66,118 +68,19 @@ class AttentionKernelError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------- config
+# The forward kernel's knobs, checks and default config live in :mod:`opgen.schedules.attention`; the default
+# reads this host's SIMD width when the capability record gives none.
 
 
-@dataclass(frozen=True)
-class AttentionConfig:
-    """Schedule knobs of the forward kernel (JSON-serializable).
-
-    ``block_m`` / ``block_n`` are the query / key tile sizes and must be those of the tile table. ``vector`` is
-    the SIMD width in elements (8 for float32 on AVX2, 16 on AVX-512); ``block_m`` must be a multiple of it.
-    The two products are register-blocked: ``qk_rows`` keys x ``qk_vectors`` query vectors for the scores,
-    ``pv_rows`` queries x ``pv_vectors`` value vectors for the accumulator (their product plus the operands
-    should fit the 16 (AVX2) or 32 (AVX-512) vector registers).
-    """
-
-    block_m: int = 64
-    block_n: int = 64
-    vector: int = 8
-    qk_rows: int = 6
-    qk_vectors: int = 2
-    pv_rows: int = 4
-    pv_vectors: int = 2
-    fast_math: bool = True     # polynomial exp for float32
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @staticmethod
-    def from_json(data: Mapping[str, Any]) -> "AttentionConfig":
-        known = set(AttentionConfig.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown attention config knobs {sorted(unknown)}; known: {sorted(known)}")
-        return AttentionConfig(**data)
-
-
-def as_attention_config(config: "AttentionConfig | Mapping[str, Any]") -> AttentionConfig:
-    """An :class:`AttentionConfig` from itself or its JSON dict."""
-    if isinstance(config, AttentionConfig):
-        return config
-    if isinstance(config, Mapping):
-        return AttentionConfig.from_json(config)
-    raise TypeError(f"expected an AttentionConfig or its dict, got {type(config).__name__}")
-
-
-def check_attention_config(cfg: AttentionConfig, dtype: DType = DType.f32) -> str | None:
-    """Why ``cfg`` cannot be rendered (None when it can)."""
-    for name in ("block_m", "block_n", "vector", "qk_rows", "qk_vectors", "pv_rows", "pv_vectors"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            return f"{name} must be a positive int, got {v!r}"
-    if cfg.vector & (cfg.vector - 1):
-        return f"vector must be a power of two, got {cfg.vector}"
-    if cfg.block_m % cfg.vector:
-        return f"block_m={cfg.block_m} must be a multiple of vector={cfg.vector}"
-    if cfg.block_m > 512 or cfg.block_n > 512:
-        return "block_m and block_n must be <= 512 (tiles live in local buffers)"
-    if cfg.qk_rows * cfg.qk_vectors > 32 or cfg.pv_rows * cfg.pv_vectors > 32:
-        return "a register block may hold at most 32 vectors"
-    return None
-
-
-def attention_space(group: AttentionGroup, caps: "Caps | None" = None) -> "Space":
-    """The knobs of the forward kernel for ``group`` (values before size-dependent constraints)."""
-    from .target import Knob, Space
-
-    V = _host_lanes(caps, DType.f32)
-    return Space(
-        knobs=(
-            Knob("block_m", (16, 32, 48, 64, 96, 128), "query rows per tile (= the tile table's block_m)"),
-            Knob("block_n", (16, 32, 48, 64, 96, 128), "keys per tile (= the tile table's block_n)"),
-            Knob("vector", tuple(sorted({max(1, V // 2), V})), "SIMD lanes (float32: 8 on AVX2, 16 on AVX-512)"),
-            Knob("qk_rows", (1, 2, 3, 4, 5, 6, 8), "keys per register block of the score product"),
-            Knob("qk_vectors", (1, 2, 3, 4), "query vectors per register block of the score product"),
-            Knob("pv_rows", (1, 2, 3, 4, 5, 6, 8), "queries per register block of the value product"),
-            Knob("pv_vectors", (1, 2, 3, 4), "value vectors per register block of the value product"),
-            Knob("fast_math", (True, False), "polynomial exp for float32"),
-        ),
-        constraints=(
-            "block_m and block_n equal the tile table's tile sizes",
-            "block_m % vector == 0",
-            "qk_rows * qk_vectors + qk_vectors + 1 <= vector registers (16 AVX2, 32 AVX-512)",
-            "pv_rows * pv_vectors + pv_vectors + 1 <= vector registers",
-            "float64 runs with vector // 2 lanes",
-        ),
-    )
-
-
-def _host_lanes(caps: "Caps | None", dtype: DType) -> int:
-    bits = caps.vector_bits if caps is not None and caps.vector_bits else 0
-    if not bits:
-        from .target import host_vector_bits
-
-        bits = host_vector_bits() or 128
-    return max(1, bits // (64 if dtype == DType.f64 else 32))
+def attention_space(group: AttentionGroup, caps: "Caps | None" = None) -> Space:
+    """The knobs of the forward kernel for ``group`` (:func:`opgen.schedules.attention.attention_space`)."""
+    return _sched.attention_space(group, caps, host_vector_bits=host_vector_bits)
 
 
 def default_attention_config(group: AttentionGroup, sizes: Mapping[str, int] | None = None,
                              caps: "Caps | None" = None, dtype: DType = DType.f32) -> AttentionConfig:
-    """A measured default: 64 x 64 tiles, 6 x 2 score blocks and 4 x 2 value blocks on AVX2 (16 registers),
-    twice the vectors per block with 32 registers (AVX-512). ``sizes`` (``L``, ``S``, ...) may shrink the
-    tiles for short sequences."""
-    V = _host_lanes(caps, dtype)
-    wide = (caps.vector_bits if caps is not None and caps.vector_bits else _host_lanes(None, DType.f32) * 32) >= 512
-    bm = bn = 64
-    if sizes:
-        L, S = sizes.get("L"), sizes.get("S")
-        if L is not None and L <= 32:
-            bm = max(V, 32 if L > 16 else 16)
-        if S is not None and S <= 32:
-            bn = 32 if S > 16 else 16
-    bm = max(bm, V) // V * V
-    return AttentionConfig(block_m=bm, block_n=bn, vector=V, qk_rows=6, qk_vectors=4 if wide else 2,
-                           pv_rows=6 if wide else 4, pv_vectors=4 if wide else 2)
+    """The measured default (:func:`opgen.schedules.attention.default_attention_config`) on this host."""
+    return _sched.default_attention_config(group, sizes, caps, dtype, host_vector_bits=host_vector_bits)
 
 
 # ----------------------------------------------------------------------------------------------- rendering

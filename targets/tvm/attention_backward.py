@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import sympy
@@ -45,8 +45,11 @@ from opgen.ir import DType, exp, load, where
 from opgen.ir.passes.attention import AttentionGroup
 from opgen.ir.passes.diff import derivative
 from opgen.ir.symbols import Dim
+from opgen.schedules import attention as _sched
+from opgen.schedules.attention import AttentionBackwardConfig
 
 from .expr import Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, const_text, tvm_dtype, write_signature
+from .host import host_vector_bits
 
 SUPPORTED = (DType.f32, DType.f64)
 _INT32_LIMIT = 2**31 - 1
@@ -55,100 +58,27 @@ _ALIGN = {"float32": 4, "float64": 8, "int32": 4, "int64": 8, "float16": 2, "bfl
 
 
 # ------------------------------------------------------------------------------------------------- the config
-
-
-@dataclass(frozen=True)
-class AttentionBackwardConfig:
-    """Schedule knobs of the backward kernels (JSON round-trip: ``to_json`` / ``from_json``).
-
-    ``block_m`` / ``block_n`` must be those of the tile tables. ``vector`` 0 means the host SIMD width for the
-    dtype (8 float32 lanes with AVX2, 16 with AVX-512). ``dq_mode`` ``"auto"`` picks ``"fused"`` when
-    ``B * HKV`` covers the TVM threads, else ``"separate"``.
-    """
-
-    block_m: int = 64
-    block_n: int = 64
-    vector: int = 0
-    reg_rows: int = 4
-    reg_vectors: int = 2
-    dq_mode: str = "auto"
-    fast_math: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "reg_rows", "reg_vectors"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"AttentionBackwardConfig: {name} must be a positive int, got {v!r}")
-        if isinstance(self.vector, bool) or not isinstance(self.vector, int) or self.vector < 0:
-            raise ValueError(f"AttentionBackwardConfig: vector must be an int >= 0, got {self.vector!r}")
-        if self.dq_mode not in ("auto", "fused", "separate"):
-            raise ValueError(f"AttentionBackwardConfig: dq_mode must be 'auto', 'fused' or 'separate', "
-                             f"got {self.dq_mode!r}")
-        if self.vector and self.block_n % self.vector:
-            raise ValueError(f"AttentionBackwardConfig: block_n={self.block_n} must be a multiple of "
-                             f"vector={self.vector}")
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "AttentionBackwardConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"AttentionBackwardConfig: unknown knobs {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**dict(data))
+# AttentionBackwardConfig and the default heuristics live in :mod:`opgen.schedules.attention`; these bind them to
+# this host's SIMD width.
 
 
 def host_vector_lanes(dtype: DType) -> int:
     """SIMD lanes of ``dtype`` on this CPU (from /proc/cpuinfo; 4 float32 lanes when unknown)."""
-    from .target import host_vector_bits
-
-    bits = host_vector_bits() or 128
-    return max(1, bits // dtype.bits)
-
-
-def _lanes_for(block_n: int, dtype: DType) -> int:
-    lanes = host_vector_lanes(dtype)
-    while lanes > 1 and block_n % lanes:
-        lanes //= 2
-    return lanes
+    return _sched.host_vector_lanes(dtype, host_vector_bits=host_vector_bits)
 
 
 def default_backward_config(group: AttentionGroup | None = None, *, block_m: int = 64, block_n: int = 64,
                             dtype: DType = DType.f32) -> AttentionBackwardConfig:
-    """The default schedule: 64 x 64 tiles, the host SIMD width, register tiles of 4 rows x 2 vectors (16 vector
-    registers, AVX2) or 4 rows x 4 vectors (32, AVX-512), dq mode by threads. Measured on AVX2 (L=2048 causal,
-    fp32): 4 x 2, 6 x 2, 2 x 4 and block_m 32 / 128 within noise of each other; 3 x 4 (spilling) 2x slower."""
-    from .target import host_vector_bits
-
-    lanes = _lanes_for(block_n, dtype)
-    vectors = 4 if host_vector_bits() >= 512 else 2
-    return AttentionBackwardConfig(block_m=block_m, block_n=block_n, vector=lanes, reg_vectors=vectors)
+    """The default schedule on this host (:func:`opgen.schedules.attention.default_backward_config`)."""
+    return _sched.default_backward_config(group, block_m=block_m, block_n=block_n, dtype=dtype,
+                                          host_vector_bits=host_vector_bits)
 
 
 def as_backward_config(config: Any, dtype: DType = DType.f32) -> AttentionBackwardConfig:
-    """An :class:`AttentionBackwardConfig` from itself, its JSON dict, None (the default) or any other object
-    with ``block_m`` / ``block_n`` attributes (a forward config: its tile sizes and ``fast_math`` are kept, the
-    other knobs default). ``vector`` 0 is resolved to the host width for ``dtype``."""
-    if config is None:
-        cfg = default_backward_config(dtype=dtype)
-    elif isinstance(config, AttentionBackwardConfig):
-        cfg = config
-    elif isinstance(config, Mapping):
-        cfg = AttentionBackwardConfig.from_json(config)
-    else:
-        try:
-            bm, bn = int(config.block_m), int(config.block_n)
-        except (AttributeError, TypeError, ValueError):
-            raise TypeError(f"attention backward: config must be an AttentionBackwardConfig, its dict or an "
-                            f"object with block_m and block_n, got {type(config).__name__}") from None
-        cfg = default_backward_config(block_m=bm, block_n=bn, dtype=dtype)
-        if isinstance(getattr(config, "fast_math", None), bool):
-            cfg = replace(cfg, fast_math=config.fast_math)
-    if cfg.vector == 0:
-        cfg = replace(cfg, vector=_lanes_for(cfg.block_n, dtype))
-    return cfg
+    """An :class:`AttentionBackwardConfig` from a config, its dict, None or a forward config, ``vector`` 0 resolved
+    to this host's width (:func:`opgen.schedules.attention.as_backward_config`)."""
+    return _sched.as_backward_config(config, dtype, host_vector_bits=host_vector_bits)
+
 
 
 def tvm_threads() -> int:

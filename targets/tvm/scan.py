@@ -29,7 +29,7 @@ extent of ``vector_axis`` must be a multiple of V (the kernel asserts it; the ta
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Mapping
 
 import sympy
@@ -37,29 +37,11 @@ import sympy
 from opgen.ir import Access, DType, ExprOp, promote
 from opgen.ir.passes import ScanGroup, inline_maps
 from opgen.ir.symbols import Axis, Dim
+from opgen.schedules.scan import TIME_VECTOR_WIDTHS, ScanConfig, time_vector_supported
 
 from .expr import (Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, scratch_buffer,
                    tvm_dtype, write_func_head)
-from .scan_time_vector import TIME_VECTOR_WIDTHS, time_vector_body, time_vector_supported
-
-
-@dataclass(frozen=True)
-class ScanConfig:
-    """Schedule knobs of the sequential scan kernel (JSON-serializable; see ``target.space``)."""
-
-    lanes_vector: int = 1             # 1: one lane per iteration; 4/8/16: vectorize over lanes of vector_axis
-    vector_axis: str | None = None    # the lane axis (by name) that is vectorized when lanes_vector > 1
-    time_tile: int = 16               # steps staged per tile in vector mode
-    static_state: bool = False        # bake the state extents (bound values) into the kernel
-    unroll_state: bool = False        # unroll the state loops (needs static_state)
-    fast_math: bool = True            # polynomial exp/log for float32 (exact T.exp for float64 always)
-    interleave: bool = False          # lanes_vector > 1: the V lanes as independent unrolled scalar chains with
-                                      # direct loads (no staged tiles); hides the recurrence's FMA latency
-    time_vector: int = 0              # W > 0: blocks of W steps of one lane as a vector, scanned in registers
-                                      # (see scan_time_vector; exclusive with lanes_vector > 1)
-
-    def to_json(self) -> dict:
-        return asdict(self)
+from .scan_time_vector import time_vector_body
 
 
 @dataclass(frozen=True)

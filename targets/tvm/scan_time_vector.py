@@ -23,81 +23,14 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-import sympy
-
-from opgen.ir import Access
-from opgen.ir.expr import loads
 from opgen.ir.passes import ScanGroup
 from opgen.ir.symbols import Axis
+from opgen.schedules.scan import TIME_VECTOR_WIDTHS, padded_steps, time_vector_supported  # noqa: F401 (re-exported)
 
 from .expr import ExprEmitter, IndexRenderer, Scope, scratch_buffer
 
-#: the vector widths (steps per block) the knob may take
-TIME_VECTOR_WIDTHS = (4, 8, 16)
-
-
-def _step_position(index: tuple, step) -> tuple[int, bool]:
-    """(position of the step axis in ``index`` or -1, whether it appears once as ``step + constant``)."""
-    pos = [k for k, i in enumerate(index) if step in sympy.sympify(i).free_symbols]
-    if len(pos) != 1:
-        return (-1, not pos)
-    k = pos[0]
-    rest = sympy.expand(sympy.sympify(index[k]) - step)
-    return k, rest.is_Integer
-
-
-def _padded_dim(acc: Access, j: int) -> bool:
-    if acc.pad is None:
-        return False
-    lo, hi = acc.pad[j]
-    return sympy.sympify(lo) != 0 or sympy.sympify(hi) != 0
-
-
-def padded_steps(group: ScanGroup) -> tuple[set, int, int]:
-    """(the padded step-dependent loads, how many steps at the start and at the end of the sequence may read
-    outside their tensor): the blocks stay inside (unmasked vector loads), the scalar steps at the edges mask."""
-    masked, lo, hi = set(), 0, 0
-    for e in (group.scan.combine.a, group.scan.combine.b):
-        for acc in loads(e):
-            k, _ = _step_position(tuple(acc.index), group.step)
-            if k < 0 or not _padded_dim(acc, k):
-                continue
-            masked.add(acc)
-            off = int(sympy.expand(sympy.sympify(acc.index[k]) - group.step))
-            lo, hi = max(lo, -off), max(hi, off)
-    return masked, lo, hi
-
-
-def time_vector_supported(group: ScanGroup, unit: Callable[[object], bool]) -> tuple[bool, str]:
-    """Whether the time-vector variant renders ``group``; ``unit(size)`` says whether a tensor dim is a
-    static 1 (so an index after the step in that dim keeps the step contiguous)."""
-    if group.state:
-        return False, "the state has axes (the time-vector variant keeps one scalar state per lane)"
-    if group.projection is not None or group.epilogue or group.tails:
-        return False, "the scan has a projection, an epilogue or a final-state output"
-    op, step = group.op, group.step
-    accesses: list[Access] = []
-    for e in (group.scan.combine.a, group.scan.combine.b):
-        accesses += list(loads(e))
-    outs = [(group.scan.out, group.scan.axes)] if group.store_state else []
-    for acc in accesses:
-        k, _ = _step_position(tuple(acc.index), step)
-        if any(_padded_dim(acc, j) for j in range(len(acc.index)) if j != k):
-            return False, f"the load of {acc.tensor} is padded along a dim other than the step's"
-    items = [(a.tensor, tuple(a.index)) for a in accesses] + [(n, tuple(ax)) for n, ax in outs]
-    for name, index in items:
-        k, ok = _step_position(index, step)
-        if k < 0:
-            if ok:
-                continue                  # does not depend on the step: loaded once per step as a broadcast
-            return False, f"the step appears in more than one index of {name}"
-        if not ok:
-            return False, f"the step index of {name} is not step + constant"
-        shape = op.tensor(name).shape
-        if not all(unit(s) for s in shape[k + 1:]):
-            return False, f"{name} is not contiguous along the step (dims after it are not 1)"
-    return True, ""
-
+# (the time-vector variant's widths and applicability, TIME_VECTOR_WIDTHS and time_vector_supported, are schedule
+# data: opgen.schedules.scan)
 
 def _shift(vec: str, k: int, fill: str, width: int, reverse: bool) -> str:
     """``vec`` moved k steps along the scan (element i reads element i - k, or i + k reversed), ``fill`` (the

@@ -2,8 +2,9 @@
 
 ``TVMTarget().run(op, inputs, binding)`` runs an op whose graph fuses into one :class:`ScanGroup`
 (``opgen.ir.passes.fuse_scan``): linear_scan, selective_scan, chunk_gla, ... in float32 or float64.
-The schedule is a :class:`~opgen.targets.tvm.scan.ScanConfig`: :func:`default_config` picks one from the
-problem and the CPU; :func:`space` describes every knob (values and constraints) as plain data for a tuner.
+The schedule is a :class:`~opgen.schedules.scan.ScanConfig`: :func:`default_config` picks one from the
+problem and the CPU; :func:`space` describes every knob (values and constraints) as plain data for a tuner (both
+from :mod:`opgen.schedules.scan`).
 """
 from __future__ import annotations
 
@@ -11,22 +12,23 @@ import functools
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
-
-import sympy
 
 from opgen.ir import DType, Op
 from opgen.ir.passes import ScanGroup, fuse_scan
 from opgen.ir.passes.correlation import fuse_correlation
 from opgen.targets.spectral import run_correlation_fft, run_window_fft
-from opgen.ir.symbols import Axis, Dim
+from opgen.ir.symbols import Dim
+from opgen.schedules.scan import (ScanConfig, as_scan_config as as_config,  # noqa: F401 (the old names)
+                                  check_scan_config as check_config, default_scan_config,
+                                  legalize_scan_config as legalize, scan_space as space)
+from opgen.schedules.space import TargetKnob as Knob, TargetSpace as Space  # noqa: F401
 from opgen.targets.base import Caps
 
 from .attention_call import attention_group, run_backward, run_forward, supports_attention
-from .scan import KernelSource, ScanConfig, render_scan
-from .scan_time_vector import TIME_VECTOR_WIDTHS, time_vector_supported
+from .host import _cpu_flags, _cpu_name, host_vector_bits  # noqa: F401 (host_vector_bits re-exported)
+from .scan import KernelSource, render_scan
 from .window import (WindowConfig, WindowSource, as_window_config, resolve_window_config, window_group,
                      window_kernel, window_source, window_supported)
 
@@ -34,230 +36,14 @@ SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
 _INT32_LIMIT = 2**31 - 1
 
 
-# ------------------------------------------------------------------------------------------ host description
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def host_vector_bits() -> int:
-    """SIMD width of this CPU from /proc/cpuinfo (512 with AVX-512F, 256 with AVX2, 128 otherwise; 0 unknown)."""
-    flags = _cpu_flags()
-    if "avx512f" in flags:
-        return 512
-    if "avx2" in flags:
-        return 256
-    if "sse2" in flags or "asimd" in flags:
-        return 128
-    return 0
-
-
 # ------------------------------------------------------------------------------------------------ schedules
-
-
-@dataclass(frozen=True)
-class Knob:
-    """One schedule knob: its allowed values and what it does."""
-
-    name: str
-    values: tuple
-    doc: str
-
-
-@dataclass(frozen=True)
-class Space:
-    """The schedule space of a scan group: knobs and the constraints a config must satisfy."""
-
-    knobs: tuple[Knob, ...]
-    constraints: tuple[str, ...]
-
-    def to_json(self) -> dict:
-        return {"knobs": {k.name: {"values": list(k.values), "doc": k.doc} for k in self.knobs},
-                "constraints": list(self.constraints)}
-
-
-def space(group: ScanGroup) -> Space:
-    """The knobs of the sequential scan kernel for ``group`` (values before shape-dependent constraints)."""
-    lanes = tuple(str(a) for a in group.lanes)
-    return Space(
-        knobs=(
-            Knob("lanes_vector", (1, 4, 8, 16), "lanes computed at once in T.vectorized loops (1: scalar)"),
-            Knob("vector_axis", (None,) + lanes, "the lane axis that is vectorized"),
-            Knob("time_tile", (4, 8, 16, 32), "steps staged per transposed tile in vector mode"),
-            Knob("static_state", (False, True), "bake the bound state extents into the kernel"),
-            Knob("unroll_state", (False, True), "unroll the state loops"),
-            Knob("fast_math", (True, False), "polynomial exp/log for float32"),
-            Knob("interleave", (False, True), "the lanes_vector lanes as independent unrolled scalar chains with "
-                 "direct loads instead of vectorized staged tiles"),
-            Knob("time_vector", (0,) + TIME_VECTOR_WIDTHS, "W > 0: blocks of W steps of one lane as a vector, "
-                 "scanned in registers (first-order scans contiguous in time)"),
-        ),
-        constraints=(
-            "interleave requires lanes_vector > 1",
-            "lanes_vector > 1 requires vector_axis to be a lane axis",
-            "lanes_vector > 1 requires extent(vector_axis) % lanes_vector == 0 (else the call runs lanes_vector=1)",
-            "lanes_vector * prod(state extents) <= 4096 (state kept in a local buffer)",
-            "unroll_state requires static_state and prod(state extents) <= 64",
-            "time_vector > 0 requires lanes_vector == 1, a scalar state per lane, no projection, epilogue or "
-            "final state, and step accesses contiguous and unpadded",
-        ),
-    )
-
-
-def as_config(config) -> ScanConfig | None:
-    """A :class:`ScanConfig` from itself, its JSON dict (``to_json()``), or None."""
-    if config is None or isinstance(config, ScanConfig):
-        return config
-    if isinstance(config, Mapping):
-        known = set(ScanConfig.__dataclass_fields__)
-        unknown = set(config) - known
-        if unknown:
-            raise ValueError(f"unknown scan config knobs {sorted(unknown)}; known: {sorted(known)}")
-        return ScanConfig(**config)
-    raise TypeError(f"expected a ScanConfig, a dict or None as the tvm config, got {type(config).__name__}")
-
-
-def _state_elems(group: ScanGroup, binding) -> int:
-    return math.prod(binding.extents[a] for a in group.state) if group.state else 1
-
-
-def check_config(cfg: ScanConfig, group: ScanGroup, binding) -> tuple[bool, str]:
-    """Whether ``cfg`` is valid for ``group`` at ``binding`` ((False, reason) when not)."""
-    lanes = {str(a): a for a in group.lanes}
-    if cfg.lanes_vector not in (1, 2, 4, 8, 16, 32):
-        return False, f"lanes_vector must be a power of two <= 32, got {cfg.lanes_vector}"
-    if cfg.lanes_vector > 1:
-        if cfg.vector_axis not in lanes:
-            return False, f"vector_axis {cfg.vector_axis!r} is not a lane axis {sorted(lanes)}"
-        e = binding.extents[lanes[cfg.vector_axis]]
-        if e % cfg.lanes_vector:
-            return False, f"extent {e} of {cfg.vector_axis} is not a multiple of lanes_vector={cfg.lanes_vector}"
-        if cfg.lanes_vector * _state_elems(group, binding) > 4096:
-            return False, "lanes_vector * state size exceeds 4096 elements"
-    if cfg.time_tile < 1:
-        return False, "time_tile must be >= 1"
-    if cfg.interleave and cfg.lanes_vector == 1:
-        return False, "interleave requires lanes_vector > 1"
-    if cfg.unroll_state and (not cfg.static_state or _state_elems(group, binding) > 64):
-        return False, "unroll_state requires static_state and at most 64 state elements"
-    if cfg.time_vector:
-        if cfg.time_vector not in TIME_VECTOR_WIDTHS:
-            return False, f"time_vector must be 0 or one of {TIME_VECTOR_WIDTHS}, got {cfg.time_vector}"
-        if cfg.lanes_vector > 1:
-            return False, "time_vector requires lanes_vector == 1"
-        ok, why = time_vector_supported(group, lambda s: _static_one(s, binding))
-        if not ok:
-            return False, f"time_vector: {why}"
-    return True, ""
-
-
-def _static_one(size, binding) -> bool:
-    """Whether a tensor dim (an int, a Dim or an expression of dims) is 1 at ``binding``."""
-    try:
-        return int(sympy.sympify(size).subs(binding.dims)) == 1
-    except (TypeError, ValueError):
-        return False
-
-
-def _compute_bits(group: ScanGroup) -> int:
-    return 64 if any(t.dtype == DType.f64 for t in group.op.tensors) else 32
+# The scan kernel's knobs, checks and default config live in :mod:`opgen.schedules.scan`; the default reads this
+# host's SIMD width when the capability record gives none.
 
 
 def default_config(group: ScanGroup, binding, caps: Caps | None = None) -> ScanConfig:
-    """A heuristic config: vectorize over the lane axis whose extent the SIMD width divides (preferring axes
-    that are contiguous in memory, then long ones), with the state baked in when it is small."""
-    vbits = (caps.vector_bits if caps is not None and caps.vector_bits else host_vector_bits()) or 128
-    V = max(1, vbits // _compute_bits(group))
-    n_state = _state_elems(group, binding)
-    static = n_state <= 4096         # chunk_gla K=V=64: 1.56 vs 1.94 ms with a dynamically sized state
-    cfg = ScanConfig(lanes_vector=1, static_state=static, unroll_state=static and n_state <= 16)
-    tv = replace(cfg, static_state=False, unroll_state=False,
-                 time_vector=max([w for w in TIME_VECTOR_WIDTHS if w <= 2 * V], default=0))
-    if V > 1 and tv.time_vector and check_config(tv, group, binding)[0]:
-        # a first-order scan contiguous in time: blocks of 2 vectors of steps scanned in registers (linear_scan
-        # 1024 x 2048 fp32: 1.15 ms against 1.32 ms for 4 interleaved scalar chains; 8 steps 1.33 ms)
-        return tv
-    if V == 1 or V * n_state > 4096:
-        return cfg
-    contiguous = _contiguity(group)
-    cands = [a for a in group.lanes if binding.extents[a] % V == 0]
-    if not cands:
-        return cfg
-    best = max(cands, key=lambda a: (contiguous.get(a, 0), binding.extents[a]))
-    if not contiguous.get(best) and n_state == 1 and not _has_transcendental(group):
-        # a memory-bound first-order recurrence over strided lanes: staging tiles does not pay (3.1-3.5 ms for
-        # 1024 x 2048 fp32, scalar 3.0 ms); 4 interleaved chains in blocks of 16 steps hide the FMA latency
-        # (2.2 ms; a copy of the same bytes 2.0 ms)
-        inter = [a for a in group.lanes if binding.extents[a] % 4 == 0]
-        if not inter:
-            return cfg
-        lane = max(inter, key=lambda a: binding.extents[a])
-        return replace(cfg, lanes_vector=4, vector_axis=str(lane), time_tile=16, interleave=True)
-    return replace(cfg, lanes_vector=V, vector_axis=str(best), time_tile=16)
-
-
-_TRANSCENDENTAL = frozenset({"exp", "log", "sqrt", "sigmoid", "softplus", "silu", "tanh", "pow", "/"})
-
-
-def _has_transcendental(group: ScanGroup) -> bool:
-    exprs = [group.scan.combine.a, group.scan.combine.b]
-    if group.projection is not None:
-        exprs.append(group.projection.value)
-    exprs += [m.value for m in group.epilogue]
-    return any(n.op.value in _TRANSCENDENTAL for e in exprs for n in e.walk())
-
-
-def _contiguity(group: ScanGroup) -> dict[Axis, int]:
-    """How many accesses of the group have each axis as their last (stride-1) index."""
-    out: dict[Axis, int] = {}
-    from opgen.ir.expr import loads
-
-    exprs = [group.scan.combine.a, group.scan.combine.b]
-    if group.projection is not None:
-        exprs.append(group.projection.value)
-    exprs += [m.value for m in group.epilogue]
-    for e in exprs:
-        for acc in loads(e):
-            if acc.index and isinstance(acc.index[-1], Axis):
-                out[acc.index[-1]] = out.get(acc.index[-1], 0) + 1
-    return out
-
-
-def legalize(cfg: ScanConfig, group: ScanGroup, binding) -> ScanConfig:
-    """``cfg`` if valid here, else the nearest valid config (vectorization dropped, then unrolling)."""
-    ok, _ = check_config(cfg, group, binding)
-    if ok:
-        return cfg
-    cfg = replace(cfg, lanes_vector=1, interleave=False, time_vector=0)
-    if not check_config(cfg, group, binding)[0]:
-        cfg = replace(cfg, unroll_state=False)
-    ok, why = check_config(cfg, group, binding)
-    if not ok:
-        raise ValueError(f"invalid scan config {cfg}: {why}")
-    return cfg
+    """A heuristic config (:func:`opgen.schedules.scan.default_scan_config`)."""
+    return default_scan_config(group, binding, caps, host_vector_bits=host_vector_bits)
 
 
 # --------------------------------------------------------------------------------------------------- target

@@ -55,6 +55,7 @@ from opgen.targets.spectral import prefer_fft, window_fft_supported
 
 from .expr import (Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, scratch_buffer,
                    tvm_dtype, write_func_head)
+from .host import host_vector_bits
 
 SUPPORTED_DTYPES = frozenset({DType.f32, DType.f64})
 _INT32_LIMIT = 2**31 - 1
@@ -93,13 +94,7 @@ def window_supported(group: WindowGroup | None) -> tuple[bool, str]:
 # facts (the host's SIMD width, the FFT rule of :mod:`opgen.targets.spectral`).
 
 
-def _host_vector_bits() -> int:
-    from .target import host_vector_bits
-
-    return host_vector_bits()
-
-
-RULES = WindowRules(window_fft_supported, prefer_fft, _host_vector_bits)
+RULES = WindowRules(window_fft_supported, prefer_fft, host_vector_bits)
 
 
 def window_space(group: WindowGroup, binding=None, caps=None) -> Space:
