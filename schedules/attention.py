@@ -9,7 +9,7 @@ kernels, per target, as data and pure functions of the attention group, the size
   :func:`triton_attention_space`, :func:`check_triton_attention`, :func:`default_triton_attention_config`,
   :func:`use_decode`. Rendered by :mod:`opgen.targets.triton.attention`.
 
-The host's SIMD width (read by :func:`opgen.targets.tvm.target.host_vector_bits`) comes in as a
+The host's SIMD width (read by :func:`opgen.targets.tvm.host.host_vector_bits`) comes in as a
 ``host_vector_bits`` argument where a capability record gives none, so that schedules import no target.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ per target, as data and pure functions of the scan group, the binding and the ca
   :func:`variants`, :class:`ScanSpace` (:func:`triton_scan_space`), :func:`check_triton_scan`,
   :func:`default_triton_scan_config`. Rendered by :mod:`opgen.targets.triton.scan`.
 
-The host's SIMD width (read by :func:`opgen.targets.tvm.target.host_vector_bits`) comes in as an argument when a
+The host's SIMD width (read by :func:`opgen.targets.tvm.host.host_vector_bits`) comes in as an argument when a
 capability record gives none, so that schedules import no target.
 """
 from __future__ import annotations

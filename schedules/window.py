@@ -8,7 +8,7 @@ window kernels, per target, as data and pure functions of the group, the binding
 
 Two facts come from the targets, as a :class:`WindowRules` argument, so that schedules import no target: whether
 and when the FFT algorithm applies (:mod:`opgen.targets.spectral` implements it) and the host's SIMD width (read
-by :func:`opgen.targets.tvm.target.host_vector_bits`).
+by :func:`opgen.targets.tvm.host.host_vector_bits`).
 """
 from __future__ import annotations
 
