@@ -40,6 +40,7 @@ from torch import Tensor
 from opgen.attention_eager import eager_attention
 from opgen.ir import ArgumentError, DType, Expr, accum_dtype, as_dtype, promote
 from opgen.ir.dtypes import to_torch
+from opgen.bridge import autograd_inside_op
 from opgen.ir.errors import FallbackWarning, UnsupportedConstruct
 from opgen.ir.serialize import expr_from_obj, expr_to_obj
 from opgen.ir.expr import ExprOp
@@ -436,17 +437,6 @@ def _fresh(x: Tensor, dtype: torch.dtype, inputs: Sequence[Tensor]) -> Tensor:
     return x
 
 
-def _autograd_dispatch():
-    """Undo the autograd-key exclusion a custom op's kernel runs under (``_AutoDispatchBelowAutograd``), so that
-    code inside the kernel that uses ``torch.autograd`` (the reference attention backward) records a graph."""
-    keys = torch._C.DispatchKey
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for k in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
-        if exclude.has(k):
-            exclude = exclude.remove(k)
-    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
-
-
 # ------------------------------------------------------------------------------------------------- the ops
 
 def _empty_rows(q: Tensor, k: Tensor) -> bool:
@@ -506,7 +496,7 @@ def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, captures: list[Tensor
     if _empty_rows(q, k) or v.shape[3] == 0:  # the output is empty, or does not depend on q, k, v
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     e = q.shape[3]
-    with _autograd_dispatch():  # the reference fallback differentiates the interpreter with torch.autograd
+    with autograd_inside_op():  # the reference fallback differentiates the interpreter with torch.autograd
         g = default_session().attention_backward(op, _inputs(_pad_empty_dim(q), _pad_empty_dim(k), v, captures),
                                                  out, lse, dout, who=WHO)
     ins = (q, k, v, *captures, out, lse, dout)

@@ -11,6 +11,7 @@ One job per module:
 - :mod:`~opgen.tune.lookup`  :func:`best_config` for call-time lookup (cached, never creates a study)
 - :mod:`~opgen.tune.records` pinned records: export best configs to versioned JSON, import them (data only)
 - :mod:`~opgen.tune.report`  :func:`write_report`: history and importance PNGs plus a markdown table of a study
+- :mod:`~opgen.tune.declared` :func:`tune_op`: tune an op a user declared (``op.tune(...)``, ``opgen tune mod:fn``)
 - :mod:`~opgen.tune.testing` a pure-torch problem with planted failures, for tests and demos
 
 ``import opgen.tune`` is light: optuna and torch load when a submodule that needs them is used.
@@ -26,7 +27,7 @@ _LAZY = {
     "ProblemSpec": "problem", "Problem": "problem",
     "Measurer": "measure", "MeasureOptions": "measure", "Result": "measure", "Status": "measure",
     "tune": "tuner", "TuneResult": "tuner", "TuneError": "tuner", "problem_key": "tuner",
-    "best_config": "lookup", "clear_cache": "lookup",
+    "best_config": "lookup", "clear_cache": "lookup", "tune_op": "declared",
     "Record": "records", "RecordsError": "records", "RecordsWarning": "records", "export_records": "records",
     "import_records": "records", "read_records": "records", "write_records": "records",
     "pinned_config": "records", "pinned_path": "records",
