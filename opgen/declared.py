@@ -29,23 +29,24 @@ class DeclaredOp(OpDef):
     def __call__(self, *tensors: Any, **static: Any) -> Any:
         """Run the op on torch tensors (positional, in declaration order; static args by keyword); returns
         the single output, or a tuple of outputs in the declaration's order."""
-        top = self.torch()
-        params = self._signature()
-        if len(tensors) != len(params[0]):
-            raise TypeError(f"{self.name}() takes {len(params[0])} tensor arguments "
-                            f"({', '.join(p for p, _ in params[0])}), got {len(tensors)}")
-        unknown = set(static) - {s for s, _, _ in params[1]}
-        if unknown:
-            raise TypeError(f"{self.name}() got unexpected keyword arguments {sorted(unknown)}; its static "
-                            f"arguments are {[s for s, _, _ in params[1]]}")
-        import torch
+        top = self.__dict__.get("_torch_op") or self.torch()
+        tparams, sparams = self._signature()
+        if len(tensors) != len(tparams):
+            raise TypeError(f"{self.name}() takes {len(tparams)} tensor arguments "
+                            f"({', '.join(p for p, _ in tparams)}), got {len(tensors)}")
+        if static and set(static) - {s for s, _, _ in sparams}:
+            raise TypeError(f"{self.name}() got unexpected keyword arguments "
+                            f"{sorted(set(static) - {s for s, _, _ in sparams})}; its static arguments are "
+                            f"{[s for s, _, _ in sparams]}")
+        from opgen.eager import call
+        from opgen.ops._args import describe
 
-        for (pname, _), x in zip(params[0], tensors):
-            if not isinstance(x, torch.Tensor):
-                from opgen.ops._args import describe
-
+        for (pname, _), x in zip(tparams, tensors):
+            if not isinstance(x, _torch().Tensor):
                 raise ArgumentError(f"op {self.name}: argument '{pname}' expected a tensor, got {describe(x)}")
-        outs = top(*tensors, *(static.get(s, d) for s, _, d in params[1]))
+        args = (*tensors, *(static.get(s, d) for s, _, d in sparams)) if sparams else tensors
+        # a plain eager call (no autograd, compile, trace or mode) skips the dispatcher (~35 us a call)
+        outs = call(top.forward_op, top.checked_impl, *args)
         if top.outputs is not None:
             return outs
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -94,6 +95,12 @@ class DeclaredOp(OpDef):
             sig = _signature(self)
             object.__setattr__(self, "_sig", sig)
         return sig
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 def _signature(decl: DeclaredOp):
