@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from opgen.schedules.space import Knob, Space
-from opgen.tune_cli import parse_shape
+from opgen.cli.args import parse_shape
 
 from opgen.tune.encode import canonical
 from opgen.tune.key import KeyParts

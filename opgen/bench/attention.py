@@ -1,13 +1,13 @@
 """The attention cases of ``opgen bench``: opgen's block-sparse kernels against SDPA and compiled FlexAttention.
 
-Every case runs in one process, interleaved (see :mod:`opgen.bench`). Baselines get their set-up outside the
-timed region (SDPA's boolean mask, FlexAttention's ``create_block_mask``); the set-up costs are reported as
+Every case runs in one process, interleaved (see :mod:`opgen.bench.protocol`). Baselines get their set-up outside
+the timed region (SDPA's boolean mask, FlexAttention's ``create_block_mask``); the set-up costs are reported as
 notes beside opgen's, whose tile table is derived from the mask predicate once per shape and cached.
 """
 from __future__ import annotations
 
 import time
-from .bench import CaseResult, Impl, measure
+from .protocol import CaseResult, Impl, measure
 
 
 def _dense_mask(mask_mod, length: int, kv_length: int):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .bench import CaseResult, Impl, measure
+from .baselines import _ss_loop, _ss_scan_hop
+from .protocol import CaseResult, Impl, measure
 
 
 def _compiled(fn: Callable, *args) -> Impl:
@@ -55,39 +56,6 @@ def _ss_inputs(b, d, n, length):
     u, delta = torch.randn(b, d, length), torch.rand(b, d, length) * 0.1
     A, B, C = -torch.rand(d, n), torch.randn(b, n, length), torch.randn(b, n, length)
     return u, delta, A, B, C, torch.randn(d), torch.randn(b, d, length)
-
-
-def _ss_loop(u, delta, A, B, C, D, z):
-    import torch
-    import torch.nn.functional as F
-
-    delta = F.softplus(delta)
-    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
-    dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
-    x, ys = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]), []
-    for i in range(u.shape[2]):
-        x = dA[:, :, i] * x + dBu[:, :, i]
-        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
-    return (torch.stack(ys, 2) + u * D[:, None]) * F.silu(z)
-
-
-def _ss_scan_hop(u, delta, A, B, C, D, z):
-    import torch
-    import torch.nn.functional as F
-    from torch._higher_order_ops import scan
-
-    delta = F.softplus(delta)
-    dA = torch.exp(torch.einsum("bdl,dn->lbdn", delta, A))
-    dBu = torch.einsum("bdl,bnl,bdl->lbdn", delta, B, u)
-    Cl = C.permute(2, 0, 1)
-
-    def step(x, xs):
-        da, dbu, c = xs
-        x = da * x + dbu
-        return x, torch.einsum("bdn,bn->bd", x, c)
-
-    _, ys = scan(step, u.new_zeros(u.shape[0], u.shape[1], A.shape[1]), (dA, dBu, Cl), dim=0)
-    return (ys.permute(1, 2, 0) + u * D[:, None]) * F.silu(z)
 
 
 def selective_scan_cases(repeats: int, quick: bool) -> list[CaseResult]:
@@ -146,19 +114,19 @@ def chunk_gla_cases(repeats: int, quick: bool) -> list[CaseResult]:
 
 
 def _attention_cases(repeats: int, quick: bool) -> list[CaseResult]:
-    from .bench_attention import attention_cases
+    from .attention import attention_cases
 
     return attention_cases(repeats, quick)
 
 
 def _conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
-    from .bench_conv import conv_cases
+    from .conv import conv_cases
 
     return conv_cases(repeats, quick)
 
 
 def _long_conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
-    from .bench_conv import long_conv_cases
+    from .conv import long_conv_cases
 
     return long_conv_cases(repeats, quick)
 

@@ -1,8 +1,8 @@
 """The convolution cases of ``opgen bench``: opgen's window-reduction kernels against ``F.conv2d`` /
-``F.conv1d`` (oneDNN on CPU) in one process (see :mod:`opgen.bench`)."""
+``F.conv1d`` (oneDNN on CPU) in one process (see :mod:`opgen.bench.protocol`)."""
 from __future__ import annotations
 
-from .bench import CaseResult, Impl, measure
+from .protocol import CaseResult, Impl, measure
 
 
 def conv_cases(repeats: int, quick: bool) -> list[CaseResult]:

@@ -1,4 +1,5 @@
-"""``opgen bench``: each case against its baselines in one process, interleaved, medians and ratios.
+"""The measuring protocol of ``opgen bench``: each case against its baselines in one process, interleaved, medians
+and ratios.
 
 A case builds its inputs once, then runs every implementation round-robin ``repeats`` times (so machine noise
 hits all of them alike), checks each baseline's result against opgen's, and reports median milliseconds, the

@@ -2,6 +2,7 @@
 otherwise write, check they agree, and print a table of times and errors."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from dataclasses import dataclass
@@ -92,3 +93,24 @@ def format_table(rows: list[DemoRow]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    rows = run_demo(size=args.size, repeats=args.repeats, only=args.op or None, progress=not args.no_progress,
+                    trials=args.trials)
+    print(format_table(rows))
+    print("\nscans, attention and convolutions run generated kernels (tvm on CPU, triton on CUDA), scans with the "
+          "tuned config found in the store; backend 'reference' is opgen's torch interpreter of the IR (the "
+          "oracle), used for what no kernel covers yet.")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add ``demo`` to the ``opgen`` subcommands."""
+    d = sub.add_parser("demo", help="run the library ops beside their torch baselines and print a table")
+    d.add_argument("--size", choices=("quick", "full"), default="quick")
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--op", action="append", help="only this op (repeatable)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--trials", type=int, default=6, help="tuning trials per tunable op before timing (0: none)")
+    d.set_defaults(func=_cmd_demo)

@@ -1,9 +1,11 @@
-"""The ``opgen`` command line: ``list``, ``show``, ``demo``, ``bench``, ``records`` (``tune`` and ``tune-worker``
-live in :mod:`opgen.tune_cli`)."""
+"""``opgen list`` (the library ops) and ``opgen show`` (an op at a pipeline stage: IR, verified, fused, plan,
+generated source)."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .args import add_declared_args, parse_shape
 
 STAGES = ("ir", "verified", "fused", "plan", "tvm", "triton")
 
@@ -19,7 +21,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from opgen.library import get
-    from opgen.tune_cli import is_declared
+    from .args import is_declared
 
     if is_declared(args.op):
         return _show_declared(args)
@@ -55,7 +57,7 @@ def _show_declared(args: argparse.Namespace) -> int:
     """``opgen show package.module:attribute``: a user-declared op at a stage; plan and sources at ``--shape``."""
     from opgen.ir import ArgumentError, bind
     from opgen.tune.declared import check_shape, input_shapes, locate
-    from opgen.tune_cli import declared_path
+    from .args import declared_path
 
     declared_path()
     try:
@@ -208,81 +210,8 @@ def _window_lowered(op, binding, shape: str, stage: str) -> str:
     return "\n".join(lines)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from opgen.demo import format_table, run_demo
-
-    rows = run_demo(size=args.size, repeats=args.repeats, only=args.op or None, progress=not args.no_progress,
-                    trials=args.trials)
-    print(format_table(rows))
-    print("\nscans, attention and convolutions run generated kernels (tvm on CPU, triton on CUDA), scans with the "
-          "tuned config found in the store; backend 'reference' is opgen's torch interpreter of the IR (the "
-          "oracle), used for what no kernel covers yet.")
-    return 0
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from opgen.bench import environment, format_results, write_json
-    from opgen.bench_cases import SUITES
-
-    names = args.op or list(SUITES)
-    unknown = [n for n in names if n not in SUITES]
-    if unknown:
-        print(f"opgen bench: no benchmark cases for {unknown}; available: {sorted(SUITES)}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results = []
-    for n in names:
-        results += SUITES[n](args.repeats, args.quick)
-    env = environment()
-    print("  ".join(f"{k}={v}" for k, v in env.items()))
-    print(format_results(results))
-    if args.json:
-        write_json(results, args.json)
-    return 0
-
-
-def _cmd_records_export(args: argparse.Namespace) -> int:
-    from opgen.config import from_env
-    from opgen.tune.records import RecordsError, export_records, write_records
-
-    cfg = from_env()
-    source = args.storage or cfg.tune_storage or None
-    try:
-        records = export_records(source, op=args.op, cache_dir=cfg.cache_dir)
-        write_records(args.file, records)
-    except (RecordsError, OSError, ValueError) as exc:
-        print(f"opgen records export: {exc}", file=sys.stderr)
-        return 2
-    where = source or f"{cfg.cache_dir}/tune"
-    print(f"exported {len(records)} record{'s' if len(records) != 1 else ''} from {where} to {args.file}")
-    return 0
-
-
-def _cmd_records_import(args: argparse.Namespace) -> int:
-    from opgen.config import from_env
-    from opgen.tune.records import RecordsError, import_records, pinned_path
-
-    cfg = from_env()
-    try:
-        added, replaced, unchanged = import_records(args.file, cache_dir=cfg.cache_dir)
-    except (RecordsError, OSError) as exc:
-        print(f"opgen records import: {exc}", file=sys.stderr)
-        return 2
-    print(f"imported {args.file}: {added} added, {replaced} replaced, {unchanged} unchanged; pinned file "
-          f"{pinned_path(cfg.cache_dir)}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and docs)."""
-    from opgen.tune_cli import add_declared_args, add_tune_parsers, parse_shape
-
-    p = argparse.ArgumentParser(prog="opgen", description="Operator generator and autotuner for scans, "
-                                "convolutions and attention variants.")
-    sub = p.add_subparsers(dest="command", required=True)
+def add_parsers(sub) -> None:
+    """Add ``list`` and ``show`` to the ``opgen`` subcommands."""
     sub.add_parser("list", help="list the library ops").set_defaults(func=_cmd_list)
     s = sub.add_parser("show", help="print an op at a pipeline stage")
     s.add_argument("op", help="a library op (opgen list), or a declared op as package.module:attribute naming an "
@@ -295,40 +224,3 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a declared op's dims for --stage plan / tvm / triton, e.g. B=2,C=256,L=512")
     add_declared_args(s)
     s.set_defaults(func=_cmd_show)
-    d = sub.add_parser("demo", help="run the library ops beside their torch baselines and print a table")
-    d.add_argument("--size", choices=("quick", "full"), default="quick")
-    d.add_argument("--repeats", type=int, default=3)
-    d.add_argument("--op", action="append", help="only this op (repeatable)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
-    d.add_argument("--trials", type=int, default=6, help="tuning trials per tunable op before timing (0: none)")
-    d.set_defaults(func=_cmd_demo)
-    add_tune_parsers(sub)
-    r = sub.add_parser("records", help="export tuned configs to a JSON file, or import (pin) them from one")
-    rsub = r.add_subparsers(dest="records_command", required=True)
-    re_ = rsub.add_parser("export", help="write the best config of every tuned study to FILE")
-    re_.add_argument("file", metavar="FILE")
-    re_.add_argument("--storage", help="Optuna storage URL or journal file (default: OPGEN_TUNE_STORAGE, else "
-                     "every journal in the cache dir)")
-    re_.add_argument("--op", help="only this op")
-    re_.set_defaults(func=_cmd_records_export)
-    ri = rsub.add_parser("import", help="pin the records of FILE: lookups use them before the tuning store")
-    ri.add_argument("file", metavar="FILE")
-    ri.set_defaults(func=_cmd_records_import)
-    b = sub.add_parser("bench", help="measure ops against their baselines in one process (medians, ratios)")
-    b.add_argument("op", nargs="*", help="ops to measure (default: all with cases)")
-    b.add_argument("--repeats", type=int, default=10)
-    b.add_argument("--threads", type=int, default=0, help="torch (and TVM) threads; 0 leaves the default")
-    b.add_argument("--quick", action="store_true", help="smaller sizes")
-    b.add_argument("--json", help="also write the results and environment to this JSON file")
-    b.set_defaults(func=_cmd_bench)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``opgen`` console script."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

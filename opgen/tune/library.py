@@ -207,7 +207,7 @@ def baseline_ms(problem: LibraryProblem, repeats: int = 5) -> tuple[float, str]:
     if problem.op_name == "linear_scan":
         name, fn = "torch cumprod/cumsum", lambda: (lambda p: p * torch.cumsum(x["b"] / p, 1))(torch.cumprod(x["a"], 1))
     elif problem.op_name == "selective_scan":
-        from opgen.bench_cases import _ss_loop
+        from opgen.bench.baselines import _ss_loop
 
         name = "torch reference loop"
         fn = lambda: _ss_loop(x["u"], x["delta"] + x["delta_bias"][:, None], x["A"], x["B"], x["C"], x["D"],  # noqa

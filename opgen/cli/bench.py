@@ -1,0 +1,41 @@
+"""``opgen bench``: measure ops against their baselines in one process (the cases and the protocol are
+:mod:`opgen.bench`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from opgen.bench import environment, format_results, write_json
+    from opgen.bench.cases import SUITES
+
+    names = args.op or list(SUITES)
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        print(f"opgen bench: no benchmark cases for {unknown}; available: {sorted(SUITES)}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for n in names:
+        results += SUITES[n](args.repeats, args.quick)
+    env = environment()
+    print("  ".join(f"{k}={v}" for k, v in env.items()))
+    print(format_results(results))
+    if args.json:
+        write_json(results, args.json)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add ``bench`` to the ``opgen`` subcommands."""
+    b = sub.add_parser("bench", help="measure ops against their baselines in one process (medians, ratios)")
+    b.add_argument("op", nargs="*", help="ops to measure (default: all with cases)")
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--threads", type=int, default=0, help="torch (and TVM) threads; 0 leaves the default")
+    b.add_argument("--quick", action="store_true", help="smaller sizes")
+    b.add_argument("--json", help="also write the results and environment to this JSON file")
+    b.set_defaults(func=_cmd_bench)
