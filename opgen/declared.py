@@ -109,7 +109,12 @@ def _signature(decl: DeclaredOp):
     for p in inspect.signature(decl.fn).parameters.values():
         ann = p.annotation
         if isinstance(ann, str):
-            ann = eval(ann, decl.fn.__globals__)  # noqa: S307 (annotations are the author's code)
+            try:
+                ann = eval(ann, decl.fn.__globals__)  # noqa: S307 (annotations are the author's code)
+            except NameError as e:
+                raise IRError(f"op {decl.name}: the annotation {ann!r} of parameter {p.name} names something the "
+                              f"module of {decl.fn.__qualname__} does not define ({e}); with `from __future__ "
+                              f"import annotations` the names in annotations must be module-level") from None
         if p.kind is inspect.Parameter.KEYWORD_ONLY:
             kind = ann if ann in _STATIC_KINDS else type(p.default) if p.default is not p.empty else None
             if kind not in _STATIC_KINDS:

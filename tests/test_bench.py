@@ -27,3 +27,13 @@ def test_measure_reports_medians_errors_and_ratios(tmp_path):
     write_json([res], str(path))
     data = json.loads(path.read_text())
     assert data["results"][0]["case"] == "n=1000" and "torch" in data["environment"]
+
+
+def test_declared_call_overhead_case_measures_the_op_its_kernel_and_torch():
+    from opgen.bench.declared import _declarations, call_overhead
+
+    _, ema = _declarations()
+    res = call_overhead(ema, repeats=2)
+    assert set(res.ms) == {"opgen", "its prepared kernel alone", "torch x.cumsum(1)"}
+    assert res.ms["opgen"] > res.ms["its prepared kernel alone"] > 0
+    assert "us above the kernel" in res.notes["opgen"]

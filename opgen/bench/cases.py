@@ -131,6 +131,12 @@ def _long_conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
     return long_conv_cases(repeats, quick)
 
 
+def _declared_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    from .declared import declared_cases
+
+    return declared_cases(repeats, quick)
+
+
 SUITES: dict[str, Callable[[int, bool], list[CaseResult]]] = {
     "linear_scan": linear_scan_cases,
     "selective_scan": selective_scan_cases,
@@ -138,4 +144,5 @@ SUITES: dict[str, Callable[[int, bool], list[CaseResult]]] = {
     "attention": _attention_cases,
     "conv": _conv_cases,
     "long_conv": _long_conv_cases,
+    "declared": _declared_cases,
 }
