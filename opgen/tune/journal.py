@@ -3,7 +3,7 @@
 :class:`JournalLock`: Optuna's ``<file>.lock`` symlink, taken while holding a kernel ``flock`` of
 ``<file>.owner``. Every opgen writer takes the flock first, so a symlink found by the flock's holder was left by a
 process that died inside an append (the kernel released its flock): when the link points at the owner file (an
-opgen link) it is removed at once, with a :class:`~opgen.tune.store.StaleLockWarning` naming the dead process.
+opgen link) it is removed at once, with a :class:`~opgen.tune.procs.StaleLockWarning` naming the dead process.
 A link of a plain Optuna process (pointing at the journal) is waited for, and broken only after it stayed
 unchanged for ``FOREIGN_LOCK_GRACE`` seconds, as Optuna itself does.
 
@@ -29,7 +29,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.trial import FrozenTrial, TrialState
 
-from . import store
+from . import procs
 
 
 class JournalLock(BaseJournalFileLock):
@@ -46,7 +46,7 @@ class JournalLock(BaseJournalFileLock):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             previous = os.pread(fd, 256, 0).decode(errors="replace").strip()
-            me = f"{store.HOST} {os.getpid()}"
+            me = f"{procs.HOST} {os.getpid()}"
             os.ftruncate(fd, 0)
             os.pwrite(fd, me.encode(), 0)
             self._take_link(previous)
@@ -79,8 +79,8 @@ class JournalLock(BaseJournalFileLock):
             now = time.monotonic()
             if seen is None or seen[0] != mtime:
                 seen = (mtime, now)
-            elif now - seen[1] > store.FOREIGN_LOCK_GRACE:
-                self._break(f"held by another Optuna process and unchanged for {store.FOREIGN_LOCK_GRACE:.0f} s")
+            elif now - seen[1] > procs.FOREIGN_LOCK_GRACE:
+                self._break(f"held by another Optuna process and unchanged for {procs.FOREIGN_LOCK_GRACE:.0f} s")
                 seen = None
                 continue
             time.sleep(0.01)
@@ -90,7 +90,7 @@ class JournalLock(BaseJournalFileLock):
             os.unlink(self.link)
         except FileNotFoundError:
             return
-        warnings.warn(f"opgen tune: released the journal lock {self.link} {why}", store.StaleLockWarning,
+        warnings.warn(f"opgen tune: released the journal lock {self.link} {why}", procs.StaleLockWarning,
                       stacklevel=5)
 
     def release(self) -> None:
@@ -113,7 +113,7 @@ class OwnedJournalStorage(JournalStorage):
             now = datetime.now(tz=timezone.utc)
             template_trial = FrozenTrial(
                 number=-1, state=TrialState.RUNNING, value=None, values=None, datetime_start=now,
-                datetime_complete=None, params={}, distributions={}, user_attrs={"owner": store.owner()},
+                datetime_complete=None, params={}, distributions={}, user_attrs={"owner": procs.owner()},
                 system_attrs={}, intermediate_values={}, trial_id=-1)
         return super().create_new_trial(study_id, template_trial)
 
@@ -121,7 +121,7 @@ class OwnedJournalStorage(JournalStorage):
                                values: Sequence[float] | None = None) -> bool:
         if state == TrialState.RUNNING:                  # popping a queued trial: claim it first
             try:
-                self.set_trial_user_attr(trial_id, "owner", store.owner())
+                self.set_trial_user_attr(trial_id, "owner", procs.owner())
             except (UpdateFinishedTrialError, KeyError):    # finished or unknown: the pop itself reports it
                 pass
         return super().set_trial_state_values(trial_id, state, values)
