@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn as nn
 
-from opgen.attention_op import prepare_mods
+from opgen.ops.attention_op import prepare_mods
 from opgen.masks import neighborhood_2d
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from opgen.attention_op import prepare_mods
+from opgen.ops.attention_op import prepare_mods
 from opgen.masks import sliding_window
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from opgen.attention_op import prepare_mods
+from opgen.ops.attention_op import prepare_mods
 from opgen.masks import swin_window
 
 

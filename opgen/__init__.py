@@ -49,8 +49,7 @@ def run(op: Any, **tensors: Any) -> dict:
 
 def _register_torch_ops() -> None:
     """Define every ``torch.ops.opgen.*`` op (cheap: schemas, fake kernels, autograd; no kernel is built)."""
-    from . import attention_op  # noqa: F401
-    from .ops import conv, scan  # noqa: F401
+    from .ops import attention_op, conv, scan  # noqa: F401
 
 
 class _AfterTorchImport(importlib.abc.MetaPathFinder):

@@ -42,13 +42,13 @@ def reference_backend(monkeypatch):
     """Run the library ops on the reference interpreter (a session with ``backend="reference"``): for tests of an
     op's semantics against independent formulations, whose kernels are tested per backend under tests/targets
     (this spares one cold kernel build per parametrization)."""
-    import opgen.attention_op
+    import opgen.ops.attention_op
     import opgen.bridge
     from opgen.config import from_env
     from opgen.runtime import make_session
 
     session = make_session(replace(from_env(), backend="reference"))
-    for module in (opgen.attention_op, opgen.bridge):
+    for module in (opgen.ops.attention_op, opgen.bridge):
         monkeypatch.setattr(module, "default_session", lambda: session)
     return session
 

@@ -16,7 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import opgen.masks as masks
 import opgen.scores as scores
-from opgen.attention_op import eager_fallback, parse_spec, prepare_mods
+from opgen.ops.attention_op import eager_fallback, parse_spec, prepare_mods
 from opgen.ir import ArgumentError, TraceError
 from opgen.ir.errors import FallbackWarning
 

@@ -58,11 +58,11 @@ def test_exported_program_loads_after_import_opgen_only(tmp_path):
 
 
 def test_attention_op_marks_prepare_mods_as_torch_does():
-    """opgen.attention_op marks ``prepare_mods`` constant for dynamo without importing torch._dynamo at import
+    """opgen.ops.attention_op marks ``prepare_mods`` constant for dynamo without importing torch._dynamo at import
     time; the mark must be exactly what ``torch._dynamo.assume_constant_result`` sets."""
     import torch._dynamo
 
-    import opgen.attention_op as ao
+    import opgen.ops.attention_op as ao
 
     def f():
         return 0

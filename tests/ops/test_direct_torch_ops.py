@@ -125,7 +125,7 @@ def test_long_conv_direct():
 
 
 def test_attention_direct():
-    from opgen.attention_op import prepare_mods
+    from opgen.ops.attention_op import prepare_mods
 
     spec, caps, _ = prepare_mods("test", None, None, torch.float32, torch.float32)
     q, k = _t(1, 2, 5, 4), _t(1, 2, 6, 4)

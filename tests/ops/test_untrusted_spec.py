@@ -20,7 +20,7 @@ import torch
 
 import opgen
 import opgen.ops  # noqa: F401  (registers torch.ops.opgen.attention)
-from opgen.attention_op import parse_spec, prepare_mods
+from opgen.ops.attention_op import parse_spec, prepare_mods
 from opgen.ir import ArgumentError, IRError
 from opgen.ir.expr import Access
 from opgen.ir.symbols import Axis, Dim
@@ -135,7 +135,7 @@ class _Biased(torch.nn.Module):
 LOAD = textwrap.dedent("""
     import sys, torch
     import opgen
-    import opgen.attention_op  # registers the op (issue 14 makes `import opgen` do it too)
+    import opgen.ops.attention_op  # registers the op (issue 14 makes `import opgen` do it too)
     from opgen.ir import ArgumentError
     m = torch.export.load(sys.argv[1]).module()
     q = torch.randn(1, 2, 5, 8)

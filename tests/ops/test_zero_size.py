@@ -239,7 +239,7 @@ def test_attention(qs, ks, vs, reference_backend):
 
 
 def test_attention_without_keys_gives_zero_rows_and_minus_inf_lse():
-    from opgen.attention_op import prepare_mods
+    from opgen.ops.attention_op import prepare_mods
 
     spec, caps, _ = prepare_mods("test", None, None, torch.float32, torch.float32)
     out, lse = torch.ops.opgen.attention(torch.randn(2, 3, 4, 5), torch.randn(2, 3, 0, 5), torch.randn(2, 3, 0, 6),

@@ -38,13 +38,14 @@ import torch
 from torch import Tensor
 
 from opgen.attention_eager import eager_attention
+from opgen.bridge import autograd_inside_op
 from opgen.ir import ArgumentError, DType, Expr, accum_dtype, as_dtype, promote
 from opgen.ir.dtypes import to_torch
-from opgen.bridge import autograd_inside_op
 from opgen.ir.errors import FallbackWarning, UnsupportedConstruct
 from opgen.ir.serialize import expr_from_obj, expr_to_obj
 from opgen.ir.expr import ExprOp
 from opgen.ir.symbols import Axis, Dim
+from opgen.ops.attention_ir import _AXES, _EXTENTS, SCORE, declare_attention, trace
 from opgen.runtime import default_session
 
 WHO = "torch.ops.opgen.attention"
@@ -86,10 +87,10 @@ def parse_spec(spec: str) -> AttentionSpec:
         raise ArgumentError(f"{WHO}: argument 'spec' is nested too deeply to be an attention spec") from None
     except (TypeError, ValueError) as exc:
         raise ArgumentError(f"{WHO}: argument 'spec' is not valid JSON ({exc}); build it with "
-                            f"opgen.attention_op.prepare_mods") from None
+                            f"opgen.ops.attention_op.prepare_mods") from None
     if not isinstance(obj, dict) or obj.get("format") != SPEC_FORMAT or obj.get("version") != SPEC_VERSION:
         raise ArgumentError(f"{WHO}: argument 'spec' is not an attention spec of format {SPEC_FORMAT!r} version "
-                            f"{SPEC_VERSION}; build it with opgen.attention_op.prepare_mods")
+                            f"{SPEC_VERSION}; build it with opgen.ops.attention_op.prepare_mods")
     try:
         caps = _spec_captures(obj["captures"])
         mask = None if obj["mask"] is None else expr_from_obj(obj["mask"])
@@ -125,7 +126,6 @@ def _spec_captures(items: Any) -> tuple[tuple[DType, tuple[Dim, ...]], ...]:
 
 def _check_spec_leaves(spec: AttentionSpec) -> None:
     """Raise :class:`ArgumentError` unless every load and index symbol of ``spec`` is one the tracer makes."""
-    from opgen.ops.attention import _AXES, _EXTENTS, SCORE  # lazy: opgen.ops.attention imports this module
 
     symbols = set(_AXES) | set(_EXTENTS) | {d for _, dims_ in spec.captures for d in dims_}
     ranks = {f"capture{n}": len(dims_) for n, (_, dims_) in enumerate(spec.captures)}
@@ -158,11 +158,10 @@ def _check_spec_leaves(spec: AttentionSpec) -> None:
                         break
             if bad:
                 raise ArgumentError(f"{WHO}: argument 'spec' is malformed: its {what} expression has {bad}; build "
-                                    f"the spec with opgen.attention_op.prepare_mods")
+                                    f"the spec with opgen.ops.attention_op.prepare_mods")
 
 
 def _trace(who: str, score_mod: Callable | None, mask_mod: Callable | None, score_dtype: DType):
-    from opgen.ops.attention import trace  # lazy: opgen.ops.attention imports this module
 
     return trace(who, score_mod, mask_mod, score_dtype)
 
@@ -373,7 +372,7 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor, captures: Sequence[Tensor], 
     if sd != spec.score_dtype:
         raise ArgumentError(f"{WHO}: argument 'spec' was traced for {spec.score_dtype} scores but q ({q.dtype}) "
                             f"and k ({k.dtype}) give {sd} scores; trace the mods for these dtypes "
-                            f"(opgen.attention_op.prepare_mods)")
+                            f"(opgen.ops.attention_op.prepare_mods)")
     if len(captures) != len(spec.captures):
         raise ArgumentError(f"{WHO}: argument 'captures' has {len(captures)} tensors but the spec's mods capture "
                             f"{len(spec.captures)}")
@@ -417,7 +416,6 @@ def check_captures_need_no_grad(captures: Sequence[Tensor], who: str = WHO) -> N
 
 def _declare(q: Tensor, k: Tensor, v: Tensor, captures: Sequence[Tensor], spec: str, scale: float,
              enable_gqa: bool):
-    from opgen.ops.attention import declare_attention  # lazy: opgen.ops.attention imports this module
 
     parsed = parse_spec(spec)
     _check_tensors(q, k, v, captures, parsed, enable_gqa)
