@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 from opgen.bridge import StaticArg, TensorArg, TorchOp, given_inputs
 from opgen.eager import call
 from opgen.ir import DType, OpBuilder, dims, silu
