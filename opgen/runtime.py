@@ -157,7 +157,7 @@ class Session:
         """The best tuned config of ``op`` at these sizes on ``target`` (None: use the default), memoized."""
         key = ("config", op, tuple(sorted((d.name, v) for d, v in binding.dims.items())), target.name)
         if key not in self._bindings:
-            from opgen.tune.library import lookup_config
+            from opgen.tune.call_config import lookup_config
 
             self._bindings[key] = lookup_config(op, binding, target, self.config.tune_storage,
                                                 self.config.cache_dir)
