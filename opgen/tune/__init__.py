@@ -6,10 +6,13 @@ One job per module:
 - :mod:`~opgen.tune.problem` what is tuned: a picklable :class:`ProblemSpec` and the :class:`Problem` protocol
 - :mod:`~opgen.tune.encode`  knobs <-> Optuna params (powers of two as log2 ints)
 - :mod:`~opgen.tune.store`   the embedded journal store under ``<cache_dir>/tune/`` or a storage URL
+  (:mod:`~opgen.tune.procs`: which process owns a trial or a lock; :mod:`~opgen.tune.journal`: the lock and storage)
 - :mod:`~opgen.tune.measure` build, check and time one config in a child process with a timeout
 - :mod:`~opgen.tune.tuner`   :func:`tune`: the study loop, warm start, repeat cache, budgets, progress bar
 - :mod:`~opgen.tune.lookup`  :func:`best_config` for call-time lookup (cached, never creates a study)
-- :mod:`~opgen.tune.records` pinned records: export best configs to versioned JSON, import them (data only)
+- :mod:`~opgen.tune.call_config` an op's study key and knob space on a target, and its tuned config at call time
+- :mod:`~opgen.tune.records` pinned records: export best configs to versioned JSON, import them (data only;
+  the file format and the pinned file's cache are :mod:`~opgen.tune.records_file`)
 - :mod:`~opgen.tune.report`  :func:`write_report`: history and importance PNGs plus a markdown table of a study
 - :mod:`~opgen.tune.declared` :func:`tune_op`: tune an op a user declared (``op.tune(...)``, ``opgen tune mod:fn``)
 - :mod:`~opgen.tune.testing` a pure-torch problem with planted failures, for tests and demos

@@ -18,7 +18,7 @@ import threading
 from typing import Any
 
 from .key import StudyKey
-from .records import clear_pinned_cache, pinned_config, pinned_path
+from .records_file import clear_pinned_cache, pinned_config, pinned_path
 
 _lock = threading.Lock()
 _answers: dict[tuple[str, str, str], dict[str, Any] | None] = {}
