@@ -293,9 +293,20 @@ def _any_config(config):
 
 @functools.lru_cache(maxsize=1)
 def _tvm_available() -> tuple[bool, str]:
-    try:
-        import tvm  # noqa: F401
-        import tvm_ffi  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - ImportError or a broken native library
-        return False, f"apache-tvm cannot be imported ({type(e).__name__}: {e})"
+    """Whether apache-tvm and apache-tvm-ffi are installed, decided without importing them (``import tvm`` takes
+    seconds, and a call whose kernel is cached on disk needs only tvm_ffi). A package that is installed but
+    fails to import (a broken native library) is reported where it is imported: an ImportError naming it
+    (:func:`opgen.targets.tvm.compile.import_tvm`)."""
+    import importlib.util
+    import sys
+
+    for module, dist in (("tvm", "apache-tvm"), ("tvm_ffi", "apache-tvm-ffi")):
+        if module in sys.modules and sys.modules[module] is not None:
+            continue
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError) as e:
+            return False, f"{dist} cannot be found ({type(e).__name__}: {e})"
+        if spec is None:
+            return False, f"{dist} is not installed (no module named {module!r}); pip install {dist}"
     return True, ""
