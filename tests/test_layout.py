@@ -140,9 +140,6 @@ def test_no_import_cycles_in_ir(graph):
     assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="opgen/ top level (owned by the bridge, ops and tuner engineers), today: "
-                   "runtime -> tune.library -> ops.{scan,conv} -> bridge -> runtime; tune.records <-> tune.lookup "
-                   "(also through tune.library); remove this marker when they are gone")
 def test_no_import_cycles_in_opgen_top_level(graph):
     cycles = _cycles(graph, ("opgen",))
     assert cycles == [], f"{len(cycles)} cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
