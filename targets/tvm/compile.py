@@ -51,15 +51,27 @@ from ..cache_files import sidecar_path, temp_name, write_atomic, write_sidecar
 _MODULE_IDS = itertools.count()
 
 
+_IMPORT_FAILURE: list[str] = []
+
+
 def import_tvm():
     """``import tvm``, or an ImportError that says apache-tvm cannot be imported and why (a missing module, a
-    broken native library): :meth:`TVMTarget.available` only checks that the packages are installed."""
+    broken native library). :meth:`TVMTarget.available` only checks that the packages are installed; after such
+    a failure it reports the target unavailable (:func:`tvm_import_failure`), so later calls go elsewhere."""
     try:
         import tvm
     except Exception as exc:  # noqa: BLE001 - ImportError, OSError from a native library, ...
-        raise ImportError(f"opgen: the tvm target needs apache-tvm, which cannot be imported "
+        why = f"apache-tvm cannot be imported ({type(exc).__name__}: {exc})"
+        if not _IMPORT_FAILURE:
+            _IMPORT_FAILURE.append(why)
+        raise ImportError(f"opgen: the tvm target needs apache-tvm, which is installed but cannot be imported "
                           f"({type(exc).__name__}: {exc})") from exc
     return tvm
+
+
+def tvm_import_failure() -> str:
+    """Why ``import tvm`` failed in this process ("" when it did not fail or was not tried)."""
+    return _IMPORT_FAILURE[0] if _IMPORT_FAILURE else ""
 
 
 def host_target():

@@ -291,17 +291,24 @@ def _any_config(config):
     return as_config(config)
 
 
-@functools.lru_cache(maxsize=1)
 def _tvm_available() -> tuple[bool, str]:
     """Whether apache-tvm and apache-tvm-ffi are installed, decided without importing them (``import tvm`` takes
     seconds, and a call whose kernel is cached on disk needs only tvm_ffi). A package that is installed but
-    fails to import (a broken native library) is reported where it is imported: an ImportError naming it
-    (:func:`opgen.targets.tvm.compile.import_tvm`)."""
+    fails to import (a broken native library) is reported where it is imported, by an ImportError naming it
+    (:func:`opgen.targets.tvm.compile.import_tvm`); from then on the target is unavailable with that reason."""
+    from .compile import tvm_import_failure
+
+    why = tvm_import_failure()
+    return (False, why) if why else _tvm_installed()
+
+
+@functools.lru_cache(maxsize=1)
+def _tvm_installed() -> tuple[bool, str]:
     import importlib.util
     import sys
 
     for module, dist in (("tvm", "apache-tvm"), ("tvm_ffi", "apache-tvm-ffi")):
-        if module in sys.modules and sys.modules[module] is not None:
+        if sys.modules.get(module) is not None:
             continue
         try:
             spec = importlib.util.find_spec(module)
