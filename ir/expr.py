@@ -7,18 +7,22 @@ about exactly. Tensor values never become sympy.
 
 ``==`` on :class:`Expr` is *structural* equality (nodes are hashable); build comparisons with :meth:`Expr.eq`,
 :meth:`Expr.ne` or the ``<``/``<=``/``>``/``>=`` operators.
+
+:func:`expr_str` (also ``str(e)``) prints an expression with minimal parentheses and the index printer of
+:mod:`opgen.ir.index_printer`; :mod:`opgen.ir.printer` builds the printed form of whole ops on top of it.
 """
 from __future__ import annotations
 
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import sympy
 
 from .dtypes import DType, promote
 from .errors import IRError
+from .index_printer import index_str
 from .names import check_name
 
 
@@ -214,8 +218,6 @@ class Expr:
         raise IRError("an IR expression has no truth value; use opgen.where(cond, a, b) instead of Python if/and/or")
 
     def __str__(self) -> str:
-        from .printer import expr_str
-
         return expr_str(self)
 
     def walk(self) -> Iterator["Expr"]:
@@ -525,3 +527,67 @@ def substitute(e: Expr, mapping: dict) -> Expr:
         else:
             memo[n] = n
     return memo[e]
+
+
+# ------------------------------------------------------------------------------------------------ printing
+
+_PREC = {ExprOp.OR: 1, ExprOp.AND: 2, **{op: 3 for op in COMPARE}, ExprOp.ADD: 4, ExprOp.SUB: 4,
+         ExprOp.MUL: 5, ExprOp.DIV: 5}
+
+
+def _fmt_const(v) -> str:
+    if isinstance(v, float):
+        if v == float("inf"):
+            return "inf"
+        if v == float("-inf"):
+            return "-inf"
+        return repr(v)
+    return repr(v)
+
+
+def expr_str(e: Expr, names: Mapping[str, str] | None = None) -> str:
+    """Print a value expression; ``names`` optionally renames tensors."""
+    memo: dict[Expr, tuple[str, int]] = {}
+    for n in e.walk():
+        memo[n] = _node_str(n, memo, names or {})
+    return memo[e][0]
+
+
+def _node_str(n: Expr, memo: dict, names: Mapping[str, str]) -> tuple[str, int]:
+    op = n.op
+    if op is ExprOp.CONST:
+        return _fmt_const(n.arg), 9
+    if op is ExprOp.INDEX:
+        s = index_str(n.arg)
+        return (s, 9) if (n.arg.is_Atom or isinstance(n.arg, sympy.Function)) else (f"({s})", 9)
+    if op is ExprOp.ARG:
+        return ("acc", "x")[n.arg] if n.arg < 2 else f"arg{n.arg}", 9
+    if op is ExprOp.LOAD:
+        a = n.arg
+        name = names.get(a.tensor, a.tensor)
+        pad = ""
+        if a.pad is not None and any(lo != 0 or hi != 0 for lo, hi in a.pad):
+            pad = ".pad(" + ", ".join(f"({index_str(lo)}, {index_str(hi)})" for lo, hi in a.pad) + ")"
+        return f"{name}{pad}[{', '.join(index_str(i) for i in a.index)}]", 9
+    if op is ExprOp.CAST:
+        return f"{n.dtype}({memo[n.operand][0]})", 9
+    if op is ExprOp.NEG:
+        s, p = memo[n.operand]
+        return f"-{s if p >= 6 else '(' + s + ')'}", 6
+    if op is ExprOp.NOT:
+        return f"~{_paren(memo[n.operand], 7)}", 7
+    if op is ExprOp.WHERE:
+        return f"where({', '.join(memo[s][0] for s in n.src)})", 9
+    if op in (ExprOp.MAX, ExprOp.MIN, ExprOp.POW):
+        return f"{op.value}({memo[n.lhs][0]}, {memo[n.rhs][0]})", 9
+    if len(n.src) == 1:
+        return f"{op.value}({memo[n.operand][0]})", 9
+    p = _PREC[op]
+    lhs = _paren(memo[n.lhs], p)
+    rhs = _paren(memo[n.rhs], p + (1 if op in (ExprOp.SUB, ExprOp.DIV) or op in COMPARE else 0))
+    return f"{lhs} {op.value} {rhs}", p
+
+
+def _paren(sp: tuple[str, int], prec: int) -> str:
+    s, p = sp
+    return s if p >= prec else f"({s})"

@@ -17,6 +17,7 @@ import sympy
 from .expr import loads
 from .names import check_qualname
 from .nodes import Node, TensorParam
+from .printer import op_str
 from .symbols import Axis, Dim
 
 
@@ -121,14 +122,10 @@ class Op:
     @functools.cached_property
     def fingerprint(self) -> str:
         """A stable structural hash (hex sha256 of the canonical printed form)."""
-        from .printer import op_str
-
         return hashlib.sha256(op_str(self, canonical=True).encode()).hexdigest()
 
     def pretty(self, verified: bool = False) -> str:
         """The printed IR; ``verified`` adds extents and per-access bound status."""
-        from .printer import op_str
-
         return op_str(self, verified=verified)
 
     def __str__(self) -> str:

@@ -1,120 +1,26 @@
-"""Pretty printing of index expressions, value expressions and whole ops.
+"""Pretty printing of whole ops; the printers of index and value expressions are re-exported from below.
 
 The output is deterministic (it feeds golden snapshots and the structural fingerprint): floor division prints
-as ``//``, modulo as ``%``, and every value expression is printed with minimal parentheses.
+as ``//``, modulo as ``%``, and every value expression is printed with minimal parentheses. The layers, lowest
+first: :func:`index_str` (:mod:`opgen.ir.index_printer`, sympy alone), :func:`expr_str` (:mod:`opgen.ir.expr`),
+:func:`op_str` (here, above :mod:`opgen.ir.nodes` and :mod:`opgen.ir.verify`; :class:`~opgen.ir.op.Op` calls
+it for ``pretty``, ``str`` and ``fingerprint``, and is needed here only for type checking).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import sympy
-from sympy.printing.str import StrPrinter
 
-from .expr import COMPARE, Expr, ExprOp
+from .expr import Expr, expr_str, substitute
+from .index_printer import index_str
+from .nodes import Affine, Map, Reduce, Scan
+from .verify import access_report
 
 if TYPE_CHECKING:
     from .op import Op
 
-
-class _IndexPrinter(StrPrinter):
-    def _print_floor(self, e):  # noqa: N802 (sympy printer protocol)
-        num, den = sympy.fraction(sympy.together(e.args[0]))
-        if den != 1:
-            return f"({self.parenthesize(num, 50)} // {self.parenthesize(den, 60)})"
-        return f"floor({self._print(e.args[0])})"
-
-    def _print_Mod(self, e):  # noqa: N802
-        a, m = e.args
-        return f"({self.parenthesize(a, 50)} % {self.parenthesize(m, 60)})"
-
-    def _print_Piecewise(self, e):  # noqa: N802
-        parts = [f"{self._print(v)} if {self._print(c)}" for v, c in e.args[:-1]]
-        return "(" + " else ".join(parts + [self._print(e.args[-1][0])]) + ")"
-
-    def _print_And(self, e):  # noqa: N802
-        return " & ".join(f"({self._print(a)})" for a in sorted(e.args, key=str))
-
-    def _print_Or(self, e):  # noqa: N802
-        return " | ".join(f"({self._print(a)})" for a in sorted(e.args, key=str))
-
-    def _print_Not(self, e):  # noqa: N802
-        return f"~({self._print(e.args[0])})"
-
-    def _print_BooleanTrue(self, e):  # noqa: N802
-        return "True"
-
-    def _print_BooleanFalse(self, e):  # noqa: N802
-        return "False"
-
-
-_IP = _IndexPrinter({"order": "lex"})
-
-
-def index_str(e: sympy.Basic) -> str:
-    """Print an index expression or predicate."""
-    return _IP.doprint(e)
-
-
-_PREC = {ExprOp.OR: 1, ExprOp.AND: 2, **{op: 3 for op in COMPARE}, ExprOp.ADD: 4, ExprOp.SUB: 4,
-         ExprOp.MUL: 5, ExprOp.DIV: 5}
-
-
-def _fmt_const(v) -> str:
-    if isinstance(v, float):
-        if v == float("inf"):
-            return "inf"
-        if v == float("-inf"):
-            return "-inf"
-        return repr(v)
-    return repr(v)
-
-
-def expr_str(e: Expr, names: Mapping[str, str] | None = None) -> str:
-    """Print a value expression; ``names`` optionally renames tensors."""
-    memo: dict[Expr, tuple[str, int]] = {}
-    for n in e.walk():
-        memo[n] = _node_str(n, memo, names or {})
-    return memo[e][0]
-
-
-def _node_str(n: Expr, memo: dict, names: Mapping[str, str]) -> tuple[str, int]:
-    op = n.op
-    if op is ExprOp.CONST:
-        return _fmt_const(n.arg), 9
-    if op is ExprOp.INDEX:
-        s = index_str(n.arg)
-        return (s, 9) if (n.arg.is_Atom or isinstance(n.arg, sympy.Function)) else (f"({s})", 9)
-    if op is ExprOp.ARG:
-        return ("acc", "x")[n.arg] if n.arg < 2 else f"arg{n.arg}", 9
-    if op is ExprOp.LOAD:
-        a = n.arg
-        name = names.get(a.tensor, a.tensor)
-        pad = ""
-        if a.pad is not None and any(lo != 0 or hi != 0 for lo, hi in a.pad):
-            pad = ".pad(" + ", ".join(f"({index_str(lo)}, {index_str(hi)})" for lo, hi in a.pad) + ")"
-        return f"{name}{pad}[{', '.join(index_str(i) for i in a.index)}]", 9
-    if op is ExprOp.CAST:
-        return f"{n.dtype}({memo[n.operand][0]})", 9
-    if op is ExprOp.NEG:
-        s, p = memo[n.operand]
-        return f"-{s if p >= 6 else '(' + s + ')'}", 6
-    if op is ExprOp.NOT:
-        return f"~{_paren(memo[n.operand], 7)}", 7
-    if op is ExprOp.WHERE:
-        return f"where({', '.join(memo[s][0] for s in n.src)})", 9
-    if op in (ExprOp.MAX, ExprOp.MIN, ExprOp.POW):
-        return f"{op.value}({memo[n.lhs][0]}, {memo[n.rhs][0]})", 9
-    if len(n.src) == 1:
-        return f"{op.value}({memo[n.operand][0]})", 9
-    p = _PREC[op]
-    lhs = _paren(memo[n.lhs], p)
-    rhs = _paren(memo[n.rhs], p + (1 if op in (ExprOp.SUB, ExprOp.DIV) or op in COMPARE else 0))
-    return f"{lhs} {op.value} {rhs}", p
-
-
-def _paren(sp: tuple[str, int], prec: int) -> str:
-    s, p = sp
-    return s if p >= prec else f"({s})"
+__all__ = ["expr_str", "index_str", "op_str"]
 
 
 def op_str(op: "Op", *, verified: bool = False, canonical: bool = False) -> str:
@@ -122,8 +28,6 @@ def op_str(op: "Op", *, verified: bool = False, canonical: bool = False) -> str:
 
     ``canonical`` renames axes in order of appearance and omits the op name (used by the fingerprint).
     """
-    from .nodes import Affine, Map, Reduce, Scan
-
     rename: dict = {}
     if canonical:
         for i, ax in enumerate(op.axes_in_order()):
@@ -134,8 +38,6 @@ def op_str(op: "Op", *, verified: bool = False, canonical: bool = False) -> str:
 
     def ex(e: Expr) -> str:
         if rename:
-            from .expr import substitute
-
             e = substitute(e, rename)
         return expr_str(e)
 
@@ -169,8 +71,6 @@ def op_str(op: "Op", *, verified: bool = False, canonical: bool = False) -> str:
             lines.append(head + f"scan[{over}; {n.traversal}{state}{init}] {body}")
     if verified:
         lines.append("  axes " + ", ".join(f"{ix(a)} < {ix(e)}" for a, e in op.extents))
-        from .verify import access_report
-
         for node_out, acc, status in access_report(op):
             lines.append(f"  access {node_out} <- {acc.tensor}[{', '.join(ix(i) for i in acc.index)}]: {status}")
     return "\n".join(lines)

@@ -17,10 +17,10 @@ import sympy
 
 from .dtypes import DType
 from .errors import IRError
-from .expr import Access, loads
+from .expr import Access, free_symbols, loads
 from .index import affine, bounds, proved
+from .index_printer import index_str
 from .nodes import Node, Reduce, Scan, TensorParam
-from .printer import index_str
 from .symbols import Axis, axes_in
 
 if TYPE_CHECKING:
@@ -170,8 +170,6 @@ def verify_structure(tensors: Mapping[str, TensorParam | None], nodes: tuple[Nod
 
 def axes_in_expr(e) -> set[Axis]:
     """Axes an Expr depends on."""
-    from .expr import free_symbols
-
     return {s for s in free_symbols(e) if isinstance(s, Axis)}
 
 

@@ -132,9 +132,6 @@ def test_no_import_cycles_in_schedules_and_targets(graph):
     assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="ir/ (owned by the IR engineer): opgen.ir.expr -> printer -> verify -> nodes "
-                   "-> expr, expr <-> printer, printer <-> verify (function-level imports); remove this marker when "
-                   "they are gone")
 def test_no_import_cycles_in_ir(graph):
     cycles = _cycles(graph, ("opgen.ir",))
     assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
