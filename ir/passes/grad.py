@@ -187,12 +187,17 @@ class _Grad:
             ref = TensorRef(c.arg.tensor, len(out_axes), c.dtype)
             self.adj.setdefault(acc.tensor, []).append(_Contribution(ref, tuple(out_axes)))
             return
+        self.add_contribution(acc.tensor, rest, c, pred, tuple(out_axes))
+
+    def add_contribution(self, tensor: str, rest: tuple[Axis, ...], c: Expr, pred: Expr | None,
+                         out_axes: tuple[Axis, ...]) -> None:
+        """Add ``c`` (summed over ``rest``, zero where ``pred`` fails) over ``out_axes`` to ``tensor``'s adjoint."""
         if rest:
-            ref = self.bld.reduce(rest, c, where=pred, axes=tuple(out_axes))
+            ref = self.bld.reduce(rest, c, where=pred, axes=out_axes)
         else:
-            ref = self.bld.map(where(pred, c, 0.0) if pred is not None else c, tuple(out_axes))
+            ref = self.bld.map(where(pred, c, 0.0) if pred is not None else c, out_axes)
         self.shapes[ref.name] = tuple(self.ext[a] for a in out_axes)
-        self.adj.setdefault(acc.tensor, []).append(_Contribution(ref, tuple(out_axes)))
+        self.adj.setdefault(tensor, []).append(_Contribution(ref, out_axes))
 
     def scatter_general(self, acc: Access, frame: tuple[Axis, ...], c: Expr) -> None:
         """The adjoint of any read, by definition: ``adj[u] += sum over frame of c where index(frame) == u``.
@@ -215,12 +220,7 @@ class _Grad:
             preds.append(sympy.Eq(ie, u))
         rest = tuple(a for a in frame if a not in out_axes)
         pred = index(sympy.And(*preds)) if preds else None
-        if rest:
-            ref = self.bld.reduce(rest, c, where=pred, axes=tuple(out_axes))
-        else:
-            ref = self.bld.map(where(pred, c, 0.0) if pred is not None else c, tuple(out_axes))
-        self.shapes[ref.name] = tuple(self.ext[a] for a in out_axes)
-        self.adj.setdefault(acc.tensor, []).append(_Contribution(ref, tuple(out_axes)))
+        self.add_contribution(acc.tensor, rest, c, pred, tuple(out_axes))
 
     def shape_of(self, name: str) -> tuple[sympy.Expr, ...]:
         if name in self.shapes:
