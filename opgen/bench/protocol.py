@@ -1,9 +1,11 @@
 """The measuring protocol of ``opgen bench``: each case against its baselines in one process, interleaved, medians
 and ratios.
 
-A case builds its inputs once, then runs every implementation round-robin ``repeats`` times (so machine noise
-hits all of them alike), checks each baseline's result against opgen's, and reports median milliseconds, the
-ratio baseline/opgen, and for memory-bound ops the measured memory floor (a copy of the same number of bytes).
+A case builds its inputs once, warms every implementation up (>= 0.3 s and >= 3 calls each: a fresh process's
+first calls fault in fresh output pages), then runs every implementation round-robin ``repeats`` times (so
+machine noise hits all of them alike), checks each baseline's result against opgen's, and reports median
+milliseconds, the ratio baseline/opgen, and for memory-bound ops the measured memory floor (a copy of the same
+number of bytes).
 """
 from __future__ import annotations
 
@@ -61,6 +63,27 @@ def _copy_floor(nbytes: int) -> Callable[[], Any]:
     return lambda: dst.copy_(src)
 
 
+WARMUP_S = 0.3
+WARMUP_CALLS = (3, 100)
+
+
+def _warm_up(fns: list[Callable[[], Any]]) -> None:
+    """Call each implementation (round-robin) until it has had ``WARMUP_S`` seconds and at least 3 calls (at most
+    100). A fresh process's first calls of a memory-bound op are 2-3x slower than its steady state (fresh output
+    buffers fault their pages in until the allocator keeps freed ones: linear_scan 1024 x 2048 took 3.1-4.0 ms a
+    call for its first 4-15 calls, then 1.15 ms), and 10 timed calls straight after the first measured that
+    instead of what a training loop gets."""
+    spent = [0.0] * len(fns)
+    calls = [0] * len(fns)
+    lo, hi = WARMUP_CALLS
+    todo = list(range(len(fns)))
+    while todo:
+        for k in todo:
+            spent[k] += _time_ms(fns[k]) / 1e3
+            calls[k] += 1
+        todo = [k for k in todo if calls[k] < hi and (calls[k] < lo or spent[k] < WARMUP_S)]
+
+
 def measure(op: str, case: str, impls: list[Impl], repeats: int = 10, floor_bytes: int | None = None) -> CaseResult:
     """Interleaved medians; errors are relative to the opgen implementation (the first impl)."""
     import torch
@@ -75,6 +98,7 @@ def measure(op: str, case: str, impls: list[Impl], repeats: int = 10, floor_byte
             e = (out - ref).abs().max().item()
             errs[im.name] = e if math.isfinite(e) else float("nan")
     floor = _copy_floor(floor_bytes) if floor_bytes else None
+    _warm_up([im.fn for im in impls] + ([floor] if floor is not None else []))
     samples: dict[str, list[float]] = {im.name: [] for im in impls}
     floor_s: list[float] = []
     for _ in range(repeats):
