@@ -267,3 +267,48 @@ def test_reference_fallback_warns_once_per_op_and_device():
     torch.testing.assert_close(y1, x.flip(1).cumsum(1).flip(1))
     fallbacks = [w for w in caught if issubclass(w.category, opgen.ir.errors.FallbackWarning)]
     assert len(fallbacks) <= 1                            # TVM takes this scan whole: no warning at all
+
+
+_DECLARING_MODULE = '''
+import torch
+import opgen
+from opgen import Float
+
+@opgen.op
+def ema_{tag}(x: Float["B L"], *, decay: float = 0.5):
+    b, t = opgen.axes("b t")
+    return opgen.scan(t, a=decay, b=(1 - decay) * x[b, t])
+
+class M(torch.nn.Module):
+    def forward(self, x):
+        return ema_{tag}(x, decay=0.75) * 2
+'''
+
+
+def test_exported_program_with_a_declared_op_loads_after_importing_the_declaring_module(tmp_path, monkeypatch):
+    """torch.export sees the declared op as torch.ops.opgen.<name>_<fingerprint> with its static argument; a fresh
+    process that imports the declaring module loads and runs the .pt2 (the op is registered at declaration)."""
+    import importlib
+    import subprocess
+    import sys
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    (tmp_path / f"decl_{tag}.py").write_text(_DECLARING_MODULE.format(tag=tag))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(f"decl_{tag}")
+    x = torch.randn(3, 11)
+    ep = torch.export.export(mod.M(), (x,))
+    assert f"torch.ops.opgen.ema_{tag}_" in ep.graph_module.code
+    torch.export.save(ep, tmp_path / "m.pt2")
+    torch.save(x, tmp_path / "x.pt")
+    ref = x.new_zeros(3)
+    expected = []
+    for t in range(11):
+        ref = 0.75 * ref + 0.25 * x[:, t]
+        expected.append(ref * 2)
+    torch.save(torch.stack(expected, 1), tmp_path / "ref.pt")
+    code = (f"import torch, decl_{tag}\nx = torch.load('x.pt')\ngot = torch.export.load('m.pt2').module()(x)\n"
+            f"torch.testing.assert_close(got, torch.load('ref.pt'), rtol=1e-5, atol=1e-6)\nprint('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
