@@ -19,7 +19,9 @@ A :class:`TorchOp` registers ``torch.ops.opgen.<name>`` and ``<name>_backward`` 
   (``closed_form(*args)``: outputs, and gradients by torch autograd through it), else empty outputs.
 
 The backward op's schema is ``(<tensor params>, Tensor grad_<output>..., <static params>, bool[]? mask=None)
--> Tensor[]``: one gradient per tensor parameter (an empty tensor where absent or not asked for by ``mask``).
+-> Tensor[]``: one gradient per tensor parameter (an empty tensor where absent or not asked for by ``mask``). A
+family with a backward of its own (:class:`CustomBackward`, e.g. attention's flash backward from the saved ``out``
+and ``lse``) states that op instead.
 """
 from __future__ import annotations
 
@@ -45,10 +47,29 @@ _REQUIRED = object()
 
 @dataclass(frozen=True)
 class TensorArg:
-    """A tensor parameter of a bridged op; ``optional`` ones may be None (the op then has no such input)."""
+    """A tensor parameter of a bridged op; ``optional`` ones may be None (the op then has no such input). A
+    ``kind="list"`` one is a ``Tensor[]`` (its family's ``adapt`` names the op's inputs, its ``check`` checks
+    them; it gets no gradient, so it needs a :class:`CustomBackward`)."""
 
     name: str
     optional: bool = False
+    kind: str = "tensor"
+
+
+@dataclass(frozen=True)
+class CustomBackward:
+    """A family's own backward op ``<name>_backward``, instead of the generated one. Its schema is
+    ``(<tensor params>, Tensor <output>..., Tensor <grads[output]>..., <static params>) -> (Tensor, ...)``: the
+    forward's outputs (autograd saves them), the gradients of the outputs in ``grads`` (the others are not
+    differentiable, and marked so), and one gradient per tensor parameter in ``wrt`` (the other parameters get
+    none). ``run(tensors, statics, outputs, grads)`` computes them (``outputs`` and ``grads`` by output name);
+    ``setup(tensors, statics)`` runs when autograd records a call (e.g. to refuse a parameter that requires grad
+    but gets none). It has no double backward."""
+
+    run: Callable[..., Sequence[Tensor]]
+    wrt: tuple[str, ...]
+    grads: Mapping[str, str]
+    setup: Callable[..., None] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,14 +105,21 @@ class TorchOp:
     a gradient of an adapted input is reshaped back to its parameter's shape. ``outputs`` names the op's outputs
     for the schema (``None``: a list of tensors). ``check(who, *args)`` validates a call (forward and backward
     kernels; the public functions check before :meth:`impl`). ``run_who`` names the op in binding errors.
+    ``custom_backward`` replaces the generated backward (see :class:`CustomBackward`).
     """
 
     def __init__(self, name: str, tensors: Sequence[TensorArg], statics: Sequence[StaticArg], declare: Declare,
                  *, outputs: Sequence[str] | None = None, flexible: frozenset[str] = frozenset(),
                  adapt: Adapt | None = None, check: Callable[..., None] | None = None,
                  closed_form: Callable[..., Any] | None = None, who: str | None = None,
-                 run_who: str | None = None, warn_fallback: bool = True, namespace: str = "opgen") -> None:
+                 run_who: str | None = None, warn_fallback: bool = True, namespace: str = "opgen",
+                 custom_backward: CustomBackward | None = None) -> None:
         self.tensors, self.statics = tuple(tensors), tuple(statics)
+        self.custom_backward = custom_backward
+        if custom_backward is None and any(t.kind == "list" for t in self.tensors):
+            raise ValueError(f"{name}: a Tensor[] parameter gets no generated gradient; give a custom_backward")
+        if custom_backward is not None and outputs is None:
+            raise ValueError(f"{name}: a custom_backward needs the outputs named")
         self.declare, self.outputs, self.flexible = declare, None if outputs is None else tuple(outputs), flexible
         self.adapt, self.check, self.closed_form = adapt, check, closed_form
         self.name = _unused_name(namespace, name)
@@ -103,12 +131,16 @@ class TorchOp:
         self._warned: set[tuple[Op, str]] = set()
         self._plans: dict = {}
         self._fwd = self._register_forward()
-        self._bwd = self._register_backward()
-        self._fwd.register_autograd(self._autograd_backward, setup_context=self._setup_context)
+        if custom_backward is None:
+            self._bwd = self._register_backward()
+            self._fwd.register_autograd(self._autograd_backward, setup_context=self._setup_context)
+        else:
+            self._bwd = self._register_custom_backward()
+            self._fwd.register_autograd(self._custom_autograd_backward, setup_context=self._custom_setup_context)
 
     # schema ------------------------------------------------------------------------------------------------
     def _tensor_params(self) -> list[str]:
-        return [f"Tensor{'?' if t.optional else ''} {t.name}" for t in self.tensors]
+        return [f"Tensor{'[]' if t.kind == 'list' else '?' if t.optional else ''} {t.name}" for t in self.tensors]
 
     def _static_params(self) -> list[str]:
         ps = []
@@ -160,6 +192,8 @@ class TorchOp:
         dev = None
         for t in self.tensors:
             x = tensors[t.name]
+            if t.kind == "list":    # (the family's check checks its tensors)
+                continue
             if x is None:
                 if not t.optional:
                     raise ArgumentError(f"{who}: argument '{t.name}' expected a tensor, got None")
@@ -193,7 +227,7 @@ class TorchOp:
         return out
 
     def _empty_call(self, tensors: Mapping[str, Optional[Tensor]]) -> bool:
-        return any(x is not None and x.numel() == 0 for x in tensors.values())
+        return any(isinstance(x, Tensor) and x.numel() == 0 for x in tensors.values())
 
     def impl(self, *args: Any) -> Any:
         """The forward without the dispatcher and without :attr:`check` (the caller checked the arguments)."""
@@ -229,8 +263,10 @@ class TorchOp:
 
     def _remember(self, args: Sequence[Any], op: Op, inputs: Mapping[str, Tensor]) -> None:
         """Record how a checked call signature maps to the op and its input casts (see :meth:`checked_impl`)."""
+        if self.adapt is not None or self.check is not None:
+            return
         key = _call_key(args, len(self.tensors))
-        if key is None or self.adapt is not None or self.check is not None:
+        if key is None:
             return
         index = {t.name: k for k, t in enumerate(self.tensors)}
         casts = tuple((name, index[name], None if x.dtype == args[index[name]].dtype else x.dtype)
@@ -408,6 +444,64 @@ class TorchOp:
         # contiguous, whatever the inputs' strides (what the kernels return; inductor checks them)
         return [x.new_empty(x.shape) if x is not None and m else ref.new_empty(0)
                 for x, m in zip(tensors.values(), mask)]
+
+    # a family's own backward (CustomBackward) ------------------------------------------------------------------
+    def _register_custom_backward(self):
+        b = self.custom_backward
+        ps = (self._tensor_params() + [f"Tensor {o}" for o in self.outputs] + [f"Tensor {b.grads[o]}" for o in
+              self.outputs if o in b.grads] + self._static_params())
+        outs = "Tensor" if len(b.wrt) == 1 else "(" + ", ".join(["Tensor"] * len(b.wrt)) + ")"
+        op = torch.library.custom_op(self.qualified + "_backward", self._custom_backward_kernel, mutates_args=(),
+                                     schema=f"({', '.join(ps)}) -> {outs}")
+        op.register_fake(self._custom_backward_fake)
+        op.register_autograd(self._no_double_backward, setup_context=lambda ctx, inputs, output: None)
+        return op
+
+    def _split_custom_backward(self, args: Sequence[Any]):
+        n, m = len(self.tensors), len(self.outputs)
+        grads = [o for o in self.outputs if o in self.custom_backward.grads]
+        tensors, statics = self._split((*args[:n], *args[n + m + len(grads):]))
+        return tensors, statics, dict(zip(self.outputs, args[n:n + m])), dict(zip(grads, args[n + m:]))
+
+    def _custom_backward_kernel(self, *args: Any) -> Any:
+        tensors, statics, outputs, grads = self._split_custom_backward(args)
+        self._generic_check(self.backward_who, tensors)
+        gs = tuple(self.custom_backward.run(tensors, statics, outputs, grads))
+        return gs[0] if len(gs) == 1 else gs
+
+    def _custom_backward_fake(self, *args: Any) -> Any:
+        tensors, statics, _, _ = self._split_custom_backward(args)
+        self.declare(tensors, statics)
+        gs = tuple(tensors[name].new_empty(tensors[name].shape) for name in self.custom_backward.wrt)
+        return gs[0] if len(gs) == 1 else gs
+
+    def _no_double_backward(self, ctx, *grads):
+        raise NotImplementedError(f"{self.who}: double backward (gradients of {self.name} gradients) is not "
+                                  f"supported")
+
+    def _custom_setup_context(self, ctx, inputs, output) -> None:
+        b, n = self.custom_backward, len(self.tensors)
+        tensors, statics = self._split(inputs)
+        if b.setup is not None:
+            b.setup(tensors, statics)
+        outs = output if isinstance(output, (list, tuple)) else (output,)
+        ctx.mark_non_differentiable(*(o for name, o in zip(self.outputs, outs) if name not in b.grads))
+        ctx.list_lens = [len(x) if t.kind == "list" else None for t, x in zip(self.tensors, inputs[:n])]
+        flat = [y for t, x in zip(self.tensors, inputs[:n]) for y in (x if t.kind == "list" else [x])]
+        ctx.save_for_backward(*flat, *outs)
+        ctx.statics = tuple(inputs[n:])
+
+    def _custom_autograd_backward(self, ctx, *grads):
+        saved = iter(ctx.saved_tensors)
+        tensors = [next(saved) if k is None else [next(saved) for _ in range(k)] for k in ctx.list_lens]
+        outs = list(saved)
+        b = self.custom_backward
+        gs = [(g if g is not None else torch.zeros_like(o)).contiguous()
+              for name, g, o in zip(self.outputs, grads, outs) if name in b.grads]
+        res = self._bwd(*tensors, *outs, *gs, *ctx.statics)
+        res = dict(zip(b.wrt, res if isinstance(res, (list, tuple)) else (res,)))
+        return (*[res.get(t.name, [None] * len(x) if t.kind == "list" else None)
+                  for t, x in zip(self.tensors, tensors)], *([None] * len(self.statics)))
 
 
 # ------------------------------------------------------------------------------------------------ backward

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from opgen.attention_eager import eager_attention
-from opgen.bridge import autograd_inside_op
+from opgen.bridge import CustomBackward, StaticArg, TensorArg, TorchOp, autograd_inside_op
 from opgen.ir import ArgumentError, DType, Expr, accum_dtype, as_dtype, promote
 from opgen.ir.dtypes import to_torch
 from opgen.ir.errors import FallbackWarning, UnsupportedConstruct
@@ -448,30 +448,17 @@ def _pad_empty_dim(x: Tensor) -> Tensor:
     return torch.nn.functional.pad(x, (0, 1)) if x.shape[-1] == 0 else x
 
 
-@torch.library.custom_op("opgen::attention", mutates_args=())
-def attention_op(q: Tensor, k: Tensor, v: Tensor, captures: list[Tensor], spec: str, scale: float,
-                 enable_gqa: bool) -> tuple[Tensor, Tensor]:
-    """Attention with the traced mods of ``spec``; returns ``(out [B, HQ, L, EV], lse [B, HQ, L])``."""
+def _attention_zero_size(q: Tensor, k: Tensor, v: Tensor, captures: list[Tensor], spec: str, scale: float,
+                         enable_gqa: bool) -> tuple[Tensor, Tensor]:
+    """The op's outputs for a call with a zero-size dim (the family's closed form)."""
     op = _declare(q, k, v, captures, spec, scale, enable_gqa)
-    out_dtype, lse_dtype = to_torch(op.tensor("out").dtype), to_torch(op.tensor("lse").dtype)
     if _empty_rows(q, k):  # no rows, or no keys: FlexAttention's fully masked rows (and SDPA's S = 0 output)
         b, hq, length = q.shape[:3]
-        return (q.new_zeros((b, hq, length, v.shape[3]), dtype=out_dtype),
-                q.new_full((b, hq, length), -torch.inf, dtype=lse_dtype))
-    ev = v.shape[3]
-    with torch.no_grad():
-        res = default_session().run(op, _inputs(_pad_empty_dim(q), _pad_empty_dim(k), _pad_empty_dim(v),
-                                                captures), who=WHO)
-    ins = (q, k, v, *captures)
-    return _fresh(res["out"][..., :ev], out_dtype, ins), _fresh(res["lse"], lse_dtype, ins)
-
-
-@attention_op.register_fake
-def _(q, k, v, captures, spec, scale, enable_gqa):
-    op = _declare(q, k, v, captures, spec, scale, enable_gqa)
-    b, hq, length = q.shape[0], q.shape[1], q.shape[2]
-    out = q.new_empty((b, hq, length, v.shape[3]), dtype=to_torch(op.tensor("out").dtype))
-    return out, q.new_empty((b, hq, length), dtype=to_torch(op.tensor("lse").dtype))
+        return (q.new_zeros((b, hq, length, v.shape[3]), dtype=to_torch(op.tensor("out").dtype)),
+                q.new_full((b, hq, length), -torch.inf, dtype=to_torch(op.tensor("lse").dtype)))
+    out, lse = ATTENTION.impl(_pad_empty_dim(q), _pad_empty_dim(k), _pad_empty_dim(v), captures, spec, scale,
+                              enable_gqa)
+    return out[..., :v.shape[3]], lse
 
 
 def _check_backward_tensors(q: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor) -> None:
@@ -485,11 +472,11 @@ def _check_backward_tensors(q: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout
         _args.shape_is(who, name, x, shape, "the forward's output shape")
 
 
-@torch.library.custom_op("opgen::attention_backward", mutates_args=())
-def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, captures: list[Tensor], out: Tensor, lse: Tensor,
-                          dout: Tensor, spec: str, scale: float, enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` of :func:`attention_op` for the output gradient ``dout`` (captures get none)."""
-    op = _declare(q, k, v, captures, spec, scale, enable_gqa)
+def _attention_backward(tensors: dict, statics: dict, outputs: dict, grads: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` for the output gradient ``dout`` (captures get none)."""
+    q, k, v, captures = tensors["q"], tensors["k"], tensors["v"], tensors["captures"]
+    op = _declare(q, k, v, captures, statics["spec"], statics["scale"], statics["enable_gqa"])
+    out, lse, dout = outputs["out"], outputs["lse"], grads["out"]
     _check_backward_tensors(q, v, out, lse, dout)
     if _empty_rows(q, k) or v.shape[3] == 0:  # the output is empty, or does not depend on q, k, v
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -502,35 +489,14 @@ def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, captures: list[Tensor
             _fresh(g["v"], v.dtype, ins))
 
 
-@attention_backward_op.register_fake
-def _(q, k, v, captures, out, lse, dout, spec, scale, enable_gqa):
-    _declare(q, k, v, captures, spec, scale, enable_gqa)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, captures, spec, scale, enable_gqa = inputs
-    check_captures_need_no_grad(captures)
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, *captures)
-    ctx.spec, ctx.scale, ctx.enable_gqa = spec, scale, enable_gqa
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, *captures = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = attention_backward_op(q, k, v, captures, out, lse, grad_out.contiguous(), ctx.spec, ctx.scale,
-                                       ctx.enable_gqa)
-    return dq, dk, dv, [None] * len(captures), None, None, None
-
-
-attention_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(f"{WHO}: double backward (gradients of attention gradients) is not supported")
-
-
-attention_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+# opgen::attention(Tensor q, Tensor k, Tensor v, Tensor[] captures, str spec, float scale, bool enable_gqa)
+#     -> (Tensor, Tensor), and its backward op (see the module docstring): a TorchOp whose backward is the flash
+# backward from the saved out and lse, not the generated one; lse is not differentiable.
+ATTENTION = TorchOp(
+    "attention", [TensorArg("q"), TensorArg("k"), TensorArg("v"), TensorArg("captures", kind="list")],
+    [StaticArg("spec", str), StaticArg("scale", float), StaticArg("enable_gqa", bool)],
+    lambda t, s: _declare(t["q"], t["k"], t["v"], t["captures"], s["spec"], s["scale"], s["enable_gqa"]),
+    outputs=["out", "lse"], adapt=lambda op, t, s: _inputs(t["q"], t["k"], t["v"], t["captures"]),
+    closed_form=_attention_zero_size, run_who=WHO, warn_fallback=False,
+    custom_backward=CustomBackward(_attention_backward, ("q", "k", "v"), {"out": "dout"},
+                                   setup=lambda t, s: check_captures_need_no_grad(t["captures"])))
