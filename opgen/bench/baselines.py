@@ -4,18 +4,24 @@ so the tuner can use them without importing the benchmark cases."""
 from __future__ import annotations
 
 
-def _ss_loop(u, delta, A, B, C, D, z):
+def ss_loop_plain(u, delta, A, B, C, D):
+    """The selective scan (delta as given, no gate) as a torch loop over time: ``y = C h + D u``."""
     import torch
-    import torch.nn.functional as F
 
-    delta = F.softplus(delta)
     dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
     dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
     x, ys = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]), []
     for i in range(u.shape[2]):
         x = dA[:, :, i] * x + dBu[:, :, i]
         ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
-    return (torch.stack(ys, 2) + u * D[:, None]) * F.silu(z)
+    return torch.stack(ys, 2) + u * D[:, None]
+
+
+def _ss_loop(u, delta, A, B, C, D, z):
+    """Mamba's selective scan with delta_softplus and the SiLU gate z, as a torch loop."""
+    import torch.nn.functional as F
+
+    return ss_loop_plain(u, F.softplus(delta), A, B, C, D) * F.silu(z)
 
 
 def _ss_scan_hop(u, delta, A, B, C, D, z):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from opgen import Float    # (module level: the declarations' annotations are strings under `annotations`)
 
+from .baselines import ss_loop_plain
 from .protocol import CaseResult, Impl, measure
 
 
@@ -43,7 +44,7 @@ def declared_cases(repeats: int, quick: bool) -> list[CaseResult]:
     u, delta = torch.randn(b, d, length), torch.rand(b, d, length) * 0.1
     A, B, C, D = -torch.rand(d, n), torch.randn(b, n, length), torch.randn(b, n, length), torch.randn(d)
     lib = lambda u, dl, A, B, C, D: opgen.ops.selective_scan(u, dl, A, B, C, D=D)   # noqa: E731
-    loop = _ss_loop
+    loop = ss_loop_plain
     args = (u, delta, A, B, C, D)
     shape = f"B={b} D={d} N={n} L={length}"
     out = [measure("declared", f"selective_scan {shape} fwd fp32",
@@ -65,19 +66,6 @@ def declared_cases(repeats: int, quick: bool) -> list[CaseResult]:
                         Impl("torch autograd of the reference loop", fwd_bwd(loop))], max(3, repeats // 2)))
     out.append(call_overhead(ema, repeats))
     return out
-
-
-def _ss_loop(u, delta, A, B, C, D):
-    """The selective scan (no softplus, no gate) as a torch loop over time."""
-    import torch
-
-    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
-    dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
-    x, ys = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]), []
-    for i in range(u.shape[2]):
-        x = dA[:, :, i] * x + dBu[:, :, i]
-        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
-    return torch.stack(ys, 2) + u * D[:, None]
 
 
 def call_overhead(ema, repeats: int) -> CaseResult:
