@@ -1,6 +1,7 @@
 """The ``opgen`` command line, one module per command group: :mod:`~opgen.cli.show` (``list``, ``show``),
 :mod:`~opgen.cli.demo` (``demo``), :mod:`~opgen.cli.tune` (``tune``, ``tune-worker``), :mod:`~opgen.cli.records`
-(``records``), :mod:`~opgen.cli.bench` (``bench``); :mod:`~opgen.cli.args` holds the argument types they share.
+(``records``), :mod:`~opgen.cli.bench` (``bench``),
+:mod:`~opgen.cli.gpucheck` (``gpucheck``); :mod:`~opgen.cli.args` holds the argument types they share.
 The commands import the library, never the reverse."""
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import argparse
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    from . import bench, demo, records, show, tune
+    from . import bench, demo, gpucheck, records, show, tune
 
     p = argparse.ArgumentParser(prog="opgen", description="Operator generator and autotuner for scans, "
                                 "convolutions and attention variants.")
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_tune_parsers(sub)
     records.add_parsers(sub)
     bench.add_parsers(sub)
+    gpucheck.add_parsers(sub)
     return p
 
 
