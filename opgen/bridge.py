@@ -321,11 +321,13 @@ class TorchOp:
 
     def _warn_fallback(self, session, op: Op, device: str) -> None:
         """One FallbackWarning per (op, device) when no compiled target runs the op whole (``warn_fallback``: a
-        library family documents instead which calls run where)."""
+        library family documents instead which calls run where). When no compiled target can run anything on the
+        device here (apache-tvm not installed, say), the session's one warning for the device says so instead
+        (:meth:`opgen.runtime.Session.target_for`)."""
         if not self.warn_fallback or (op, device) in self._warned or session.config.backend != "auto":
             return
         self._warned.add((op, device))
-        if session.target_for(op, device).name != "reference":
+        if session.target_for(op, device).name != "reference" or session.targets.no_compiled_target(device):
             return
         reasons = []
         for name in session.targets.names():

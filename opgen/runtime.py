@@ -24,6 +24,7 @@ class Session:
     targets: TargetRegistry
     _bindings: OrderedDict = field(default_factory=OrderedDict)
     _prepared: OrderedDict = field(default_factory=OrderedDict)
+    _warned_devices: set = field(default_factory=set)
     max_cached_bindings: int = 1024
 
     def binding(self, op: Op, shapes: Mapping[str, tuple[int, ...]], dims: Mapping[str, int], who: str) -> Binding:
@@ -150,8 +151,28 @@ class Session:
     def target_for(self, op: Op, device: str):
         """The target a call runs on: the configured backend, or the first available one that supports it."""
         if self.config.backend == "auto":
-            return self.targets.select(op, device)
+            target = self.targets.select(op, device)
+            if target.name == "reference" and device not in self._warned_devices:
+                self._warn_no_compiled_target(device)
+            return target
         return self.targets.get(self.config.backend)
+
+    def _warn_no_compiled_target(self, device: str) -> None:
+        """One :class:`~opgen.ir.errors.FallbackWarning` per device kind (per session: the default one is the
+        process's) when no compiled target can run anything on ``device`` here (apache-tvm not installed, say):
+        every call on it runs in the reference interpreter. An op that a compiled target merely does not take
+        whole is its family's matter (:meth:`opgen.bridge.TorchOp._warn_fallback`)."""
+        self._warned_devices.add(device)
+        why = self.targets.no_compiled_target(device)
+        if not why:
+            return
+        import warnings
+
+        from opgen.ir.errors import FallbackWarning
+
+        kind = device.upper()
+        warnings.warn(f"opgen: no compiled {kind} target: {why}; {kind} calls run on the reference interpreter "
+                      f"(slow)", FallbackWarning, stacklevel=_caller_stacklevel())
 
     def tuned_config(self, op: Op, binding: Binding, target):
         """The best tuned config of ``op`` at these sizes on ``target`` (None: use the default), memoized."""
@@ -179,6 +200,27 @@ class Session:
         for k in prepared:
             del self._prepared[k]
         return len(stale) + len(prepared)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by this module's caller name the first frame outside opgen
+    and torch (the user's call), not opgen's or torch's dispatch code."""
+    import sys
+
+    level, f = 2, sys._getframe(2)    # (this function's caller's caller: the frame that calls warnings.warn)
+    while f is not None and f.f_code.co_filename.startswith(_internal_prefixes()):
+        level, f = level + 1, f.f_back
+    return level - 1 if f is None else level
+
+
+@functools.lru_cache(maxsize=1)
+def _internal_prefixes() -> tuple[str, ...]:
+    import os
+    import sys
+
+    names = ("opgen", "opgen.ir", "opgen.schedules", "opgen.targets", "torch")
+    return tuple(os.path.dirname(sys.modules[n].__file__) + os.sep for n in names
+                 if getattr(sys.modules.get(n), "__file__", None))
 
 
 def _resolved(x):

@@ -57,9 +57,11 @@ class TargetRegistry:
 
     A target may also offer kernels for single nodes that it would not take as a whole op (the reductions of a
     generated backward op, run node by node): ``supports_node(op, device_kind, binding) -> bool`` and
-    ``run_node(op, inputs, binding) -> dict`` (:meth:`select_node`); and ``prepare(op, binding, config)``: its
+    ``run_node(op, inputs, binding) -> dict`` (:meth:`select_node`); ``prepare(op, binding, config)``: its
     ``run`` at fixed sizes as a callable ``inputs -> outputs``, or None (the session memoizes it per call
-    signature)."""
+    signature); and ``device_kinds``: the device kinds it compiles for, whether or not it is available here (a
+    target without it is taken to serve the ``device_kind`` of its :meth:`~Target.caps` when available; see
+    :meth:`no_compiled_target`). The target named ``"reference"`` is the interpreter, not a compiled target."""
 
     def __init__(self, targets: tuple[Target, ...] = ()) -> None:
         self._targets: list[Target] = []
@@ -99,3 +101,30 @@ class TargetRegistry:
                 return t
             reasons.append(f"{t.name}: {why or 'does not support this op'}")
         raise LookupError(f"no target can run {op.name} on {device_kind}: " + "; ".join(reasons))
+
+    def no_compiled_target(self, device_kind: str) -> str:
+        """Why no compiled target can run anything on ``device_kind`` here, as a sentence ("" when one is
+        available: an op it does not take is then that op's matter). It names the unavailable targets that
+        compile for ``device_kind`` and their reasons (when none says it does, every unavailable target)."""
+        reasons, unknown = [], []
+        for t in self._targets:
+            if t.name == "reference":
+                continue
+            ok, why = t.available()
+            kinds = getattr(t, "device_kinds", None)
+            if kinds is None:
+                if not ok:               # (which devices it would serve is not known)
+                    unknown.append((t.name, why or "unavailable"))
+                    continue
+                kinds = (t.caps().device_kind,)
+            if device_kind not in kinds:
+                continue
+            if ok:
+                return ""
+            reasons.append((t.name, why or "unavailable"))
+        reasons = reasons or unknown
+        if not reasons:
+            return f"no registered target compiles for {device_kind}"
+        if len(reasons) == 1:
+            return reasons[0][1]
+        return "; ".join(f"{name}: {why}" for name, why in reasons)

@@ -88,6 +88,7 @@ class TVMTarget:
     memory only; pass ``opgen.config.Config.cache_dir`` for the user's cache)."""
 
     name = "tvm"
+    device_kinds = ("cpu",)      # the device kinds it compiles for (TargetRegistry.no_compiled_target)
 
     def __init__(self, cache_dir: str | os.PathLike | None = None, target=None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -312,8 +313,10 @@ def _tvm_installed() -> tuple[bool, str]:
             continue
         try:
             spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:             # (an import hook that hides the module says so this way)
+            spec = None
         except (ImportError, ValueError) as e:
             return False, f"{dist} cannot be found ({type(e).__name__}: {e})"
         if spec is None:
-            return False, f"{dist} is not installed (no module named {module!r}); pip install {dist}"
+            return False, f"{dist} is not installed (pip install {dist})"
     return True, ""
