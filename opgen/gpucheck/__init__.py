@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -85,7 +84,7 @@ def run_check(out: Path | str, quick: bool = False, interpret: bool = False,
     tcases = [c for c in timing.cases(quick) if keep(c.name)]
     ucases = [c for c in tuning.cases(quick) if keep(c.name)]
     step, close = _progress(len(corr) + len(tcases) + len(ucases))
-    kernel_cache = tempfile.mkdtemp(prefix="opgen-gpucheck-") if interpret else str(out / "kernels")
+    kernel_cache = str(out / "kernels")     # generated kernel sources of this run
 
     def record(r: report.CaseResult) -> None:
         rep.results.append(r)

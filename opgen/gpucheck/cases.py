@@ -481,7 +481,7 @@ def all_cases(quick: bool) -> list[Case]:
 def check(case: Case, ctx: Ctx) -> CaseResult:
     """Run one case and classify it; never raises."""
     t0 = time.perf_counter()
-    metrics: dict[str, Any] = {"family": case.family, "dtype": case.dtype}
+    metrics: dict[str, Any] = {"family": case.family, "dtype": case.dtype, "est_gpu_s": case.est_gpu_s}
     try:
         comps = case.run(ctx)
         worst, failing = 0.0, []

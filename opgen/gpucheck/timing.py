@@ -200,7 +200,7 @@ def _bench(fn: Callable[[], Any]) -> float:
 def run_case(case: TimingCase, peak: dict[str, Any], cache_dir: str) -> CaseResult:
     """Time one case; never raises."""
     t0 = time.perf_counter()
-    m: dict[str, Any] = {"dtype": case.dtype, "goal": case.goal}
+    m: dict[str, Any] = {"dtype": case.dtype, "goal": case.goal, "est_gpu_s": case.est_gpu_s}
     try:
         p = _Problem.make(case, cache_dir)
         cfg = p.target.config(p.op, p.binding)

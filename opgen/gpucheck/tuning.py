@@ -44,7 +44,7 @@ def cases(quick: bool) -> list[TuningCase]:
 def run_case(case: TuningCase, out_dir: Path, cache_dir: str) -> CaseResult:
     """Tune one case with a budget of ``case.measured`` configs; never raises."""
     t0 = time.perf_counter()
-    m: dict[str, Any] = {"dtype": case.dtype, "measured_budget": case.measured}
+    m: dict[str, Any] = {"dtype": case.dtype, "measured_budget": case.measured, "est_gpu_s": case.est_gpu_s}
     try:
         from opgen.tune.library import LibraryProblem
         from opgen.tune.tuner import tune
