@@ -14,12 +14,6 @@ from typing import Any
 from .report import CaseResult
 
 
-#: a gap of opgen.tune found by this check (2026-12-07), not of the kernels: the attention kernels run and are
-#: checked above, but ``LibraryProblem("attention", ..., "triton")`` builds the scan space for them
-ATTENTION_TUNE_GAP = ("known gap of opgen.tune: opgen/tune/call_config.py _space has no Triton attention branch and "
-                      "builds a scan space for the attention op")
-
-
 @dataclass(frozen=True)
 class TuningCase:
     name: str
@@ -59,8 +53,5 @@ def run_case(case: TuningCase, out_dir: Path, cache_dir: str) -> CaseResult:
                               time.perf_counter() - t0, m)
         return CaseResult("tuning", case.name, "ok", res.summary().splitlines()[0][:300], time.perf_counter() - t0, m)
     except Exception as e:  # noqa: BLE001 (a case records its failure, the run goes on)
-        if case.op == "attention" and isinstance(e, AttributeError) and "'scan'" in str(e):
-            return CaseResult("tuning", case.name, "skipped", f"{ATTENTION_TUNE_GAP}: {type(e).__name__}: {e}",
-                              time.perf_counter() - t0, m)
         return CaseResult("tuning", case.name, "crashed", f"{type(e).__name__}: {str(e)[:500]}",
                           time.perf_counter() - t0, m)

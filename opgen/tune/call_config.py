@@ -70,8 +70,11 @@ def _space(target, op, binding) -> tuple[Space, Callable[[Mapping[str, Any]], An
             return None if ok else why
 
         return Space(f"tvm/{op.name}", knobs, default, check), lambda cfg: ScanConfig(**cfg)
+    from opgen.targets.triton.attention_call import attention_group as triton_attention_group
     from opgen.targets.triton.window import window_group as triton_window_group
 
+    if triton_attention_group(op) is not None:
+        return _triton_attention_space(target, triton_attention_group(op), binding)
     if triton_window_group(op) is not None:
         return _triton_window_space(target, triton_window_group(op), binding)
     from opgen.targets.triton.scan import space as triton_space
@@ -116,6 +119,21 @@ def _tvm_attention_space(target, op, binding) -> tuple[Space, Callable[[Mapping[
     return (Space(f"tvm/{op.name}", tuple(knobs), default,
                   lambda cfg: check_attention_config(AttentionConfig(**cfg), dtype)),
             lambda cfg: AttentionConfig(**cfg))
+
+
+def _triton_attention_space(target, group, binding) -> tuple[Space, Callable[[Mapping[str, Any]], Any]]:
+    """The Triton attention kernel's knobs at this shape (the decode kernel's for short queries over long keys, as
+    the target picks): block sizes, warps, stages, splits, fp32 dot precision; the kernel's own feasibility check."""
+    from opgen.schedules.attention import AttentionShape, triton_attention_space, use_decode
+
+    shape = AttentionShape.of(group, binding.shapes)
+    kind = "decode" if use_decode(shape) else "forward"
+    native = triton_attention_space(group, shape, target.caps(), kind)
+    default = native.default.to_dict()
+    knobs = tuple(Knob(name, tuple(choices) if default[name] in choices else tuple(choices) + (default[name],))
+                  for name, choices in native.knobs.items())
+    return (Space(f"triton/{group.op.name}/{kind}", knobs, default, native.infeasible),
+            lambda cfg: dict(cfg))
 
 
 def _tvm_window_space(target, group, binding) -> tuple[Space, Callable[[Mapping[str, Any]], Any]]:

@@ -163,3 +163,27 @@ def test_a_stored_config_outside_the_knob_space_is_never_used(tmp_path, monkeypa
             assert lookup_config(problem.op, problem.binding, problem.target, cache_dir=str(tmp_path)) is None
         msgs = [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
         assert len(msgs) == 1 and "does not fit its knob space" in msgs[0] and "default config" in msgs[0], msgs
+
+
+@pytest.mark.parametrize("q_len,kv_len,kind", [(100, 100, "forward"), (1, 300, "decode")])
+def test_triton_attention_space_is_the_kernels_own(q_len, kv_len, kind):
+    """The Triton attention kernels' tuning space (built without a GPU; it was the scan space, an AttributeError):
+    the kernel's knobs for the path the target runs at that shape (decode: key splits), its default first and
+    feasible, every knob choice listed, and the converter gives the dict the target runs."""
+    from opgen.ops.attention_ir import declare_attention
+    from opgen.runtime import default_session
+    from opgen.targets.triton import TritonTarget
+    from opgen.targets.triton.attention_call import attention_group, default_config
+    from opgen.tune.library import _space
+
+    op = declare_attention()
+    shapes = {"q": (1, 2, q_len, 32), "k": (1, 2, kv_len, 32), "v": (1, 2, kv_len, 32)}
+    b = default_session().binding(op, shapes, {}, "test")
+    target = TritonTarget()
+    space, convert = _space(target, op, b)
+    assert space.name == f"triton/attention/{kind}"
+    assert convert(space.default) == default_config(attention_group(op), b, target.caps())
+    assert space.infeasible(space.default) is None
+    knobs = {k.name: k.choices for k in space.knobs}
+    assert set(knobs) == {"block_m", "block_n", "num_warps", "num_stages", "splits", "dot_precision"}
+    assert (max(knobs["splits"]) > 1) == (kind == "decode")
