@@ -302,6 +302,14 @@ def as_expr(x: ExprLike, like: DType | None = None) -> Expr:
     raise IRError(f"cannot use {type(x).__name__} {x!r} in an IR expression")
 
 
+def _fold(op: ExprOp, values: list[Expr]) -> Expr:
+    """``values[0] op values[1] op ...``, left to right."""
+    out = values[0]
+    for v in values[1:]:
+        out = binary(op, out, v)
+    return out
+
+
 def _sympy_value(e: sympy.Expr, dt: DType) -> Expr:
     """A non-integer sympy expression of dims and axes used as a value (``1 / E``, ``E ** -0.5``,
     ``sympy.sqrt(E)``, ``t / L``, ``E + 1.0``) as a float value of dtype ``dt``: integer parts stay INDEX leaves
@@ -311,20 +319,12 @@ def _sympy_value(e: sympy.Expr, dt: DType) -> Expr:
     if e.is_number:
         return const(float(e), dt)
     if e.is_Add:
-        out = None
-        for a in e.args:
-            v = _sympy_value(a, dt)
-            out = v if out is None else binary(ExprOp.ADD, out, v)
-        return out
+        return _fold(ExprOp.ADD, [_sympy_value(a, dt) for a in e.args])
     if e.is_Mul:
         num, den = sympy.fraction(e)
         if den != 1:
             return binary(ExprOp.DIV, _sympy_value(num, dt), _sympy_value(den, dt))
-        out = None
-        for a in e.args:
-            v = _sympy_value(a, dt)
-            out = v if out is None else binary(ExprOp.MUL, out, v)
-        return out
+        return _fold(ExprOp.MUL, [_sympy_value(a, dt) for a in e.args])
     if e.is_Pow:
         base, ex = e.args
         if ex == sympy.Rational(1, 2):

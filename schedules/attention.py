@@ -14,13 +14,13 @@ The host's SIMD width (read by :func:`opgen.targets.tvm.host.host_vector_bits`) 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from opgen.ir import DType
 from opgen.ir.passes.attention import AttentionGroup
 
-from .space import TargetKnob as Knob, TargetSpace as Space
+from .space import TargetKnob as Knob, TargetSpace as Space, config_from_mapping
 
 
 def _no_host_bits() -> int:
@@ -181,11 +181,7 @@ class AttentionBackwardConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "AttentionBackwardConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"AttentionBackwardConfig: unknown knobs {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**dict(data))
+        return config_from_mapping(cls, data)
 
 
 def host_vector_lanes(dtype: DType, *, host_vector_bits: Callable[[], int] = _no_host_bits) -> int:
@@ -272,11 +268,7 @@ class TritonAttentionConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TritonAttentionConfig":
         """A config from a mapping (unknown keys are an error; missing ones take the defaults)."""
-        names = {f.name for f in fields(cls)}
-        extra = set(d) - names
-        if extra:
-            raise ValueError(f"TritonAttentionConfig: unknown knobs {sorted(extra)} (known: {sorted(names)})")
-        return cls(**{k: d[k] for k in d})
+        return config_from_mapping(cls, d)
 
 
 def as_triton_attention_config(config: "TritonAttentionConfig | Mapping[str, Any] | None"

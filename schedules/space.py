@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator, Mapping
 
 
@@ -119,3 +119,13 @@ class TargetSpace:
     def to_json(self) -> dict:
         return {"knobs": {k.name: {"values": list(k.values), "doc": k.doc} for k in self.knobs},
                 "constraints": list(self.constraints)}
+
+
+def config_from_mapping(cls: type, data: Mapping[str, Any]) -> Any:
+    """The config dataclass ``cls`` from ``data``: unknown keys are a ValueError naming them and the known knobs;
+    missing ones take the defaults (one rule for every family's ``from_dict``)."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown knobs {sorted(unknown)} (known: {sorted(known)})")
+    return cls(**dict(data))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping
 from opgen.ir import DType, promote
 from opgen.ir.passes.window import WindowGroup
 
-from .space import TargetKnob as Knob, TargetSpace as Space
+from .space import TargetKnob as Knob, TargetSpace as Space, config_from_mapping
 from .window_static import StaticDim, StaticWindow, static_window
 
 
@@ -377,11 +377,7 @@ class TritonWindowConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TritonWindowConfig":
         """A config from a mapping (unknown keys are an error; missing ones take the defaults)."""
-        names = {f.name for f in fields(cls)}
-        extra = set(d) - names
-        if extra:
-            raise ValueError(f"TritonWindowConfig: unknown knobs {sorted(extra)} (known: {sorted(names)})")
-        return cls(**dict(d))
+        return config_from_mapping(cls, d)
 
 
 def as_triton_window_config(config: "TritonWindowConfig | Mapping[str, Any] | None") -> TritonWindowConfig | None:
