@@ -452,7 +452,9 @@ class TorchOp:
         b = self.custom_backward
         ps = (self._tensor_params() + [f"Tensor {o}" for o in self.outputs] + [f"Tensor {b.grads[o]}" for o in
               self.outputs if o in b.grads] + self._static_params())
-        outs = "Tensor" if len(b.wrt) == 1 else "(" + ", ".join(["Tensor"] * len(b.wrt)) + ")"
+        kinds = {t.name: t.kind for t in self.tensors}
+        types_ = ["Tensor[]" if kinds.get(w) == "list" else "Tensor" for w in b.wrt]   # a list gets a list
+        outs = types_[0] if len(b.wrt) == 1 else "(" + ", ".join(types_) + ")"
         op = torch.library.custom_op(self.qualified + "_backward", self._custom_backward_kernel, mutates_args=(),
                                      schema=f"({', '.join(ps)}) -> {outs}")
         op.register_fake(self._custom_backward_fake)
@@ -474,7 +476,8 @@ class TorchOp:
     def _custom_backward_fake(self, *args: Any) -> Any:
         tensors, statics, _, _ = self._split_custom_backward(args)
         self.declare(tensors, statics)
-        gs = tuple(tensors[name].new_empty(tensors[name].shape) for name in self.custom_backward.wrt)
+        gs = tuple([x.new_empty(x.shape) for x in tensors[name]] if isinstance(tensors[name], (list, tuple))
+                   else tensors[name].new_empty(tensors[name].shape) for name in self.custom_backward.wrt)
         return gs[0] if len(gs) == 1 else gs
 
     def _no_double_backward(self, ctx, *grads):
@@ -514,8 +517,9 @@ def backward_op(op: Op, wrt: tuple[str, ...]) -> Op:
     reductions where that makes them ones (memoized)."""
     from opgen.ir.passes.grad import grad_op
     from opgen.ir.passes.restage import restage_windows
+    from opgen.ir.passes.scan_adjoint import group_scan_adjoint
 
-    return restage_windows(grad_op(op, wrt))
+    return group_scan_adjoint(restage_windows(grad_op(op, wrt)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -523,6 +527,10 @@ def _grad_groups(op: Op, wrt: tuple[str, ...], device: str) -> tuple[tuple[str, 
     """The backward ops to run for ``wrt``: each gradient that a compiled target takes alone, the rest together."""
     if len(wrt) < 2:
         return (wrt,) if wrt else ()
+    from opgen.ir.passes.scan_adjoint import fuse_scan_adjoint
+
+    if fuse_scan_adjoint(backward_op(op, wrt)) is not None:
+        return (wrt,)               # one fused pass computes every gradient of the scan (each alone recomputes it)
     sess = default_session()
     alone = []
     for k in wrt:

@@ -30,6 +30,7 @@ class Tracer:
     arg: str = "score_mod"
     captures: list[torch.Tensor] = field(default_factory=list)
     capture_dims: list[tuple[Dim, ...]] = field(default_factory=list)
+    gathers: list["Gather"] = field(default_factory=list)
 
     def fail(self, what: str) -> TraceError:
         return UnsupportedConstruct(f"{self.who}: argument '{self.arg}' uses an unsupported construct: {what}. Write mods "
@@ -49,6 +50,23 @@ class Tracer:
         except TypeError:
             raise self.fail(f"a captured tensor of dtype {t.dtype}") from None
         return f"capture{i}", dims_, dt
+
+    def rank(self, name: str) -> int:
+        """The rank of a captured tensor or gather by its IR name."""
+        if name.startswith("gather"):
+            return len(self.gathers[int(name[6:])].dims)
+        return len(self.capture_dims[int(name[7:])])
+
+    def gather(self, src: str, dim: int, idx: str, dtype: DType) -> str:
+        """The name of ``src`` gathered along ``dim`` by the integer tensor ``idx`` (a :class:`Gather`, made once
+        per (src, dim, idx)): its dims are ``src``'s with ``dim`` replaced by all of ``idx``'s."""
+        for m, g in enumerate(self.gathers):
+            if (g.src, g.dim, g.index) == (src, dim, idx):
+                return f"gather{m}"
+        m = len(self.gathers)
+        rank = self.rank(src) - 1 + self.rank(idx)
+        self.gathers.append(Gather(src, dim, idx, dtype, tuple(Dim(f"gather{m}_{k}") for k in range(rank))))
+        return f"gather{m}"
 
     def lift(self, x: Any) -> Expr:
         """An IR expression for an operand of a traced operation."""
@@ -203,18 +221,27 @@ def _flat(args, kwargs):
 
 
 def _getitem(tracer: Tracer, t: torch.Tensor, item) -> Sym:
+    """``t[item]``: a load of the captured tensor at index expressions; an index that is itself a load of a captured
+    integer tensor (Swin's ``table[relative_position_index[q_idx, kv_idx], h]``) makes a :class:`Gather` of ``t``
+    by that tensor, loaded at the integer tensor's own index expressions."""
     items = item if isinstance(item, tuple) else (item,)
     if len(items) != t.dim():
         raise tracer.fail(f"indexing a captured {t.dim()}-D tensor of shape {tuple(t.shape)} with {len(items)} "
                           f"indices (index every dimension)")
-    idx = []
-    for i in items:
-        si = _int_index(tracer.lift(i))
+    lifted = [tracer.lift(i) for i in items]
+    name, _, dt = tracer.capture(t)
+    idx: list[sympy.Expr] = []
+    for e in lifted:
+        si = _int_index(e)
+        if si is None and e.op is ExprOp.LOAD and e.dtype.is_int and e.arg.pad is None \
+                and e.arg.tensor.startswith(("capture", "gather")):
+            name = tracer.gather(name, len(idx), e.arg.tensor, dt)
+            idx.extend(e.arg.index)
+            continue
         if si is None:
             raise tracer.fail("indexing a captured tensor with a data-dependent value (only index arithmetic on "
-                              "b, h, q_idx, kv_idx is supported)")
+                              "b, h, q_idx, kv_idx, or a captured integer tensor indexed by it, is supported)")
         idx.append(si)
-    name, _, dt = tracer.capture(t)
     return Sym(load(name, idx, dt), tracer)
 
 
@@ -276,13 +303,29 @@ for _n, _op in (("__radd__", ExprOp.ADD), ("__rsub__", ExprOp.SUB), ("rsub", Exp
 
 
 @dataclass(frozen=True)
+class Gather:
+    """``gather{m}``: the tensor ``src`` (a captured tensor or an earlier gather, by IR name) indexed along ``dim``
+    by the integer tensor ``index``, i.e. ``src[:, ..., index, ...]`` with ``dim`` leading slices: dims
+    ``src.dims[:dim] + index.dims + src.dims[dim + 1:]``, dtype ``src``'s. Computed from the captured tensors at
+    each call (so it follows in-place updates, and torch differentiates it into its source)."""
+
+    src: str
+    dim: int
+    index: str
+    dtype: DType
+    dims: tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
 class TracedMods:
-    """The traced score expression, mask predicate (None: no mask) and captured tensors, in capture order."""
+    """The traced score expression, mask predicate (None: no mask) and captured tensors, in capture order, and
+    the gathers (:class:`Gather`) the expressions read as ``gather{m}``."""
 
     score: Expr
     mask: Expr | None
     captures: tuple[torch.Tensor, ...]
     capture_dims: tuple[tuple[Dim, ...], ...]
+    gathers: tuple[Gather, ...] = ()
 
 
 def trace_mods(who: str, score_mod: Callable | None, mask_mod: Callable | None, score: Expr,
@@ -314,7 +357,7 @@ def trace_mods(who: str, score_mod: Callable | None, mask_mod: Callable | None, 
         mask = tracer.lift(res)
         if mask.dtype != DType.bool:
             raise tracer.fail(f"a mask_mod returning {mask.dtype} instead of a boolean")
-    return TracedMods(out_score, mask, tuple(tracer.captures), tuple(tracer.capture_dims))
+    return TracedMods(out_score, mask, tuple(tracer.captures), tuple(tracer.capture_dims), tuple(tracer.gathers))
 
 
 def _call(tracer: Tracer, fn: Callable, args: tuple) -> Any:

@@ -274,13 +274,21 @@ def test_flex_attention_mods_agree_with_flex():
 
 # ----------------------------------------------------------------------------------------- bad input
 
-def test_captured_tensor_requiring_grad_is_an_error():
+def test_captured_tensor_requiring_grad_gets_a_gradient_but_a_stale_spec_is_an_error():
+    """A captured tensor that requires grad gets its gradient (tests/ops/test_attention_capture_grads.py); a spec
+    traced while it did not (its "grad" flag unset) is refused rather than giving a silent zero gradient."""
     q, k, v = qkv()
-    mod = scores.alibi(scores.alibi_slopes(2).double().requires_grad_())
-    with pytest.raises(ArgumentError, match=r"'captures\[0\]'.*requires grad.*detach"):
-        attention(q, k, v, score_mod=mod)
+    slopes = scores.alibi_slopes(2).double()
+    mod = scores.alibi(slopes)
+    spec, caps, _ = prepare_mods("test", mod, None, q.dtype, k.dtype)
+    slopes.requires_grad_()
+    with pytest.raises(ArgumentError, match=r"'captures\[0\]'.*requires grad.*traced while it did not"):
+        torch.ops.opgen.attention(q, k, v, list(caps), spec, 0.5, False)
     with torch.no_grad():                                 # no gradient wanted: fine
-        attention(q, k, v, score_mod=mod)
+        torch.ops.opgen.attention(q, k, v, list(caps), spec, 0.5, False)
+    out = attention(q, k, v, score_mod=mod)               # traced again: the flag follows requires_grad
+    (g,) = torch.autograd.grad(out.sum(), slopes)
+    assert g.shape == slopes.shape and torch.isfinite(g).all()
 
 
 def test_bad_dtype_device_and_spec():

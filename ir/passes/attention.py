@@ -63,6 +63,17 @@ class AttentionGroup:
         return self.mask is not None and self.mask.op is not ExprOp.INDEX
 
     @property
+    def grad_captures(self) -> tuple[str, ...]:
+        """The captured tensors whose gradients the flash backward also computes (the op attribute
+        ``capture_grads``, set on the op a backward is declared for; empty on forward ops)."""
+        return tuple(n for n in dict(self.op.attrs).get("capture_grads", ()) if n in self.captures)
+
+    def capture_leaves(self, name: str) -> tuple[Expr, ...]:
+        """The distinct loads of the captured tensor ``name`` in the score expression (each has its own index,
+        so each scatters its gradient to its own positions)."""
+        return tuple(dict.fromkeys(n for n in self.score.walk() if n.op is ExprOp.LOAD and n.arg.tensor == name))
+
+    @property
     def has_score_mod(self) -> bool:
         return self.score != load(self.raw_score, (self.b, self.h, self.i, self.j), self.score.dtype)
 

@@ -30,18 +30,27 @@ def trace(who: str, score_mod, mask_mod, score_dtype: DType = DType.f32):
 @functools.lru_cache(maxsize=256)
 def declare_attention(q: DType = DType.f32, k: DType = DType.f32, v: DType = DType.f32, scale: float = 1.0,
                       gqa: bool = False, score: Expr | None = None, mask: Expr | None = None,
-                      captures: tuple[tuple[DType, tuple[Dim, ...]], ...] = ()):
-    """The attention op for traced ``score`` (over the raw score tensor ``score``) and ``mask`` expressions."""
+                      captures: tuple[tuple[DType, tuple[Dim, ...]], ...] = (), capture_grads: tuple[str, ...] = (),
+                      gathers: tuple[tuple[DType, tuple[Dim, ...]], ...] = ()):
+    """The attention op for traced ``score`` (over the raw score tensor ``score``) and ``mask`` expressions.
+
+    ``capture_grads`` names the captured inputs whose gradients a backward of this op computes (the op attribute
+    ``capture_grads``, read by :attr:`~opgen.ir.passes.attention.AttentionGroup.grad_captures`); forward ops
+    leave it empty, so one forward op serves every call. ``gathers`` are the inputs ``gather{m}`` (captured tensors
+    gathered by captured integer tensors, :class:`opgen.trace.Gather`), computed by the caller."""
     Bt, HQ, L, S = _EXTENTS
     HKV, E, EV = dims("HKV E EV")
     b, h, i, j = _AXES
     e, ev = make_axes("e ev")
-    with OpBuilder("attention", attrs={"scale": scale, "gqa": gqa}) as bld:
+    attrs = {"scale": scale, "gqa": gqa, **({"capture_grads": tuple(capture_grads)} if capture_grads else {})}
+    with OpBuilder("attention", attrs=attrs) as bld:
         tq = bld.input("q", (Bt, HQ, L, E), q)
         tk = bld.input("k", (Bt, HKV if gqa else HQ, S, E), k)
         tv = bld.input("v", (Bt, HKV if gqa else HQ, S, EV), v)
         for n, (dt, shape) in enumerate(captures):
             bld.input(f"capture{n}", shape, dt, lookup=True)
+        for m, (dt, shape) in enumerate(gathers):
+            bld.input(f"gather{m}", shape, dt, lookup=True)
         kvh = h
         if gqa:
             G = bld.derive(Dim("G"), HQ / HKV)

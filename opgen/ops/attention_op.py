@@ -58,20 +58,44 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """The parsed ``spec`` argument: traced score and mask expressions and the captured inputs' dtypes/dims."""
+    """The parsed ``spec`` argument: traced score and mask expressions, the captured inputs' dtypes/dims, which of
+    them get gradients (``grads``: the captured tensors required grad when the mods were traced), and the gathers
+    ``gather{m}`` (``(src, dim, index)`` by IR name with their dtype/dims; see :class:`opgen.trace.Gather`)."""
 
     score_dtype: DType
     score: Expr
     mask: Expr | None
     captures: tuple[tuple[DType, tuple[Dim, ...]], ...]
+    grads: tuple[bool, ...] = ()
+    gathers: tuple[tuple[str, int, str, DType, tuple[Dim, ...]], ...] = ()
+
+    def needs_grad(self) -> dict[str, bool]:
+        """Whether each captured tensor and gather (by IR name) gets a gradient: a float captured tensor traced
+        with requires_grad, and a gather of one that does."""
+        need = {f"capture{n}": bool(n < len(self.grads) and self.grads[n] and dt.is_float)
+                for n, (dt, _) in enumerate(self.captures)}
+        for m, (src, _, _, _, _) in enumerate(self.gathers):
+            need[f"gather{m}"] = need[src]
+        return need
 
 
 def spec_to_json(score_dtype: DType, score: Expr, mask: Expr | None,
-                 captures: Sequence[tuple[DType, Sequence[Dim]]]) -> str:
-    """The ``spec`` string of traced mods (deterministic: the same mods give the same string)."""
+                 captures: Sequence[tuple[DType, Sequence[Dim]]], grads: Sequence[bool] = (),
+                 gathers: Sequence[tuple[str, int, str, DType, Sequence[Dim]]] = ()) -> str:
+    """The ``spec`` string of traced mods (deterministic: the same mods give the same string). A captured tensor
+    that gets a gradient has ``"grad": true``; gathers are listed under ``"gathers"`` (both keys only when
+    present, so a spec without them reads as before)."""
+    caps = []
+    for n, (dt, dims_) in enumerate(captures):
+        c = {"dtype": as_dtype(dt).value, "dims": [str(d) for d in dims_]}
+        if n < len(grads) and grads[n]:
+            c["grad"] = True
+        caps.append(c)
     obj = {"format": SPEC_FORMAT, "version": SPEC_VERSION, "score_dtype": as_dtype(score_dtype).value,
-           "score": expr_to_obj(score), "mask": None if mask is None else expr_to_obj(mask),
-           "captures": [{"dtype": as_dtype(dt).value, "dims": [str(d) for d in dims_]} for dt, dims_ in captures]}
+           "score": expr_to_obj(score), "mask": None if mask is None else expr_to_obj(mask), "captures": caps}
+    if gathers:
+        obj["gathers"] = [{"src": src, "dim": int(dim), "index": idx, "dtype": as_dtype(dt).value,
+                           "dims": [str(d) for d in dims_]} for src, dim, idx, dt, dims_ in gathers]
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
@@ -92,9 +116,10 @@ def parse_spec(spec: str) -> AttentionSpec:
         raise ArgumentError(f"{WHO}: argument 'spec' is not an attention spec of format {SPEC_FORMAT!r} version "
                             f"{SPEC_VERSION}; build it with opgen.ops.attention_op.prepare_mods")
     try:
-        caps = _spec_captures(obj["captures"])
+        caps, grads = _spec_captures(obj["captures"])
+        gathers = _spec_gathers(obj.get("gathers", []), caps)
         mask = None if obj["mask"] is None else expr_from_obj(obj["mask"])
-        parsed = AttentionSpec(DType(obj["score_dtype"]), expr_from_obj(obj["score"]), mask, caps)
+        parsed = AttentionSpec(DType(obj["score_dtype"]), expr_from_obj(obj["score"]), mask, caps, grads, gathers)
     except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise ArgumentError(f"{WHO}: argument 'spec' is malformed: {exc}") from None
     _check_spec_leaves(parsed)
@@ -109,26 +134,55 @@ MAX_CAPTURES = 64
 MAX_CAPTURE_RANK = 8
 
 
-def _spec_captures(items: Any) -> tuple[tuple[DType, tuple[Dim, ...]], ...]:
+def _spec_captures(items: Any) -> tuple[tuple[tuple[DType, tuple[Dim, ...]], ...], tuple[bool, ...]]:
     if not isinstance(items, list) or len(items) > MAX_CAPTURES:
         raise ValueError(f"'captures' must be a list of at most {MAX_CAPTURES} entries")
-    out = []
+    out, grads = [], []
     for n, c in enumerate(items):
-        if not isinstance(c, dict) or set(c) != {"dtype", "dims"} or not isinstance(c["dims"], list):
-            raise ValueError(f"captures[{n}] must be an object with keys 'dtype' and 'dims' (a list)")
+        if not isinstance(c, dict) or not {"dtype", "dims"} <= set(c) <= {"dtype", "dims", "grad"} \
+                or not isinstance(c["dims"], list) or c.get("grad", False) not in (True, False):
+            raise ValueError(f"captures[{n}] must be an object with keys 'dtype', 'dims' (a list) and optionally "
+                             f"'grad' (a boolean)")
         expected = [f"capture{n}_{k}" for k in range(len(c["dims"]))]
         if len(expected) > MAX_CAPTURE_RANK or c["dims"] != expected:
             raise ValueError(f"captures[{n}].dims must be {expected[:MAX_CAPTURE_RANK]} (at most "
                              f"{MAX_CAPTURE_RANK}), got {str(c['dims'])[:120]}")
         out.append((DType(c["dtype"]), tuple(Dim(d) for d in expected)))
+        grads.append(bool(c.get("grad", False)))
+    return tuple(out), tuple(grads)
+
+
+def _spec_gathers(items: Any, caps) -> tuple[tuple[str, int, str, DType, tuple[Dim, ...]], ...]:
+    """The ``gathers`` of a spec: each reads a captured tensor or an earlier gather, along one of its dims, by a
+    captured integer tensor or an earlier integer gather; dims ``gather{m}_{k}`` as :class:`opgen.trace.Gather`."""
+    if not isinstance(items, list) or len(items) > MAX_CAPTURES:
+        raise ValueError(f"'gathers' must be a list of at most {MAX_CAPTURES} entries")
+    known = {f"capture{n}": (dt, len(dims_)) for n, (dt, dims_) in enumerate(caps)}
+    out = []
+    for m, g in enumerate(items):
+        if not isinstance(g, dict) or set(g) != {"src", "dim", "index", "dtype", "dims"} \
+                or not isinstance(g["dims"], list) or g["src"] not in known or g["index"] not in known \
+                or isinstance(g["dim"], bool) or not isinstance(g["dim"], int):
+            raise ValueError(f"gathers[{m}] must be an object with keys src, dim, index, dtype, dims naming earlier "
+                             f"captures or gathers")
+        (sdt, srank), (idt, irank) = known[g["src"]], known[g["index"]]
+        expected = [f"gather{m}_{k}" for k in range(srank - 1 + irank)]
+        if not 0 <= g["dim"] < srank or not idt.is_int or DType(g["dtype"]) != sdt or g["dims"] != expected \
+                or len(expected) > MAX_CAPTURE_RANK:
+            raise ValueError(f"gathers[{m}] is inconsistent: dim {g['dim']} of a {srank}-D {sdt.value} tensor by a "
+                             f"{irank}-D {idt.value} index must have dtype {sdt.value} and dims {expected[:8]}")
+        out.append((g["src"], g["dim"], g["index"], sdt, tuple(Dim(d) for d in expected)))
+        known[f"gather{m}"] = (sdt, len(expected))
     return tuple(out)
 
 
 def _check_spec_leaves(spec: AttentionSpec) -> None:
     """Raise :class:`ArgumentError` unless every load and index symbol of ``spec`` is one the tracer makes."""
 
-    symbols = set(_AXES) | set(_EXTENTS) | {d for _, dims_ in spec.captures for d in dims_}
+    symbols = set(_AXES) | set(_EXTENTS) | {d for _, dims_ in spec.captures for d in dims_} \
+        | {d for *_, dims_ in spec.gathers for d in dims_}
     ranks = {f"capture{n}": len(dims_) for n, (_, dims_) in enumerate(spec.captures)}
+    ranks.update({f"gather{m}": len(g[4]) for m, g in enumerate(spec.gathers)})
     for what, e in (("score", spec.score), ("mask", spec.mask)):
         if e is None:
             continue
@@ -168,8 +222,14 @@ def _trace(who: str, score_mod: Callable | None, mask_mod: Callable | None, scor
 
 @functools.lru_cache(maxsize=256)
 def _spec_of(score_dtype: DType, score: Expr, mask: Expr | None,
-             captures: tuple[tuple[DType, tuple[Dim, ...]], ...]) -> str:
-    return spec_to_json(score_dtype, score, mask, captures)
+             captures: tuple[tuple[DType, tuple[Dim, ...]], ...], grads: tuple[bool, ...] = (),
+             gathers: tuple = ()) -> str:
+    return spec_to_json(score_dtype, score, mask, captures, grads, gathers)
+
+
+def _grad_flags(captures: Sequence[Tensor]) -> tuple[bool, ...]:
+    """Which captured tensors want a gradient (float tensors that require grad)."""
+    return tuple(bool(t.requires_grad and t.is_floating_point()) for t in captures)
 
 
 def _score_dtype(q_dtype: Any, k_dtype: Any) -> DType:
@@ -204,7 +264,7 @@ def prepare_mods(who: str, score_mod: Callable | None, mask_mod: Callable | None
     hit = _PREPARED.get(key) if key is not None else None
     if hit is not None:
         _PREPARED.move_to_end(key)
-        return hit[0], hit[1], ""
+        return _spec_of(*hit[0], _grad_flags(hit[1]), hit[4]), hit[1], ""
     try:
         traced = _trace(who, score_mod, mask_mod, sd)
     except UnsupportedConstruct as exc:
@@ -213,11 +273,14 @@ def prepare_mods(who: str, score_mod: Callable | None, mask_mod: Callable | None
                           f"{_FELL_BACK}, compiled into the graph", FallbackWarning, stacklevel=3)
         return "", (), str(exc)
     caps = tuple((as_dtype(t.dtype), d) for t, d in zip(traced.captures, traced.capture_dims))
-    spec = _spec_of(sd, traced.score, traced.mask, caps)
+    gathers = tuple((g.src, g.dim, g.index, g.dtype, g.dims) for g in traced.gathers)
     captures = tuple(traced.captures)
+    spec = _spec_of(sd, traced.score, traced.mask, caps, _grad_flags(captures), gathers)
     if key is not None and all(id(t) in key[-1] for t in captures):
-        # the entry holds the mods and every tensor in the key, so that no id in the key can be reused
-        _PREPARED[key] = (spec, captures, (score_mod, mask_mod), tuple(key[-1].values()))
+        # the entry holds the mods and every tensor in the key, so that no id in the key can be reused; the spec
+        # is rebuilt from its parts on a hit, with the captured tensors' requires_grad flags of that call
+        _PREPARED[key] = ((sd, traced.score, traced.mask, caps), captures, (score_mod, mask_mod),
+                          tuple(key[-1].values()), gathers)
         if len(_PREPARED) > _MAX_PREPARED:
             _PREPARED.popitem(last=False)
     return spec, captures, ""
@@ -404,27 +467,50 @@ def _check(cond: Any, message: Callable[[], str]) -> None:
     torch._check_with(ArgumentError, cond, message)
 
 
-def check_captures_need_no_grad(captures: Sequence[Tensor], who: str = WHO) -> None:
-    """Captured tensors are constants of the op: raise when one requires grad (instead of silent zeros)."""
+def check_capture_grads(captures: Sequence[Tensor], spec: str, who: str = WHO) -> None:
+    """A captured tensor that requires grad must have been traced so (its ``"grad"`` flag in the spec, which
+    :func:`prepare_mods` sets from ``requires_grad``): raise otherwise (instead of a silent zero gradient)."""
+    grads = parse_spec(spec).grads
     for n, c in enumerate(captures):
-        if c.requires_grad:
+        if c.requires_grad and not (n < len(grads) and grads[n]):
             raise ArgumentError(
                 f"{who}: argument 'captures[{n}]' (a {c.dim()}-D {str(c.dtype).removeprefix('torch.')} tensor of "
-                f"shape {tuple(c.shape)} captured by score_mod / mask_mod) requires grad, but captured tensors get "
-                f"no gradient from opgen attention; capture t.detach() (or a buffer) instead")
+                f"shape {tuple(c.shape)} captured by score_mod / mask_mod) requires grad, but the spec was traced "
+                f"while it did not (no gradient would reach it); trace the mods again with "
+                f"opgen.ops.attention_op.prepare_mods, or capture t.detach()")
 
 
 def _declare(q: Tensor, k: Tensor, v: Tensor, captures: Sequence[Tensor], spec: str, scale: float,
-             enable_gqa: bool):
+             enable_gqa: bool, capture_grads: tuple[str, ...] = ()):
 
     parsed = parse_spec(spec)
     _check_tensors(q, k, v, captures, parsed, enable_gqa)
     return declare_attention(as_dtype(q.dtype), as_dtype(k.dtype), as_dtype(v.dtype), float(scale),
-                             bool(enable_gqa), parsed.score, parsed.mask, parsed.captures)
+                             bool(enable_gqa), parsed.score, parsed.mask, parsed.captures, capture_grads,
+                             tuple((dt, dims_) for *_, dt, dims_ in parsed.gathers))
 
 
-def _inputs(q: Tensor, k: Tensor, v: Tensor, captures: Sequence[Tensor]) -> dict:
-    return {"q": q, "k": k, "v": v, **{f"capture{n}": c for n, c in enumerate(captures)}}
+def _inputs(q: Tensor, k: Tensor, v: Tensor, captures: Sequence[Tensor], spec: str) -> dict:
+    """The op's inputs by IR name: q, k, v, ``capture{n}`` and the gathers ``gather{m}`` computed from them."""
+    named = {"q": q, "k": k, "v": v, **{f"capture{n}": c for n, c in enumerate(captures)}}
+    for m, (src, dim, idx, _, _) in enumerate(parse_spec(spec).gathers):
+        named[f"gather{m}"] = gather(named[src], dim, named[idx])
+    return named
+
+
+def gather(src: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``src`` indexed along ``dim`` by the integer tensor ``index`` (``src[:, ..., index]`` with ``dim`` leading
+    slices; negative indices count from the end, as in torch): a fresh contiguous tensor."""
+    return src[(slice(None),) * dim + (index.long(),)].contiguous()
+
+
+def _scatter_gather(grad: Tensor, src: Tensor, dim: int, index: Tensor) -> Tensor:
+    """The gradient of :func:`gather` with respect to ``src``: ``grad`` summed into the positions it read."""
+    n = src.shape[dim]
+    idx = index.long().reshape(-1)
+    idx = torch.where(idx < 0, idx + n, idx)
+    flat = grad.reshape(*src.shape[:dim], idx.numel(), *src.shape[dim + 1:])
+    return torch.zeros(src.shape, dtype=grad.dtype, device=grad.device).index_add_(dim, idx, flat)
 
 
 def _fresh(x: Tensor, dtype: torch.dtype, inputs: Sequence[Tensor]) -> Tensor:
@@ -472,21 +558,65 @@ def _check_backward_tensors(q: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout
         _args.shape_is(who, name, x, shape, "the forward's output shape")
 
 
-def _attention_backward(tensors: dict, statics: dict, outputs: dict, grads: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` for the output gradient ``dout`` (captures get none)."""
+def _attention_backward(tensors: dict, statics: dict, outputs: dict, grads: dict):
+    """``(dq, dk, dv, dcaptures)`` for the output gradient ``dout``. A captured tensor traced with requires_grad
+    gets the flash backward's gradient of the score mod with respect to it, summed into the positions each load
+    reads (gathers: scattered on into their source by the gather index); the others get zeros."""
     q, k, v, captures = tensors["q"], tensors["k"], tensors["v"], tensors["captures"]
-    op = _declare(q, k, v, captures, statics["spec"], statics["scale"], statics["enable_gqa"])
+    spec = statics["spec"]
+    parsed = parse_spec(spec)
+    need = parsed.needs_grad()
+    op = _declare(q, k, v, captures, spec, statics["scale"], statics["enable_gqa"])
     out, lse, dout = outputs["out"], outputs["lse"], grads["out"]
     _check_backward_tensors(q, v, out, lse, dout)
-    if _empty_rows(q, k) or v.shape[3] == 0:  # the output is empty, or does not depend on q, k, v
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    e = q.shape[3]
-    with autograd_inside_op():  # the reference fallback differentiates the interpreter with torch.autograd
-        g = default_session().attention_backward(op, _inputs(_pad_empty_dim(q), _pad_empty_dim(k), v, captures),
-                                                 out, lse, dout, who=WHO)
     ins = (q, k, v, *captures, out, lse, dout)
+    wanted = tuple(n for n, flag in need.items() if flag and _reads(op, n))
+    if _empty_rows(q, k) or v.shape[3] == 0:  # the output is empty, or does not depend on any input
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), [torch.zeros_like(c) for c in captures]
+    e = q.shape[3]
+    named = _inputs(_pad_empty_dim(q), _pad_empty_dim(k), v, captures, spec)
+    if wanted:
+        op = _declare(q, k, v, captures, spec, statics["scale"], statics["enable_gqa"], wanted)
+    with autograd_inside_op():  # the reference fallback differentiates the interpreter with torch.autograd
+        g = dict(default_session().attention_backward(op, named, out, lse, dout, who=WHO))
+        missing = [n for n in wanted if n not in g]
+        if missing:   # a target whose flash backward has no capture gradients: the reference for those
+            g.update(_reference_capture_grads(op, named, dout, missing))
+    cap_grads = _capture_grads(parsed, captures, named, g)
     return (_fresh(g["q"][..., :e], q.dtype, ins), _fresh(g["k"][..., :e], k.dtype, ins),
-            _fresh(g["v"], v.dtype, ins))
+            _fresh(g["v"], v.dtype, ins), [_fresh(d, c.dtype, ins) for d, c in zip(cap_grads, captures)])
+
+
+def _reads(op, name: str) -> bool:
+    """Whether the op's score expression reads the input ``name`` (a mask gets no gradient)."""
+    from opgen.ir.expr import loads
+
+    return any(a.tensor == name for n in op.nodes for e in n.exprs() for a in loads(e))
+
+
+def _capture_grads(parsed: AttentionSpec, captures: Sequence[Tensor], named: dict, g: dict) -> list[Tensor]:
+    """One gradient per captured tensor: its own (kernel or reference) plus what its gathers scatter back."""
+    acc = {n: g[n] for n in g if n.startswith(("capture", "gather"))}
+    for m in reversed(range(len(parsed.gathers))):
+        src, dim, idx, _, _ = parsed.gathers[m]
+        d = acc.get(f"gather{m}")
+        if d is not None:
+            s = _scatter_gather(d, named[src], dim, named[idx])
+            acc[src] = acc[src] + s if src in acc else s
+    return [acc[f"capture{n}"].reshape(c.shape) if f"capture{n}" in acc else torch.zeros_like(c)
+            for n, c in enumerate(captures)]
+
+
+def _reference_capture_grads(op, named: dict, dout: Tensor, names: Sequence[str]) -> dict:
+    """Gradients of the captured inputs ``names`` by torch autograd through the reference interpreter."""
+    sess = default_session()
+    reference = sess.targets.get("reference")
+    binding = sess.binding(op, {n: tuple(x.shape) for n, x in named.items()}, {}, WHO)
+    with torch.enable_grad():
+        leaves = {n: named[n].detach().requires_grad_(True) for n in names}
+        res = reference.run(op, {**named, **leaves}, binding)["out"]
+        gs = torch.autograd.grad(res, [leaves[n] for n in names], dout.to(res.dtype), allow_unused=True)
+    return {n: (d if d is not None else torch.zeros_like(leaves[n])) for n, d in zip(names, gs)}
 
 
 # opgen::attention(Tensor q, Tensor k, Tensor v, Tensor[] captures, str spec, float scale, bool enable_gqa)
@@ -496,7 +626,7 @@ ATTENTION = TorchOp(
     "attention", [TensorArg("q"), TensorArg("k"), TensorArg("v"), TensorArg("captures", kind="list")],
     [StaticArg("spec", str), StaticArg("scale", float), StaticArg("enable_gqa", bool)],
     lambda t, s: _declare(t["q"], t["k"], t["v"], t["captures"], s["spec"], s["scale"], s["enable_gqa"]),
-    outputs=["out", "lse"], adapt=lambda op, t, s: _inputs(t["q"], t["k"], t["v"], t["captures"]),
+    outputs=["out", "lse"], adapt=lambda op, t, s: _inputs(t["q"], t["k"], t["v"], t["captures"], s["spec"]),
     closed_form=_attention_zero_size, run_who=WHO, warn_fallback=False,
-    custom_backward=CustomBackward(_attention_backward, ("q", "k", "v"), {"out": "dout"},
-                                   setup=lambda t, s: check_captures_need_no_grad(t["captures"])))
+    custom_backward=CustomBackward(_attention_backward, ("q", "k", "v", "captures"), {"out": "dout"},
+                                   setup=lambda t, s: check_capture_grads(t["captures"], s["spec"])))
