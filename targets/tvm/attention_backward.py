@@ -27,7 +27,13 @@ Tiles are ``local`` buffers (q, dout rows; k, v transposed; the score tile), til
 says ``masked``, or that crosses the end of the query or key sequence, runs the guarded variant (mask predicate,
 bounds, indices clamped for captured-tensor loads); others run the unguarded one.
 
-Captured tensors (ALiBi slopes, bias tables, document ids) are constants: no gradient flows to them.
+Captured tensors (ALiBi slopes, bias tables, document ids) are constants, except those the op's
+``capture_grads`` attribute names (:attr:`AttentionGroup.grad_captures`): for each of their loads in the score
+expression the dk/dv (or fused) kernel also computes ``dsm * d score_mod / d load`` per tile (``dsm = p * (dp -
+delta)``, the gradient of the modified score; the derivative by the same expression rules) and adds it into a
+partial gradient of the captured tensor at the load's index. The parallel loop then runs as ``n_SL`` slots
+(``for slot in T.parallel(n_SL)``, each slot's iterations serial), one partial sum per slot, summed afterwards: no
+atomics, no two threads writing one position.
 Sizes B, HQ, HKV, L, S and the captured tensors' sizes are symbolic (one kernel per head dims, dtype and
 config); E, EV and the tile sizes are baked in. float32 and float64.
 """
@@ -164,6 +170,14 @@ class _Renderer:
         self.gqa = sympy.sympify(g.kv_head) != g.h
         self.static = {self.Ed: E, self.EVd: EV}
         self.derived = dict(op.derived)
+        # captured tensors that get gradients: (tensor, load, d score / d load, tile of contributions) per load
+        self.cleaves: list[tuple[str, Any, Any, str]] = []
+        for name in g.grad_captures:
+            for leaf in g.capture_leaves(name):
+                d = derivative(g.score, leaf)
+                if d is not None:
+                    self.cleaves.append((name, leaf, d, f"Cg{len(self.cleaves)}"))
+        self.cgrads = tuple(dict.fromkeys(n for n, *_ in self.cleaves))
 
     # helpers -------------------------------------------------------------------------------------------------
     def c(self, v: float) -> str:
@@ -200,6 +214,9 @@ class _Renderer:
         else:
             ins = [g.q, g.k, g.v, "out", "dout", "lse"] + caps + ["count", "index", "masked"]
             outs = ["dq", "dk", "dv", "delta"]
+        self.accumulate = kind != "dq" and bool(self.cleaves)
+        if self.accumulate:   # per-slot partial sums of the capture gradients: [n_SL, *capture shape]
+            outs = outs + [capture_grad_arg(n) for n in self.cgrads]
         args = ins + outs
         q_shape = (B, HQ, L, str(E))
         k_shape = (B, HKV, S, str(E))
@@ -216,6 +233,10 @@ class _Renderer:
             t = op.tensor(n)
             shapes[n] = tuple(self.dimtext(s) for s in t.shape)
             dtypes[n] = tvm_dtype(t.dtype)
+        if self.accumulate:
+            for n in self.cgrads:
+                shapes[capture_grad_arg(n)] = ("n_SL",) + shapes[n]
+                dtypes[capture_grad_arg(n)] = dt
         buf = {n: f"b_{n}" for n in args}
         self.buf = buf
 
@@ -244,6 +265,10 @@ class _Renderer:
         if kind in ("dkdv", "fused"):
             self.allocs.append(f"dKa = T.alloc_buffer({self._shape((BN, E))}, \"{dt}\", scope=\"local\")")
             self.allocs.append(f"dVa = T.alloc_buffer({self._shape((BN, EV))}, \"{dt}\", scope=\"local\")")
+        if self.accumulate:
+            for *_, tile in self.cleaves:
+                self.allocs.append(f"{tile} = T.alloc_buffer({self._shape((BM, BN))}, \"{dt}\", scope=\"local\")")
+            self.allocs.append(f"cg_sum = T.alloc_buffer(({V},), \"{dt}\", scope=\"local\")")
 
         c = Code()
         write_signature(c, f"opgen.targets.tvm.attention_backward ({kind} kernel; TVMScript, TVM 0.27)", "main",
@@ -271,6 +296,8 @@ class _Renderer:
         else:
             self._dkdv_kernel(c, root, head, ew_full, ew_part, fused=True)
         self.allocs.append(f"ints = T.alloc_buffer(({max(1, self._nslots)},), \"{self.idt}\", scope=\"local\")")
+        if self.accumulate:
+            c.lines = _slotted(c.lines)
         lines = []
         for ln in c.lines:   # the local buffers, known once the whole body is written
             if ln.strip() == _ALLOCS:
@@ -360,6 +387,13 @@ class _Renderer:
             ds = where(g.mask, ds, 0.0)
         pr = self.em.emit(p, leaf)
         dsr = self.em.emit(ds, leaf)
+        ctxts = []
+        if self.accumulate:   # d loss / d capture load = d loss / d modified score * d score_mod / d load
+            for *_, dleaf, _tile in self.cleaves:
+                ce = p * (dp - delta) * dleaf
+                if partial and g.mask is not None:
+                    ce = where(g.mask, ce, 0.0)
+                ctxts.append(self.em.emit(ce, leaf).text)
         if leaf.lets:
             raise AssertionError("scalar statements at the key level of the pointwise part")
         ptxt, dstxt = pr.text, dsr.text
@@ -367,10 +401,11 @@ class _Renderer:
             inside = f"T.And(i_q < {self.L}, jb + v < {self.S})"
             ptxt = f"T.Select({inside}, {ptxt}, {self.c(0.0)})"
             dstxt = f"T.Select({inside}, {dstxt}, {self.c(0.0)})"
-        return row, leaf, ptxt, dstxt
+            ctxts = [f"T.Select({inside}, {t}, {self.c(0.0)})" for t in ctxts]
+        return row, leaf, ptxt, dstxt, ctxts
 
     def _write_pointwise(self, c: Code, d: int, ew, partial: bool) -> None:
-        row, leaf, ptxt, dstxt = ew
+        row, leaf, ptxt, dstxt, ctxts = ew
         BN, V = self.BN, self.V
         c.w(d, f"for ii in range({self.BM}):")
         c.w(d + 1, "i_q: T.let = q0 + ii")
@@ -383,12 +418,69 @@ class _Renderer:
         c.block(d + 3, leaf.vlines)
         c.w(d + 3, f"St[ii, jc * {V} + v] = {ptxt}")
         c.w(d + 3, f"Dt[ii, jc * {V} + v] = {dstxt}")
+        for (*_, tile), ctxt in zip(self.cleaves, ctxts):
+            c.w(d + 3, f"{tile}[ii, jc * {V} + v] = {ctxt}")
 
     def _pointwise_branch(self, c: Code, d: int, ew_full, ew_part) -> None:
         c.w(d, "if part:")
         self._write_pointwise(c, d + 1, ew_part, True)
         c.w(d, "else:")
         self._write_pointwise(c, d + 1, ew_full, False)
+
+    # capture gradients ------------------------------------------------------------------------------------
+    def _scatter_capture_grads(self, c: Code, d: int) -> None:
+        """Add each load's contribution tile into the slot's partial gradient of its captured tensor at the load's
+        index (this slot's iterations run on one thread: no atomics). An index that does not depend on the key
+        (ALiBi's ``slopes[h]``) is summed over the tile's keys first (and over its rows when it does not depend on
+        the query either); others add element by element. Every add is guarded by the tensor's bounds (a mod may
+        index outside its table where the mask removes the pair: the forward reads there, the scatter must not
+        write)."""
+        g, V, BM, BN, L, S = self.g, self.V, self.BM, self.BN, self.L, self.S
+        z = self.c(0.0)
+        for name, leaf, _d, tile in self.cleaves:
+            out = self.buf[capture_grad_arg(name)]
+            shape = self.op.tensor(name).shape
+            index = leaf.arg.index
+            free = set().union(*(sympy.sympify(x).free_symbols for x in index)) if index else set()
+            sym = dict(self.sym)
+            sym[g.b], sym[g.h], sym[g.i], sym[g.j] = "i_b", "i_h", "(q0 + ii)", "(k0 + jj)"
+            ren = IndexRenderer(sym, self.idt)
+            idx = [ren(x) for x in index]
+            inb = _all([f"0 <= {x}" for x in idx] + [f"{x} < {self.dimtext(n)}" for x, n in zip(idx, shape)])
+            target = f"{out}[{', '.join(['slot', *idx])}]"
+            if g.j not in free:
+                tile_wide = g.i not in free
+                if tile_wide:
+                    c.w(d, f"for v in T.vectorized({V}):")
+                    c.w(d + 1, f"cg_sum[v] = {z}")
+                c.w(d, f"for ii in range({BM}):")
+                dd = d + 1
+                if not tile_wide:
+                    c.w(dd, f"for v in T.vectorized({V}):")
+                    c.w(dd + 1, f"cg_sum[v] = {z}")
+                c.w(dd, f"for jc in range({BN // V}):")
+                c.w(dd + 1, f"for v in T.vectorized({V}):")
+                c.w(dd + 2, f"cg_sum[v] = cg_sum[v] + {tile}[ii, jc * {V} + v]")
+                if not tile_wide:
+                    self._add_lanes(c, dd, _all([f"q0 + ii < {L}", inb]), target)
+                if tile_wide:
+                    ren0 = IndexRenderer({**sym, g.i: "q0", g.j: "k0"}, self.idt)
+                    idx0 = [ren0(x) for x in index]
+                    inb0 = _all([f"0 <= {x}" for x in idx0] + [f"{x} < {self.dimtext(n)}"
+                                                                for x, n in zip(idx0, shape)])
+                    self._add_lanes(c, d, inb0, f"{out}[{', '.join(['slot', *idx0])}]")
+            else:
+                c.w(d, f"for ii in range({BM}):")
+                c.w(d + 1, f"if q0 + ii < {L}:")
+                c.w(d + 2, f"for jj in range({BN}):")
+                c.w(d + 3, f"if {_all([f'k0 + jj < {S}', inb])}:")
+                c.w(d + 4, f"{target} = {target} + {tile}[ii, jj]")
+
+    def _add_lanes(self, c: Code, d: int, cond: str, target: str) -> None:
+        """``target += sum(cg_sum)`` when ``cond``."""
+        lanes = " + ".join(f"cg_sum[{v}]" for v in range(self.V))
+        c.w(d, f"if {cond}:")
+        c.w(d + 1, f"{target} = {target} + ({lanes})")
 
     # tile products ----------------------------------------------------------------------------------------
     def _matmul(self, c: Code, d: int, C: str, rows: int, cols: int, K: int, a, b, accumulate: bool) -> None:
@@ -585,6 +677,8 @@ class _Renderer:
         self._stage_rows(c, dd, delta_from="buffer")
         self._scores(c, dd)
         self._pointwise_branch(c, dd, ew_full, ew_part)
+        if self.accumulate:
+            self._scatter_capture_grads(c, dd)
         self._matmul(c, dd, "dVa", BN, EV, BM, lambda r, k: f"St[{k}, {r}]", lambda k, col: f"dOs[{k}, {col}]", True)
         self._matmul(c, dd, "dKa", BN, E, BM, lambda r, k: f"Dt[{k}, {r}]", lambda k, col: f"Qs[{k}, {col}]", True)
         if fused:
@@ -642,6 +736,42 @@ class _Renderer:
         c.w(d + 5, f"{dq}[i_b, i_h, q0 + ii, e] = {dq}[i_b, i_h, q0 + ii, e] + Dt[ii, kk] * Ks[kk, e]")
 
 
+def _all(conds: list[str]) -> str:
+    """The conjunction of TVMScript conditions (``T.bool(True)`` for none)."""
+    if not conds:
+        return "T.bool(True)"
+    out = conds[-1]
+    for cnd in reversed(conds[:-1]):
+        out = f"T.And({cnd}, {out})"
+    return out
+
+
+def capture_grad_arg(name: str) -> str:
+    """The kernel argument holding the per-slot partial gradients of the captured input ``name``."""
+    return f"d{name}"
+
+
+def _slotted(lines: list[str]) -> list[str]:
+    """The kernel's ``for blk in T.parallel(N)`` loop as ``n_SL`` parallel slots, each running the iterations
+    ``slot, slot + n_SL, ...`` in turn: a slot's partial capture gradients are written by one thread only."""
+    out: list[str] = []
+    it = iter(lines)
+    for ln in it:
+        if ln.startswith("    for blk in T.parallel(") and ln.endswith("):"):
+            total = ln[len("    for blk in T.parallel("):-2]
+            out.append("    for slot in T.parallel(n_SL):")
+            out.append("        " + _ALLOCS)
+            out.append(f"        for it in range(T.floordiv({total} - slot + n_SL - 1, n_SL)):")
+            out.append("            blk: T.let = slot + it * n_SL")
+            for rest in it:
+                if rest.strip() == _ALLOCS:
+                    continue
+                out.append("    " + rest if rest.strip() else rest)
+            break
+        out.append(ln)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ running
 
 
@@ -679,7 +809,8 @@ def attention_backward(group: AttentionGroup, inputs: Mapping[str, Any], out, ls
     JSON dict, any object with ``block_m`` / ``block_n``, or None (default). ``cache``: a
     :class:`~opgen.targets.tvm.compile.KernelCache` (a process-wide one when None).
 
-    Captured tensors are treated as constants: they get no gradient.
+    The captured tensors ``group.grad_captures`` (set on the op of a backward that wants them) get their
+    gradients too, under their names; the others are constants.
     """
     import torch
 
@@ -732,12 +863,18 @@ def attention_backward(group: AttentionGroup, inputs: Mapping[str, Any], out, ls
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     named = {group.q: q, group.k: k, group.v: v, "out": out, "dout": dout, "lse": lse, "delta": delta,
              "dq": dq, "dk": dk, "dv": dv, **dict(zip(group.captures, caps))}
+    # capture gradients: one partial sum per slot of the dk/dv (or fused) kernel's parallel loop, summed here
+    slots = min(tvm_threads(), B * HKV * (1 if mode == "fused" else nk)) or 1
+    partial = {n: torch.zeros(slots, *named[n].shape, dtype=tdt) for n in group.grad_captures}
+    named.update({capture_grad_arg(n): t for n, t in partial.items()})
     for kern in src.kernels:
         table = rt if kern.name == "dq" else ct
         t_named = {**named, "count": table[0], "index": table[1], "masked": table[2]}
         fn = kc.get(kern.text)
         fn(*[t_named[n] for n in kern.args])
-    return {"q": dq, "k": dk, "v": dv}
+    res = {"q": dq, "k": dk, "v": dv}
+    res.update({n: t.sum(0) if slots > 1 else t[0] for n, t in partial.items()})
+    return res
 
 
 @functools.lru_cache(maxsize=1)
