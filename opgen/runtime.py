@@ -105,11 +105,19 @@ class Session:
             compiled = self._bindings[key] = self._node_plan(op, binding, device)
         if not compiled:
             return None
+        from opgen.targets.reference.evaluate import SKIPPED
 
         def run_node(k: int, tensors: dict):
-            if k not in compiled:
+            entry = compiled.get(k)
+            if entry is None:
                 return None
-            sub, t, node_kernel, sb, config, call = compiled[k]
+            if entry[0] == "group":
+                _, t, group, call = entry
+                if call is not None:                 # the group's first member: the fused kernel computes it all
+                    tensors.update(call({n: tensors[n] for n in group.reads}))
+                name = op.nodes[k].out
+                return tensors[name] if name in group.outputs else SKIPPED
+            sub, t, node_kernel, sb, config, call = entry
             ins = {x.name: tensors[x.name] for x in sub.inputs}
             if node_kernel:
                 return t.run_node(sub, ins, sb)[sub.outputs[0].name]
@@ -119,6 +127,21 @@ class Session:
         run_node.compiled = {op.nodes[k].out: c[1].name for k, c in compiled.items()}  # type: ignore[attr-defined]
         return run_node
 
+    def _group_plan(self, op: Op, binding: Binding, device: str) -> dict:
+        """``{node index: ("group", target, group, call or None)}`` for the members of a fused node group of
+        ``op`` (a scan's backward) that a compiled target runs as one kernel; the call sits at its first member."""
+        for t in self.targets.available_targets():
+            prepare = getattr(t, "prepare_group", None)
+            hit = prepare(op, binding, device) if prepare is not None else None
+            if hit is None:
+                continue
+            group, call = hit
+            names = [n.out for n in op.nodes]
+            first = names.index(group.first)
+            return {names.index(m): ("group", t, group, call if names.index(m) == first else None)
+                    for m in group.members}
+        return {}
+
     def _node_plan(self, op: Op, binding: Binding, device: str) -> dict:
         """``{node index: (single-node op, target, runs as a node kernel, its binding, tuned config, prepared call or
         None)}`` for the scan and reduction nodes of ``op`` that a compiled target runs (memoized per op, sizes
@@ -126,9 +149,9 @@ class Session:
         from opgen.ir import Reduce, Scan
         from opgen.ir.passes.split import node_op
 
-        compiled = {}
+        compiled = self._group_plan(op, binding, device)
         for k, n in enumerate(op.nodes):
-            if not isinstance(n, (Scan, Reduce)):
+            if k in compiled or not isinstance(n, (Scan, Reduce)):
                 continue
             sub = node_op(op, k)
             sb = _sub_binding(binding, sub)

@@ -92,6 +92,10 @@ class TargetRegistry:
                 return t
         return None
 
+    def available_targets(self) -> list[Target]:
+        """The targets usable here, in preference order."""
+        return [t for t in self._targets if t.available()[0]]
+
     def select(self, op: "Op", device_kind: str) -> Target:
         """The first available target that supports ``op`` on ``device_kind``."""
         reasons = []

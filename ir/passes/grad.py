@@ -341,7 +341,7 @@ class _Grad:
                                         else (sympy.Integer(0), t + 1, t > 0, t < steps - 1))
         prv = t + 1 if reverse else t - 1
         a, b = n.combine.a, n.combine.b
-        a_next = where(index(next_ok), _shifted(a, t, nxt, self.op, steps), 0.0)
+        a_next = where(index(next_ok), shifted_step(a, t, nxt, self.op, steps), 0.0)
         lam = self.bld.scan(t, a=a_next, b=g, reverse=not reverse, axes=n.axes, name=f"adj_{n.out}")
         h = self.bld_ref(n.out)
         h_prev_read = _padded_read(n.out, n.axes, t, prv, self.op, steps)
@@ -458,7 +458,7 @@ class _Contribution:
         self.ref, self.axes = ref, axes
 
 
-def _shifted(e: Expr, t: Axis, to, op: Op, steps) -> Expr:
+def shifted_step(e: Expr, t: Axis, to, op: Op, steps) -> Expr:
     """``e`` with the step axis moved to ``to``; reads indexed by the step get zero padding so the shifted
     position one past either end is a valid (zero) read."""
     moved = substitute(e, {t: to})

@@ -117,6 +117,8 @@ class _Evaluator:
     def run(self) -> dict[str, torch.Tensor]:
         for k, node in enumerate(self.op.nodes):
             done = self.node_runner(k, self.tensors) if self.node_runner is not None else None
+            if done is SKIPPED:
+                continue
             if done is not None:
                 self.tensors[node.out] = done
                 continue
@@ -489,12 +491,25 @@ _APPLY = {
 }
 
 
+class _Skipped:
+    """The type of :data:`SKIPPED`."""
+
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+#: what a node runner returns for a node computed inside a fused group whose result is not kept
+SKIPPED = _Skipped()
+
+
 def evaluate(op: Op, inputs: Mapping[str, torch.Tensor], binding: Binding,
              max_elements: int = DEFAULT_MAX_ELEMENTS, node_runner=None) -> dict[str, torch.Tensor]:
     """Run ``op`` on ``inputs`` (by name) with sizes ``binding``; returns the outputs by name.
 
     ``node_runner(index, tensors)`` may compute node ``index`` itself (e.g. on a compiled backend) from the
-    tensors computed so far and return its result, or return None to let the interpreter evaluate it.
+    tensors computed so far and return its result, or return None to let the interpreter evaluate it, or
+    :data:`SKIPPED` for a node whose result nothing outside a fused group reads (the runner computed the group's
+    results into ``tensors`` itself).
     """
     tensors = {}
     device = None

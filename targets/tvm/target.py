@@ -186,6 +186,19 @@ class TVMTarget:
 
         return run_reduce(op, inputs, binding, self.cache)
 
+    def prepare_group(self, op: Op, binding, device_kind: str):
+        """The fused kernel of a group of ``op``'s nodes (a scan's backward: :mod:`.scan_adjoint`) at ``binding``
+        as ``(group, call)``, ``call(tensors) -> {member output: tensor}``; None when ``op`` has no such group."""
+        from .attention_backward import tvm_threads
+        from .scan_adjoint import adjoint_call, scan_adjoint_group
+
+        if device_kind != "cpu":
+            return None
+        group = scan_adjoint_group(op)
+        if group is None:
+            return None
+        return group, adjoint_call(group, binding, self.cache, tvm_threads())
+
     def attention_backward(self, op: Op, inputs: Mapping, binding, out, lse, dout, config=None) -> dict:
         """Gradients of an attention op's q, k, v by the flash backward kernels (see :mod:`.attention_call`)."""
         group = attention_group(op)

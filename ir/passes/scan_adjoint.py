@@ -1,0 +1,329 @@
+"""Fusion of a scan's backward into one kernel group (:class:`ScanAdjointGroup`).
+
+The grad transform turns an affine scan ``h[t] = a[t] * h[t-1] + b[t]`` into a backward op that recomputes
+``h`` (the forward scan), runs the adjoint ``adj[t] = a[t+1] * adj[t+1] + g[t]`` (a reverse scan) and reduces
+products of ``adj``, ``h[t-1]`` and the inputs into every parameter gradient. Run node by node, each of those
+is a tensor of the scan's full size (``[B, D, N, L]`` for Mamba) and each reduction a pass over it.
+
+This pass finds that pattern in any backward op (no per-op rule: it reads the IR the grad transform wrote) and
+describes it as one group that a target computes lane by lane: per lane, the forward state is recomputed chunk
+by chunk (from chunk-boundary states when the whole sequence does not fit in a scratch buffer), the adjoint
+runs backwards over the chunk, and every reduction is accumulated as it goes:
+
+* ``point``: summed over state axes only (``sum_n adj * B`` -> ``du[b, d, t]``): a per-step accumulator;
+* ``lane``: summed over the step (``dA[d, n]``, ``dD[d]``): a per-lane accumulator, written once per lane to
+  a partial ``[lanes..., kept state...]`` that the caller sums over the reduced lane axes;
+* ``cross``: summed over lane axes but not the step (``dB[b, n, t] = sum_d ...``): the lanes reduced are
+  split into chunks run serially in one parallel iteration, each chunk accumulating into its own partial
+  ``[split chunks, kept lanes..., kept state..., step]`` that the caller sums over the chunks (no atomics);
+
+plus ``store`` maps over the scan's axes (``grad_b = adj``) and ``tail`` maps read at one step (the gradient
+of the initial state, ``a[0] * adj[0]``). Map temps read only by the group are inlined into it.
+
+:func:`group_scan_adjoint` reorders the op's nodes (a topological order) so the members are contiguous and
+everything they read comes first, so a runner can compute the whole group at its first member.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import sympy
+
+from ..expr import Access, Expr, ExprOp, index, loads, where
+from ..nodes import SUM, Affine, Map, Reduce, Scan
+from ..op import Op
+from ..symbols import Axis
+from ..traversal import STEP
+from .fuse import inline_maps
+
+
+@dataclass(frozen=True)
+class AdjointReduction:
+    """One reduction of the group: its node (maps inlined), kind (``point``, ``lane``, ``cross``) and the
+    state axes it keeps (in the scan's axis order)."""
+
+    node: Reduce
+    kind: str
+    kept_state: tuple[Axis, ...]
+    kept_lanes: tuple[Axis, ...]
+
+
+@dataclass(frozen=True)
+class ScanAdjointGroup:
+    """A forward scan, its adjoint and the nodes reading them, computed lane by lane (module docstring)."""
+
+    op: Op
+    forward: Scan                      # a, b, init with member maps inlined
+    adjoint: Scan                      # b, init inlined; a as the grad transform wrote it
+    lanes: tuple[Axis, ...]
+    state: tuple[Axis, ...]
+    step: Axis
+    reverse: bool                      # the forward scan runs from the last step
+    carry_a: bool                      # the adjoint's coefficient is the forward one a step later: carried
+    reductions: tuple[AdjointReduction, ...]
+    stores: tuple[Map, ...]            # maps over the scan's axes reading h / adj (inlined)
+    tails: tuple[tuple[Map, sympy.Expr], ...]   # maps over lanes + state reading h / adj at one step
+    split: tuple[Axis, ...]            # lane axes the cross reductions sum over
+    members: tuple[str, ...]           # every node the group computes (scans, inlined maps, readers)
+    outputs: tuple[str, ...]           # member results the rest of the op (or the caller) needs
+    reads: tuple[str, ...]             # tensors the group reads from outside (inputs, earlier temps)
+
+    @property
+    def first(self) -> str:
+        """The member the group runs at (its first in the op's order)."""
+        names = [n.out for n in self.op.nodes]
+        return min(self.members, key=names.index)
+
+    def describe(self) -> str:
+        """A printout of the group (the ``fused`` stage of a backward op)."""
+        f = self.forward
+        lines = [f"scan adjoint group {f.out} / {self.adjoint.out}: lanes ({', '.join(map(str, self.lanes))}) "
+                 f"parallel, state ({', '.join(map(str, self.state))}), step {self.step} forward then reversed"
+                 + (f"; lanes ({', '.join(map(str, self.split))}) serial per chunk" if self.split else ""),
+                 f"  a = {f.combine.a}", f"  b = {f.combine.b}", f"  adjoint b = {self.adjoint.combine.b}"
+                 + (" (a carried)" if self.carry_a else f"; adjoint a = {self.adjoint.combine.a}")]
+        for r in self.reductions:
+            n = r.node
+            lines.append(f"  {r.kind} {n.out}[{', '.join(map(str, n.axes))}] = sum over "
+                         f"({', '.join(map(str, n.raxes))}) of {n.value}")
+        lines += [f"  store {m.out}[{', '.join(map(str, m.axes))}] = {m.value}" for m in self.stores]
+        lines += [f"  at step {c}: {m.out}[{', '.join(map(str, m.axes))}] = {m.value}" for m, c in self.tails]
+        return "\n".join(lines)
+
+
+def _direction(op: Op, scan: Scan) -> bool | None:
+    """True: the scan runs from the last step; False: from the first; None: another traversal."""
+    if not isinstance(scan.combine, Affine) or len(scan.scan_axes) != 1:
+        return None
+    tr = scan.traversal
+    if tr.chains != 1 or tr.valid is not sympy.true:
+        return None
+    if tr.coords[0] == STEP:
+        return False
+    steps = op.extent(scan.scan_axes[0])
+    if sympy.simplify(tr.coords[0] - (steps - 1 - STEP)) == 0:
+        return True
+    return None
+
+
+def _readers(op: Op, name: str) -> list:
+    return [n for n in op.nodes if n.out != name and any(a.tensor == name for e in n.exprs() for a in loads(e))]
+
+
+def _step_offset(acc: Access, axes: tuple[Axis, ...], step: Axis) -> sympy.Expr | None:
+    """How a read of the scan's result indexes the step (``step + k`` -> k, a constant -> the constant as
+    ``('at', c)``), None when any other axis is not read at its own position."""
+    if len(acc.index) != len(axes):
+        return None
+    off = None
+    for i, a in zip(acc.index, axes):
+        i = sympy.sympify(i)
+        if a != step:
+            if i != a or (acc.pad is not None and any(sympy.sympify(p) != 0 for p in acc.padding(axes.index(a)))):
+                return None
+            continue
+        off = i
+    return off
+
+
+def shifted_coefficient(op: Op, forward: Scan, reverse: bool) -> Expr:
+    """The adjoint coefficient the grad transform writes for ``forward``: its ``a`` one step later, zero past the
+    end (the same construction, so the comparison is exact)."""
+    from .grad import shifted_step
+
+    (t,) = forward.scan_axes
+    steps = op.extent(t)
+    nxt, ok = (t - 1, t > 0) if reverse else (t + 1, t < steps - 1)
+    return where(index(ok), shifted_step(forward.combine.a, t, nxt, op, steps), 0.0)
+
+
+def _temp_maps(op: Op) -> dict[str, Map]:
+    temps = {t.name for t in op.temps}
+    return {n.out: n for n in op.nodes if isinstance(n, Map) and n.out in temps}
+
+
+@functools.lru_cache(maxsize=128)
+def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
+    """The adjoint group of a backward op (module docstring), or None when the op does not have that form."""
+    scans = [n for n in op.nodes if isinstance(n, Scan)]
+    if len(scans) != 2:
+        return None
+    fwd, adj = scans
+    rf, ra = _direction(op, fwd), _direction(op, adj)
+    if rf is None or ra is None or rf == ra or fwd.scan_axes != adj.scan_axes or set(fwd.axes) != set(adj.axes):
+        return None
+    step = fwd.scan_axes[0]
+    axes = fwd.axes
+    state = tuple(fwd.state_axes)
+    lanes = tuple(x for x in axes if x not in state and x != step)
+    outputs = {t.name for t in op.outputs}
+    if fwd.out in outputs or adj.out in outputs:
+        return None
+    if any(a.tensor in (fwd.out, adj.out) for e in (adj.combine.a,) for a in loads(e)):
+        return None
+    if any(a.tensor == adj.out for e in fwd.exprs() for a in loads(e)):
+        return None
+    # readers of h and adj
+    readers: dict[str, object] = {}
+    for name in (fwd.out, adj.out):
+        for n in _readers(op, name):
+            if n is not adj:
+                readers[n.out] = n
+    reductions, stores, tails = [], [], []
+    for n in readers.values():
+        for e in n.exprs():
+            for acc in loads(e):
+                if acc.tensor in (fwd.out, adj.out) and _step_offset(acc, _axes_of(op, acc.tensor), step) is None:
+                    return None
+        if isinstance(n, Reduce):
+            if n.monoid != SUM or n.predicate is not None or set(n.axes) | set(n.raxes) != set(axes):
+                return None
+            if not _reads_at(n.value, fwd.out, adj.out, step, rf, at=None):
+                return None
+            red_lanes = set(n.raxes) & set(lanes)
+            kept_state = tuple(a for a in state if a in n.axes)
+            kept_lanes = tuple(a for a in lanes if a in n.axes)
+            kind = "lane" if step in n.raxes else ("cross" if red_lanes else "point")
+            reductions.append((n, kind, kept_state, kept_lanes))
+        elif isinstance(n, Map) and set(n.axes) == set(axes):
+            if not _reads_at(n.value, fwd.out, adj.out, step, rf, at=None):
+                return None
+            stores.append(n)
+        elif isinstance(n, Map) and set(n.axes) == set(axes) - {step}:
+            ats = {sympy.sympify(a.index[_axes_of(op, a.tensor).index(step)]) for a in loads(n.value)
+                   if a.tensor in (fwd.out, adj.out)}
+            steps = op.extent(step)
+            if len(ats) != 1:
+                return None
+            (c,) = ats
+            if not (c == 0 or sympy.simplify(c - (steps - 1)) == 0):
+                return None
+            tails.append((n, c))
+        else:
+            return None
+    cross = [set(n.raxes) & set(lanes) for n, k, _, _ in reductions if k == "cross"]
+    split = tuple(a for a in lanes if cross and a in cross[0])
+    if any(c != set(split) for c in cross):
+        return None
+    # map temps read only by the group: inlined
+    maps = _temp_maps(op)
+    core = {fwd.out, adj.out} | set(readers)
+    produced = {n.out for n in op.nodes if not isinstance(n, Map)} | {fwd.out, adj.out}
+    inl = {k for k, m in maps.items() if k not in core and not any(a.tensor in produced for a in loads(m.value))}
+    changed = True
+    while changed:
+        changed = False
+        for k in sorted(inl):
+            rd = _readers(op, k)
+            if k in outputs or any(r.out not in core | inl for r in rd) or any(
+                    a.tensor in maps and a.tensor not in inl for a in loads(maps[k].value)):
+                inl.discard(k)
+                changed = True
+    inl = {k for k in inl if any(r.out in core for r in _readers(op, k)) or
+           any(r.out in inl for r in _readers(op, k))}
+    members = core | inl
+    imaps = {k: maps[k] for k in inl}
+    # what the group reads from outside must not depend on it
+    reads = []
+    for n in op.nodes:
+        if n.out in members:
+            for e in n.exprs():
+                for acc in loads(e):
+                    if acc.tensor not in members and acc.tensor not in reads:
+                        reads.append(acc.tensor)
+    if _depends_on(op, reads, members):
+        return None
+    needed = []
+    for n in op.nodes:
+        if n.out in members and n.out not in (fwd.out, adj.out) and n.out not in inl:
+            if n.out in outputs or any(r.out not in members for r in _readers(op, n.out)):
+                needed.append(n.out)
+    # maps over the scan's axes that only members read are inlined into them (a map of h feeding the adjoint)
+    for m in [m for m in stores if m.out not in needed]:
+        imaps[m.out] = m
+    stores = [m for m in stores if m.out in needed]
+    tails = [(m, c) for m, c in tails if m.out in needed]
+    f_scan = Scan(fwd.out, fwd.axes, fwd.scan_axes, fwd.traversal,
+                  Affine(inline_maps(fwd.combine.a, imaps), inline_maps(fwd.combine.b, imaps)),
+                  inline_maps(fwd.init, imaps) if fwd.init is not None else None, fwd.state_axes)
+    carry = adj.combine.a == shifted_coefficient(op, fwd, rf)
+    a_scan = Scan(adj.out, adj.axes, adj.scan_axes, adj.traversal,
+                  Affine(inline_maps(adj.combine.a, imaps), inline_maps(adj.combine.b, imaps)),
+                  inline_maps(adj.init, imaps) if adj.init is not None else None, adj.state_axes)
+    reds = tuple(AdjointReduction(Reduce(n.out, n.axes, n.raxes, inline_maps(n.value, imaps), n.monoid), k, ks, kl)
+                 for n, k, ks, kl in reductions)
+    order = [n.out for n in op.nodes]
+    return ScanAdjointGroup(
+        op, f_scan, a_scan, lanes, state, step, rf, carry, reds,
+        tuple(Map(m.out, m.axes, inline_maps(m.value, imaps)) for m in stores),
+        tuple((Map(m.out, m.axes, inline_maps(m.value, imaps)), c) for m, c in tails), split,
+        tuple(sorted(members, key=order.index)), tuple(needed), tuple(reads))
+
+
+def _axes_of(op: Op, name: str) -> tuple[Axis, ...]:
+    n = next(n for n in op.nodes if n.out == name)
+    return tuple(n.axes)
+
+
+def _reads_at(e: Expr, h: str, adj: str, step: Axis, reverse: bool, at) -> bool:
+    """Reads of ``h`` at the step or the one before it (in the forward order), of ``adj`` at the step."""
+    prev = step + 1 if reverse else step - 1
+    for nd in e.walk():
+        if nd.op is not ExprOp.LOAD or nd.arg.tensor not in (h, adj):
+            continue
+        acc = nd.arg
+        k = [sympy.sympify(i).has(step) for i in acc.index].index(True) if any(
+            sympy.sympify(i).has(step) for i in acc.index) else None
+        if k is None:
+            return False
+        i = sympy.sympify(acc.index[k])
+        if i == step:
+            continue
+        if acc.tensor == h and sympy.simplify(i - prev) == 0:
+            continue
+        return False
+    return True
+
+
+def _depends_on(op: Op, names, members) -> bool:
+    """Whether any of ``names`` is computed (transitively) from a member."""
+    by = {n.out: n for n in op.nodes}
+    seen: set[str] = set()
+    todo = [n for n in names if n in by]
+    while todo:
+        k = todo.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        if k in members:
+            return True
+        for e in by[k].exprs():
+            todo += [a.tensor for a in loads(e) if a.tensor in by]
+    return False
+
+
+def group_scan_adjoint(op: Op) -> Op:
+    """``op`` with its nodes reordered so that the members of its adjoint group are contiguous, preceded by
+    every node they read (unchanged when there is no group)."""
+    g = fuse_scan_adjoint(op)
+    if g is None:
+        return op
+    by = {n.out: n for n in op.nodes}
+    before: set[str] = set()
+    todo = [r for r in g.reads if r in by]
+    while todo:
+        k = todo.pop()
+        if k in before:
+            continue
+        before.add(k)
+        for e in by[k].exprs():
+            todo += [a.tensor for a in loads(e) if a.tensor in by]
+    members = set(g.members)
+    first = [n for n in op.nodes if n.out in before]
+    mid = [n for n in op.nodes if n.out in members]
+    rest = [n for n in op.nodes if n.out not in before and n.out not in members]
+    nodes = tuple(first + mid + rest)
+    if nodes == op.nodes:
+        return op
+    return Op(op.name, op.tensors, nodes, op.extents, op.derived, op.constraints, op.attrs)
