@@ -6,6 +6,7 @@ from typing import Callable
 
 from .baselines import _ss_loop, _ss_scan_hop
 from .protocol import CaseResult, Impl, measure
+from .training import PARTS as TRAINING_PARTS
 
 
 def _compiled(fn: Callable, *args) -> Impl:
@@ -137,6 +138,14 @@ def _declared_cases(repeats: int, quick: bool) -> list[CaseResult]:
     return declared_cases(repeats, quick)
 
 
+def _training(part: str | None) -> Callable[[int, bool], list[CaseResult]]:
+    def run(repeats: int, quick: bool) -> list[CaseResult]:
+        from .training import training_cases
+
+        return training_cases(repeats, quick, [part] if part else None)
+    return run
+
+
 SUITES: dict[str, Callable[[int, bool], list[CaseResult]]] = {
     "linear_scan": linear_scan_cases,
     "selective_scan": selective_scan_cases,
@@ -146,3 +155,8 @@ SUITES: dict[str, Callable[[int, bool], list[CaseResult]]] = {
     "long_conv": _long_conv_cases,
     "declared": _declared_cases,
 }
+# model-shaped blocks and the ops of the training speed goals, forward and forward+backward (opgen.bench.training):
+# slow at full size, so they run only when named (`opgen bench training`, or one part: `opgen bench training.swin`)
+SUITES["training"] = _training(None)
+SUITES.update({f"training.{p}": _training(p) for p in TRAINING_PARTS})
+OPT_IN: frozenset[str] = frozenset(["training"] + [f"training.{p}" for p in TRAINING_PARTS])
