@@ -90,6 +90,8 @@ def attention_cases(repeats: int, quick: bool) -> list[CaseResult]:
                           q, k, v, masks.neighborhood_2d(side, side, 7), repeats, with_flex=not quick))
     length, window = (512, 64) if quick else (4096, 256)
     out.append(_fwd_bwd_case(b, h, d, length, masks.sliding_window(window), repeats, with_flex=not quick))
+    for images, side, channels, heads in ([(2, 14, 96, 3)] if quick else [(8, 56, 96, 3), (8, 28, 192, 6)]):
+        out.append(swin_window_case(images, side, channels, heads, repeats))
     length = 256 if quick else 2048
     q, k, v = (torch.randn(b, h, length, d) for _ in range(3))
     impls = [Impl("opgen", lambda: opgen.ops.attention(q, k, v, mask_mod=masks.causal)),
@@ -135,3 +137,55 @@ def _fwd_bwd_case(b: int, h: int, d: int, length: int, mask_mod, repeats: int, w
             pass
     return measure("attention", f"sliding window fwd+bwd, L={length}, B={b} H={h} D={d} fp32", impls,
                    max(3, repeats // 2))
+
+
+def relative_position_index(window: int):
+    """Swin's relative_position_index for a ``window x window`` window ([window**2, window**2] int64)."""
+    import torch
+
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def swin_window_case(images: int, side: int, channels: int, heads: int, repeats: int,
+                     window: int = 7) -> CaseResult:
+    """A Swin block's window attention, forward + backward with a learnable relative-position bias table
+    ``[(2M-1)^2, heads]`` indexed by the relative_position_index: opgen with ``score_mod = s + table[index[q, kv],
+    h]`` (the table gets its gradient from the flash backward) against SDPA on the window partitions with the
+    gathered bias as an additive float mask (autograd through the gather). Compared: the table's gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    import opgen
+
+    m = window
+    n = m * m
+    windows = images * (side // m) ** 2
+    d = channels // heads
+    index = relative_position_index(m)
+    table = (torch.randn((2 * m - 1) ** 2, heads) * 0.02).requires_grad_()
+    leaves = [torch.randn(windows, heads, n, d).requires_grad_() for _ in range(3)]
+    dout = torch.randn(windows, heads, n, d)
+
+    def score_mod(s, b, h, q_idx, kv_idx):
+        return s + table[index[q_idx, kv_idx], h]
+
+    def step(fn):
+        def run():
+            for x in (*leaves, table):
+                x.grad = None
+            with torch.enable_grad():
+                fn(*leaves).backward(dout)
+            return table.grad
+        return run
+
+    def sdpa(q, k, v):
+        bias = table[index.reshape(-1)].view(n, n, heads).permute(2, 0, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    impls = [Impl("opgen", step(lambda q, k, v: opgen.ops.attention(q, k, v, score_mod=score_mod))),
+             Impl("SDPA on window partitions, float bias mask (autograd)", step(sdpa))]
+    return measure("attention", f"Swin window attention fwd+bwd, learnable bias table, window {m}, {images} images "
+                   f"{side}x{side} C={channels} heads={heads} ({windows} windows of {n} tokens, D={d}) fp32",
+                   impls, repeats)
