@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..expr import Access, Expr, ExprOp, index, loads, where
+from ..expr import Access, Expr, ExprOp, index, loads, substitute, where
 from ..nodes import SUM, Affine, Map, Reduce, Scan
 from ..op import Op
 from ..symbols import Axis
@@ -63,6 +63,7 @@ class ScanAdjointGroup:
     carry_a: bool                      # the adjoint's coefficient is the forward one a step later: carried
     reductions: tuple[AdjointReduction, ...]
     stores: tuple[Map, ...]            # maps over the scan's axes reading h / adj (inlined)
+    epilogues: tuple[Map, ...]         # maps over lanes and step reading point reductions (and inputs)
     tails: tuple[tuple[Map, sympy.Expr], ...]   # maps over lanes + state reading h / adj at one step
     split: tuple[Axis, ...]            # lane axes the cross reductions sum over
     members: tuple[str, ...]           # every node the group computes (scans, inlined maps, readers)
@@ -88,6 +89,7 @@ class ScanAdjointGroup:
             lines.append(f"  {r.kind} {n.out}[{', '.join(map(str, n.axes))}] = sum over "
                          f"({', '.join(map(str, n.raxes))}) of {n.value}")
         lines += [f"  store {m.out}[{', '.join(map(str, m.axes))}] = {m.value}" for m in self.stores]
+        lines += [f"  epilogue {m.out}[{', '.join(map(str, m.axes))}] = {m.value}" for m in self.epilogues]
         lines += [f"  at step {c}: {m.out}[{', '.join(map(str, m.axes))}] = {m.value}" for m, c in self.tails]
         return "\n".join(lines)
 
@@ -224,6 +226,39 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
            any(r.out in inl for r in _readers(op, k))}
     members = core | inl
     imaps = {k: maps[k] for k in inl}
+    # maps per lane and step over the point reductions (the gradient sums of du = D * g + sum_n ...): epilogues
+    point_outs = {n.out: n for n, kind, _, _ in reductions if kind == "point"}
+    lane_step = set(lanes) | {step}
+    inputs = {t.name for t in op.inputs}
+    pure = {k for k, m in maps.items() if all(a.tensor in inputs for a in loads(m.value))}
+    steps: dict[str, Map] = {}
+    for n in op.nodes:
+        if not isinstance(n, Map) or n.out in members:
+            continue
+        n = _in_frame_of(n, {**point_outs, **steps})
+        if n is None or set(n.axes) != lane_step:
+            continue
+        accs = loads(n.value)
+        if not any(a.tensor in point_outs or a.tensor in steps for a in accs):
+            continue
+        ok = True
+        for a in accs:
+            if a.tensor in point_outs or a.tensor in steps:
+                own = point_outs[a.tensor].axes if a.tensor in point_outs else steps[a.tensor].axes
+                ok &= tuple(a.index) == tuple(own) and a.pad is None
+            else:
+                ok &= a.tensor in inputs or a.tensor in pure or a.tensor in inl
+        if ok:
+            steps[n.out] = n
+    members |= set(steps)
+    for k in sorted(pure - members):             # input maps only members read now
+        if k not in outputs and _readers(op, k) and all(r.out in members for r in _readers(op, k)):
+            members.add(k)
+            imaps[k] = maps[k]
+            inl.add(k)
+    for k in pure:
+        if k in members:
+            imaps.setdefault(k, maps[k])
     # what the group reads from outside must not depend on it
     reads = []
     for n in op.nodes:
@@ -244,6 +279,13 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
         imaps[m.out] = m
     stores = [m for m in stores if m.out in needed]
     tails = [(m, c) for m, c in tails if m.out in needed]
+    # step epilogues: each with the pure input maps and the epilogues it reads inlined (point sums stay loads)
+    epis, done = [], {}
+    for k, m in steps.items():
+        value = inline_maps(m.value, {**{x: maps[x] for x in pure}, **imaps, **done})
+        done[k] = Map(k, m.axes, value)
+        if k in needed:
+            epis.append(done[k])
     f_scan = Scan(fwd.out, fwd.axes, fwd.scan_axes, fwd.traversal,
                   Affine(inline_maps(fwd.combine.a, imaps), inline_maps(fwd.combine.b, imaps)),
                   inline_maps(fwd.init, imaps) if fwd.init is not None else None, fwd.state_axes)
@@ -256,9 +298,20 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
     order = [n.out for n in op.nodes]
     return ScanAdjointGroup(
         op, f_scan, a_scan, lanes, state, step, rf, carry, reds,
-        tuple(Map(m.out, m.axes, inline_maps(m.value, imaps)) for m in stores),
+        tuple(Map(m.out, m.axes, inline_maps(m.value, imaps)) for m in stores), tuple(epis),
         tuple((Map(m.out, m.axes, inline_maps(m.value, imaps)), c) for m, c in tails), split,
         tuple(sorted(members, key=order.index)), tuple(needed), tuple(reads))
+
+
+def _in_frame_of(m: Map, frames: dict) -> Map | None:
+    """``m`` with its axes renamed to those of the first of ``frames`` (nodes by name) it reads at its own
+    position (the grad transform's output maps use fresh axes: ``grad_u[g1, g2, g3] = t13[g1, g2, g3]``)."""
+    for a in loads(m.value):
+        node = frames.get(a.tensor)
+        if node is not None and tuple(a.index) == tuple(m.axes) and len(set(m.axes)) == len(m.axes):
+            ren = dict(zip(m.axes, node.axes))
+            return Map(m.out, tuple(node.axes), substitute(m.value, ren))
+    return None
 
 
 def _axes_of(op: Op, name: str) -> tuple[Axis, ...]:

@@ -31,7 +31,7 @@ from typing import Mapping
 import sympy
 
 from opgen.ir import DType, ExprOp, promote
-from opgen.ir.expr import Access, Expr, load
+from opgen.ir.expr import Access, Expr, load, loads
 from opgen.ir.nodes import TensorParam
 from opgen.ir.passes.scan_adjoint import ScanAdjointGroup, fuse_scan_adjoint
 from opgen.ir.symbols import Axis, Dim
@@ -54,6 +54,7 @@ class AdjointSource:
     chunk: int
     static_dims: tuple[tuple[str, int], ...]
     scalars: tuple[Dim, ...]                 # int arguments after the tensors (then splits, then chunks)
+    transposed: tuple[tuple[str, str, tuple[int, ...]], ...] = ()   # (argument, input it is, dims permutation)
 
 
 def adjoint_supported(group: ScanAdjointGroup) -> tuple[bool, str]:
@@ -77,7 +78,7 @@ def adjoint_supported(group: ScanAdjointGroup) -> tuple[bool, str]:
 def _exprs(group: ScanAdjointGroup) -> list[Expr]:
     f, a = group.forward, group.adjoint
     out = [f.combine.a, f.combine.b, a.combine.a, a.combine.b] + [r.node.value for r in group.reductions]
-    out += [m.value for m in group.stores] + [m.value for m, _ in group.tails]
+    out += [m.value for m in group.stores] + [m.value for m, _ in group.tails] + [m.value for m in group.epilogues]
     out += [x for x in (f.init, a.init) if x is not None]
     return out
 
@@ -88,6 +89,46 @@ def _replace(e: Expr, target: Expr, by: Expr) -> Expr:
     for n in e.walk():
         if n == target:
             memo[n] = by
+        elif n.src:
+            memo[n] = Expr(n.op, n.dtype, tuple(memo[s] for s in n.src), n.arg)
+        else:
+            memo[n] = n
+    return memo[e]
+
+
+def _transposed(group: ScanAdjointGroup, vax: Axis, taken: set[str]) -> dict[str, tuple[str, list[int]]]:
+    """``{input: (argument name, permutation)}`` for the inputs every read of which indexes one dim with exactly
+    the vector axis, and that dim is not the last."""
+    out = {}
+    for name in group.reads:
+        dims = set()
+        for e in _exprs(group):
+            for acc in loads(e):
+                if acc.tensor != name:
+                    continue
+                hits = [k for k, i in enumerate(acc.index) if sympy.sympify(i) == vax]
+                others = any(vax in sympy.sympify(i).free_symbols for k, i in enumerate(acc.index) if k not in hits)
+                dims.add(hits[0] if len(hits) == 1 and not others else None)
+        if len(dims) != 1 or None in dims:
+            continue
+        (k,) = dims
+        rank = len(group.op.tensor(name).shape)
+        if k != rank - 1:
+            out[name] = (_fresh(taken, f"{name}_T"), [i for i in range(rank) if i != k] + [k])
+    return out
+
+
+def _relayout(e: Expr, trans: Mapping[str, tuple[str, list[int]]]) -> Expr:
+    """``e`` with the reads of transposed inputs made reads of their transposed arguments."""
+    if not trans:
+        return e
+    memo: dict[Expr, Expr] = {}
+    for n in e.walk():
+        if n.op is ExprOp.LOAD and n.arg.tensor in trans:
+            name, perm = trans[n.arg.tensor]
+            acc = n.arg
+            pad = tuple(acc.pad[k] for k in perm) if acc.pad is not None else None
+            memo[n] = Expr(ExprOp.LOAD, n.dtype, (), Access(name, tuple(acc.index[k] for k in perm), pad))
         elif n.src:
             memo[n] = Expr(n.op, n.dtype, tuple(memo[s] for s in n.src), n.arg)
         else:
@@ -136,8 +177,22 @@ class _Renderer:
         ext_of = {a: e for a, e in op.extents}
         self.state_dt = compute_dtype(promote(F.combine.a.dtype, F.combine.b.dtype))
         sdt = tvm_dtype(self.state_dt)
-        params: list[TensorParam] = [TensorParam(n, op.tensor(n).shape, op.tensor(n).dtype, "input")
-                                     for n in g.reads]
+        # the last state axis runs as one vector (its whole static extent) when it is wide enough
+        vext = int(sympy.sympify(ext_of[g.state[-1]]).subs(self.static)) if g.state else 0
+        vax = g.state[-1] if g.state and vext % 4 == 0 and 4 <= vext <= 256 else None
+        if vax is not None and any(r.kind == "cross" and vax not in r.kept_state for r in g.reductions):
+            vax = None
+        # inputs read across the vector axis with another dim innermost (B[b, n, t] for a vector over n) are
+        # passed transposed, that dim last, so the vector loads are contiguous
+        trans = _transposed(g, vax, taken) if vax is not None else {}
+        params: list[TensorParam] = []
+        for n in g.reads:
+            t = op.tensor(n)
+            if n in trans:
+                name, perm = trans[n]
+                params.append(TensorParam(name, tuple(t.shape[k] for k in perm), t.dtype, "input"))
+            else:
+                params.append(TensorParam(n, t.shape, t.dtype, "input"))
         params += [TensorParam(n, op.tensor(n).shape, op.tensor(n).dtype, "output") for n in direct]
         partials = []
         for r in g.reductions:
@@ -145,7 +200,7 @@ class _Renderer:
                 axes = g.lanes + r.kept_state
                 shape = tuple(ext_of[a] for a in axes)
             elif r.kind == "cross":
-                axes = r.kept_lanes + r.kept_state + (g.step,)
+                axes = r.kept_lanes + (g.step,) + r.kept_state       # the state innermost: vector stores
                 shape = (splits_dim,) + tuple(ext_of[a] for a in axes)
             else:
                 continue
@@ -183,10 +238,6 @@ class _Renderer:
             if not ext[a].isdigit():
                 raise ValueError(f"op {op.name}: state axis {a} must have a static extent (got {ext[a]})")
         S = math.prod(int(x) for x in state_ext) if state_ext else 1
-        # the last state axis runs as one vector (its whole static extent) when it is wide enough
-        vax = g.state[-1] if g.state and int(state_ext[-1]) % 4 == 0 and 4 <= int(state_ext[-1]) <= 256 else None
-        if vax is not None and any(r.kind == "cross" and vax not in r.kept_state for r in g.reductions):
-            vax = None
         V = int(ext[vax]) if vax is not None else 1
         if vax is not None:
             sym[vax] = "v"
@@ -205,8 +256,12 @@ class _Renderer:
         tt_sym = ["tt"]
         vec = V > 1
 
+        hook_ps: dict[str, str] = {}
+
         def hook(acc: Access) -> LoadOverride | None:
             tt = tt_sym[0]
+            if acc.tensor in hook_ps:
+                return LoadOverride(hook_ps[acc.tensor], False, True)
             if acc.tensor == R.out:
                 return LoadOverride(f"adj[{st_idx}]", vec, True)
             if acc.tensor == fa_name:
@@ -220,7 +275,7 @@ class _Renderer:
                 return LoadOverride(f"T.if_then_else(so >= 1, hb[{tt}, {st_idx}], {zero})", vec, True)
             return None
 
-        masked = {n.arg for e in _exprs(g) for n in e.walk()
+        masked = {n.arg for e in _exprs(g) for n in _relayout(e, trans).walk()
                   if n.op is ExprOp.LOAD and n.arg.pad is not None and n.arg.tensor not in (F.out, R.out)
                   and any(sympy.sympify(lo) != 0 or sympy.sympify(hi) != 0 for lo, hi in n.arg.pad)}
 
@@ -257,15 +312,15 @@ class _Renderer:
         self.vax = vax
 
         def sub_a(e: Expr) -> Expr:
-            return _replace(e, F.combine.a, fa_load)
+            return _relayout(_replace(e, F.combine.a, fa_load), trans)
 
         root = Scope("lane", None, g.lanes)
         # recompute: hb[tt + 1] = a * hb[tt] + b, ab[tt] = a
         rec_step = root.child("rec", (g.step,))
         rec_step.tile = CH            # step-level values of a chunk first, in their own (vectorizable) loop
         rec = chain(rec_step, "rec")
-        ra = em.emit(F.combine.a, rec[-1])
-        rb = em.emit(F.combine.b, rec[-1])
+        ra = em.emit(_relayout(F.combine.a, trans), rec[-1])
+        rb = em.emit(_relayout(F.combine.b, trans), rec[-1])
         a_txt = conv(ra.text, F.combine.a.dtype, self.state_dt)
         b_txt = conv(rb.text, F.combine.b.dtype, self.state_dt)
         put(rec[-1], f"ab[tt, {st_idx}] = {a_txt}")
@@ -274,14 +329,14 @@ class _Renderer:
         p1_step = root.child("p1", (g.step,))
         p1_step.tile = CH
         p1 = chain(p1_step, "p1")
-        pa = em.emit(F.combine.a, p1[-1])
-        pb = em.emit(F.combine.b, p1[-1])
+        pa = em.emit(_relayout(F.combine.a, trans), p1[-1])
+        pb = em.emit(_relayout(F.combine.b, trans), p1[-1])
         put(p1[-1], f"st[{st_idx}] = {conv(pa.text, F.combine.a.dtype, self.state_dt)} * st[{st_idx}] + "
                            f"{conv(pb.text, F.combine.b.dtype, self.state_dt)}")
         # initial state
         init_chain = chain(root, "init")
         if F.init is not None:
-            ri = em.emit(F.init, init_chain[-1])
+            ri = em.emit(_relayout(F.init, trans), init_chain[-1])
             init_val = conv(ri.text, F.init.dtype, self.state_dt)
         else:
             init_val = const_text(0, sdt)
@@ -340,6 +395,16 @@ class _Renderer:
                 idx = ", ".join(["sk"] + [sym[a] for a in pax])
                 p = pnames[n.out]
                 put(leaf, f"b_{p}[{idx}] = b_{p}[{idx}] + {vtxt}")
+        # epilogues per lane and step: point sums read from ps[k]
+        epi_reads = {a.tensor for m in g.epilogues for a in loads(m.value)}
+        ps_slot = {r.node.out: k for k, r in enumerate(g.reductions) if r.kind == "point" and r.node.out in epi_reads}
+        epi = rev_step.child("epi", (), leaf=True)
+        if ps_slot:
+            self.allocs.append(scratch_buffer("ps", f"({len(g.reductions)},)", sdt))
+        hook_ps.update({name: f"ps[{k}]" for name, k in ps_slot.items()})
+        for m in g.epilogues:
+            rv = em.emit(sub_a(m.value), epi)
+            epi.lets.append(store(m.out, m.axes, rv.text, m.value.dtype))
         for m in g.stores:
             rv = em.emit(sub_a(m.value), leaf)
             put(leaf, store(m.out, m.axes, rv.text, m.value.dtype))
@@ -435,7 +500,12 @@ class _Renderer:
             self._loops_zero(c, d3, kept, sym, ext, f"{buf}[{kidx}] = {const_text(0, sdt)}")
         self._write_chain(c, d3, rev, sym, ext)
         for buf, out, axes, kidx, dt, kept, wide in point_writes:
-            self._write_sum(c, d3, kept, wide, sym, ext, buf, kidx, lambda v: store(out, axes, v, dt))
+            def write(v: str, out=out, axes=axes, dt=dt) -> str:
+                lines = ([f"ps[{ps_slot[out]}] = {v}"] if out in ps_slot else []) + (
+                    [store(out, axes, v, dt)] if out in direct else [])
+                return "\n".join(lines) or "T.evaluate(0)"
+            self._write_sum(c, d3, kept, wide, sym, ext, buf, kidx, write)
+        c.block(d3, epi.lets)
         # after the lane: lane partials, tails
         for buf, kidx, kax, p, pax, kept, wide in lane_accs:
             idx = ", ".join(sym[a] for a in pax)
@@ -447,7 +517,8 @@ class _Renderer:
         text = "\n".join(c.lines) + "\n"
         tensors = tuple(p.name for p in params)
         return AdjointSource(text, tensors, direct, tuple(partials), CH,
-                             tuple(sorted((dd.name, v) for dd, v in self.static.items())), scalars)
+                             tuple(sorted((dd.name, v) for dd, v in self.static.items())), scalars,
+                             tuple((name, src, tuple(perm)) for src, (name, perm) in trans.items()))
 
     @staticmethod
     def _tile_loop(c: Code, depth: int, count: str, CH: int, step_sym: str, pos, scope: Scope) -> None:
@@ -467,13 +538,15 @@ class _Renderer:
             c.w(depth, f"for {sym[a]} in range({ext[a]}):")
             depth += 1
         if not wide:
-            c.w(depth, write(f"{buf}[{kidx}]"))
+            c.block(depth, write(f"{buf}[{kidx}]").split("\n"))
             return
         parts = [sym[a] for a in kept]
-        c.w(depth, f"hs[0] = {buf}[{', '.join(parts + ['0'])}]")
-        c.w(depth, f"for v in range(1, {self.V}):")
-        c.w(depth + 1, f"hs[0] = hs[0] + {buf}[{', '.join(parts + ['v'])}]")
-        c.w(depth, write("hs[0]"))
+        terms = [f"{buf}[{', '.join(parts + [str(v)])}]" for v in range(self.V)]
+        while len(terms) > 1:                    # a balanced tree: independent adds, not a chain of V
+            terms = [f"({terms[i]} + {terms[i + 1]})" if i + 1 < len(terms) else terms[i]
+                     for i in range(0, len(terms), 2)]
+        c.w(depth, f"hs[0] = {terms[0]}")
+        c.block(depth, write("hs[0]").split("\n"))
 
     @staticmethod
     def _loops_zero(c: Code, depth: int, axes, sym, ext, line: str) -> None:
@@ -538,11 +611,16 @@ def adjoint_call(group: ScanAdjointGroup, binding, cache, threads: int, chunk: i
     scal = [int(binding.dims[d]) for d in src.scalars]
     red = {r.node.out: r for r in group.reductions}
     part_of = {p: (out, axes) for p, out, axes in src.partials}
+    trans = {name: (src_name, list(perm)) for name, src_name, perm in src.transposed}
 
     def call(tensors: Mapping) -> dict:
         args, outs, parts = [], {}, {}
         for name in src.tensors:
-            if name in group.reads:
+            if name in trans:
+                x = tensors[trans[name][0]].permute(trans[name][1])
+                want = to_torch(by_name[trans[name][0]].dtype)
+                args.append((x if x.dtype == want else x.to(want)).contiguous())
+            elif name in group.reads:
                 x = tensors[name]
                 want = to_torch(by_name[name].dtype)
                 if x.dtype != want:
