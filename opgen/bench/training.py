@@ -4,17 +4,23 @@ opgen against the torch formulation a user would otherwise run, interleaved in o
 Parts (each also a suite of its own, ``training.<part>``):
 
 - ``ops``: ``selective_scan`` (B=2, D=1536, N=16, L=2048; D, z, delta_bias, softplus) against autograd of the
-  torch loop, with fwd+bwd / its own forward; ``chunk_gla`` (B=2, T=1024, H=8, K=V=64) against autograd of the
-  chunked torch GLA (flash-linear-attention's naive chunk form, chunk 64);
-- ``mamba1``, ``mamba2``, ``convnext`` (one block per stage, B=8: 96@56, 192@28, 384@14, 768@7), ``resnet`` (B=8:
-  64@56, 128@28, 256@14, 512@7), ``swin``: the blocks of :mod:`opgen.bench.blocks`.
+  torch loop (:func:`ss_loop_unbind`; the indexing loop's backward is quadratic in L), with fwd+bwd / its own
+  forward; ``chunk_gla`` (B=2, T=1024, H=8, K=V=64) against autograd of the chunked torch GLA
+  (:func:`gla_chunked`, flash-linear-attention's naive chunk form, chunk 64);
+- ``mamba1`` (B=1, L=512, d_model=256, d_inner=512, N=16, against transformers' slow path: ``F.conv1d`` and the
+  indexing loop, whose backward writes a full-size gradient per step), ``mamba2`` (B=2, L=1024, d_model=256, H=8,
+  N=P=64, against the chunked torch SSD, chunk 64), ``convnext`` (one block per stage, B=8: 96@56, 192@28, 384@14,
+  768@7), ``resnet`` (B=8: 64@56, 128@28, 256@14, 512@7), ``swin`` (Swin-T stages 1 and 2, B=8, window 7, the
+  second shifted): the blocks of :mod:`opgen.bench.blocks`.
 
 Every case is verified before it is timed: the opgen and the torch implementation (same weights, same inputs) run
 forward and backward once, and the output and every gradient (input and each parameter) must agree within
 ``TOL`` relative to the torch value (``max |opgen - torch| / max |torch|`` per tensor). A case that fails the check
 is reported ``wrong: ...`` and not timed (its baseline still is); a case opgen cannot run yet (an op raises) is
-reported ``unsupported: <error>``. The status, the worst error, the memory of a forward+backward step and the
-backward / forward ratios are in the case's notes:
+reported ``unsupported: <error>``. Each case gives two :class:`TrainingResult` rows (``fwd`` under no_grad,
+``fwd+bwd``) with the status, the worst errors, the memory of one forward+backward step and the fwd+bwd / fwd
+ratios (also as notes, so the JSON record and :func:`opgen.bench.format_results` carry them);
+:func:`format_training` prints them as one table. Memory:
 
 - ``peak RSS``: the process's peak resident memory above its resting state during one forward+backward step
   (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, after ``malloc_trim``; every allocator
@@ -429,35 +435,31 @@ def _pairs(part: str, quick: bool) -> Iterator[Pair]:
     if part == "ops":
         yield from (selective_scan_pair(*x) for x in s["selective_scan"])
         yield from (chunk_gla_pair(*x) for x in s["chunk_gla"])
-        return
-    if part == "mamba1":
-        yield from (block_pair("mamba1 block", f"B={b} L={length} d_model={dm} d_inner={2 * dm} N={n} fp32",
-                           "F.conv1d + torch loop scan (transformers slow path)", lambda impl, dm=dm, n=n: blocks.Mamba1Block(dm, n, impl=impl),
-                           (b, length, dm)) for b, length, dm, n in s["mamba1"])
-        return
-    if part == "mamba2":
-        yield from (block_pair("mamba2 block", f"B={b} L={length} d_model={dm} H={2 * dm // p} N={n} P={p} fp32",
-                           f"F.conv1d + chunked torch SSD (chunk {c})",
-                           lambda impl, dm=dm, n=n, p=p, c=c: blocks.Mamba2Block(dm, n, p, chunk=c, impl=impl),
-                           (b, length, dm)) for b, length, dm, n, p, c in s["mamba2"])
-        return
-    if part == "convnext":
-        yield from (block_pair("convnext block", f"B={b} C={c} {r}x{r} fp32", "F.conv2d",
-                           lambda impl, c=c: blocks.ConvNeXtBlock(c, impl=impl), (b, c, r, r))
-                for b, c, r in s["convnext"])
-        return
-    if part == "resnet":
-        yield from (block_pair("resnet basic block", f"B={b} C={c} {r}x{r} fp32", "F.conv2d",
-                           lambda impl, c=c: blocks.ResNetBasicBlock(c, impl=impl), (b, c, r, r))
-                for b, c, r in s["resnet"])
-        return
-    if part == "swin":
-        yield from (block_pair("swin block", f"B={b} C={c} heads={h} {r}x{r} window 7 shift {sh} fp32",
-                           "SDPA on windows, bias as float mask",
-                           lambda impl, c=c, h=h, r=r, sh=sh: blocks.SwinBlock(c, h, r, 7, sh, impl=impl),
-                           (b, r * r, c)) for b, c, h, r, sh in s["swin"])
-        return
-    raise ValueError(f"unknown training part {part!r}; known: {PARTS}")
+    elif part == "mamba1":
+        for b, length, dm, n in s["mamba1"]:
+            yield block_pair("mamba1 block", f"B={b} L={length} d_model={dm} d_inner={2 * dm} N={n} fp32",
+                             "F.conv1d + torch loop scan (transformers slow path)",
+                             lambda impl: blocks.Mamba1Block(dm, n, impl=impl), (b, length, dm))
+    elif part == "mamba2":
+        for b, length, dm, n, p, c in s["mamba2"]:
+            yield block_pair("mamba2 block", f"B={b} L={length} d_model={dm} H={2 * dm // p} N={n} P={p} fp32",
+                             f"F.conv1d + chunked torch SSD (chunk {c})",
+                             lambda impl: blocks.Mamba2Block(dm, n, p, chunk=c, impl=impl), (b, length, dm))
+    elif part == "convnext":
+        for b, c, r in s["convnext"]:
+            yield block_pair("convnext block", f"B={b} C={c} {r}x{r} fp32", "F.conv2d",
+                             lambda impl: blocks.ConvNeXtBlock(c, impl=impl), (b, c, r, r))
+    elif part == "resnet":
+        for b, c, r in s["resnet"]:
+            yield block_pair("resnet basic block", f"B={b} C={c} {r}x{r} fp32", "F.conv2d",
+                             lambda impl: blocks.ResNetBasicBlock(c, impl=impl), (b, c, r, r))
+    elif part == "swin":
+        for b, c, h, r, sh in s["swin"]:
+            yield block_pair("swin block", f"B={b} C={c} heads={h} {r}x{r} window 7 shift {sh} fp32",
+                             "SDPA on windows, bias as float mask",
+                             lambda impl: blocks.SwinBlock(c, h, r, 7, sh, impl=impl), (b, r * r, c))
+    else:
+        raise ValueError(f"unknown training part {part!r}; known: {PARTS}")
 
 
 def training_cases(repeats: int, quick: bool, parts: list[str] | None = None) -> list[TrainingResult]:
