@@ -13,6 +13,8 @@ runs backwards over the chunk, and every reduction is accumulated as it goes:
 * ``point``: summed over state axes only (``sum_n adj * B`` -> ``du[b, d, t]``): a per-step accumulator;
 * ``lane``: summed over the step (``dA[d, n]``, ``dD[d]``): a per-lane accumulator, written once per lane to
   a partial ``[lanes..., kept state...]`` that the caller sums over the reduced lane axes;
+* ``steplane``: a sum over the step of a value per lane and step (``dD = sum_{b,t} g * u * silu(z)``), no state:
+  accumulated beside the epilogues into a ``lane`` partial;
 * ``cross``: summed over lane axes but not the step (``dB[b, n, t] = sum_d ...``): the lanes reduced are
   split into chunks run serially in one parallel iteration, each chunk accumulating into its own partial
   ``[split chunks, kept lanes..., kept state..., step]`` that the caller sums over the chunks (no atomics);
@@ -251,6 +253,14 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
         if ok:
             steps[n.out] = n
     members |= set(steps)
+    # sums over the step of values per lane and step (dD = sum_{b,t} g * u * silu(z)): accumulated per lane too
+    for n in op.nodes:
+        if (isinstance(n, Reduce) and n.out not in members and n.monoid == SUM and n.predicate is None
+                and step in n.raxes and set(n.axes) | set(n.raxes) == lane_step
+                and all(a.tensor in inputs or a.tensor in pure or a.tensor in inl or
+                        ((a.tensor in point_outs or a.tensor in steps) and a.pad is None) for a in loads(n.value))):
+            reductions.append((n, "steplane", (), tuple(a for a in lanes if a in n.axes)))
+            members.add(n.out)
     for k in sorted(pure - members):             # input maps only members read now
         if k not in outputs and _readers(op, k) and all(r.out in members for r in _readers(op, k)):
             members.add(k)
@@ -293,8 +303,8 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
     a_scan = Scan(adj.out, adj.axes, adj.scan_axes, adj.traversal,
                   Affine(inline_maps(adj.combine.a, imaps), inline_maps(adj.combine.b, imaps)),
                   inline_maps(adj.init, imaps) if adj.init is not None else None, adj.state_axes)
-    reds = tuple(AdjointReduction(Reduce(n.out, n.axes, n.raxes, inline_maps(n.value, imaps), n.monoid), k, ks, kl)
-                 for n, k, ks, kl in reductions)
+    reds = tuple(AdjointReduction(Reduce(n.out, n.axes, n.raxes, inline_maps(n.value, {**imaps, **done}),
+                                         n.monoid), k, ks, kl) for n, k, ks, kl in reductions)
     order = [n.out for n in op.nodes]
     return ScanAdjointGroup(
         op, f_scan, a_scan, lanes, state, step, rf, carry, reds,

@@ -170,7 +170,7 @@ class _Renderer:
         F, R = g.forward, g.adjoint
         taken = {t.name for t in op.tensors} | {d.name for d in op.dims}
         # tensors: reads, direct outputs, partials, checkpoints
-        part_kind = {r.node.out: r for r in g.reductions if r.kind in ("lane", "cross")}
+        part_kind = {r.node.out: r for r in g.reductions if r.kind in ("lane", "steplane", "cross")}
         direct = tuple(n for n in g.outputs if n not in part_kind)
         splits_dim = Dim(_fresh(taken, "SPLITS"))
         chunks_dim = Dim(_fresh(taken, "CHUNKS"))
@@ -196,7 +196,7 @@ class _Renderer:
         params += [TensorParam(n, op.tensor(n).shape, op.tensor(n).dtype, "output") for n in direct]
         partials = []
         for r in g.reductions:
-            if r.kind == "lane":
+            if r.kind in ("lane", "steplane"):
                 axes = g.lanes + r.kept_state
                 shape = tuple(ext_of[a] for a in axes)
             elif r.kind == "cross":
@@ -371,6 +371,8 @@ class _Renderer:
         paxes = {out: ax for _, out, ax in partials}
         for k, r in enumerate(g.reductions):
             n = r.node
+            if r.kind == "steplane":
+                continue                          # beside the epilogues, below
             val = em.emit(sub_a(n.value), leaf)
             vtxt = conv(val.text, n.value.dtype, self.state_dt)
             kept = r.kept_state
@@ -397,6 +399,7 @@ class _Renderer:
                 put(leaf, f"b_{p}[{idx}] = b_{p}[{idx}] + {vtxt}")
         # epilogues per lane and step: point sums read from ps[k]
         epi_reads = {a.tensor for m in g.epilogues for a in loads(m.value)}
+        epi_reads |= {a.tensor for r in g.reductions if r.kind == "steplane" for a in loads(r.node.value)}
         ps_slot = {r.node.out: k for k, r in enumerate(g.reductions) if r.kind == "point" and r.node.out in epi_reads}
         epi = rev_step.child("epi", (), leaf=True)
         if ps_slot:
@@ -405,6 +408,13 @@ class _Renderer:
         for m in g.epilogues:
             rv = em.emit(sub_a(m.value), epi)
             epi.lets.append(store(m.out, m.axes, rv.text, m.value.dtype))
+        for k, r in enumerate(g.reductions):
+            if r.kind == "steplane":
+                rv = em.emit(sub_a(r.node.value), epi)
+                buf = f"lacc{k}"
+                self.allocs.append(scratch_buffer(buf, "(1,)", sdt))
+                epi.lets.append(f"{buf}[0] = {buf}[0] + {conv(rv.text, r.node.value.dtype, self.state_dt)}")
+                lane_accs.append((buf, "0", (), pnames[r.node.out], paxes[r.node.out], (), False))
         for m in g.stores:
             rv = em.emit(sub_a(m.value), leaf)
             put(leaf, store(m.out, m.axes, rv.text, m.value.dtype))

@@ -34,8 +34,9 @@ def test_selective_scan_backward_is_one_group():
     assert g is not None and g.carry_a
     kinds = {r.node.out: r.kind for r in g.reductions}
     # y (for dz), du and two ddelta terms per step (sum over n); dA, dD-like ddelta_bias terms per lane (sum over
-    # b, t); dB and dC across lanes (sum over d)
-    assert sorted(kinds.values()) == sorted(["point"] * 4 + ["lane"] * 3 + ["cross"] * 2)
+    # b, t); dB and dC across lanes (sum over d); dD's sum of inputs over (b, t) beside the epilogues
+    assert sorted(kinds.values()) == sorted(["point"] * 4 + ["lane"] * 3 + ["cross"] * 2 + ["steplane"])
+    assert {m.out for m in g.epilogues} == {"grad_u", "grad_delta", "grad_z"}
     assert [str(a) for a in g.split] == ["d"] and [str(a) for a in g.state] == ["n"]
     members = set(g.members)
     assert {"h", "adj_h"} <= members
