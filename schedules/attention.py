@@ -209,6 +209,14 @@ def default_backward_config(group: AttentionGroup | None = None, *, block_m: int
     return AttentionBackwardConfig(block_m=block_m, block_n=block_n, vector=lanes, reg_vectors=vectors)
 
 
+def backward_block_m(length: int, default: int = 64) -> int:
+    """The default backward query tile for ``length`` queries: the length itself when it is between 17 and
+    ``default - 1`` (Swin's 49-token windows: one tile with no padding rows; measured 1.10x faster fwd+bwd than
+    64-row tiles at 49 tokens, and 1.05x faster than 56-row tiles), else ``default``. Rows need not be a multiple
+    of anything (the register tiles have a remainder block)."""
+    return int(length) if 16 < length < default else default
+
+
 def as_backward_config(config: Any, dtype: DType = DType.f32, *,
                        host_vector_bits: Callable[[], int] = _no_host_bits) -> AttentionBackwardConfig:
     """An :class:`AttentionBackwardConfig` from itself, its JSON dict, None (the default) or any other object

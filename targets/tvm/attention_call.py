@@ -7,6 +7,7 @@ and :mod:`.attention_backward`.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any, Mapping
 
 from opgen.ir import DType, IRError, Op
@@ -62,7 +63,12 @@ def run_backward(group: AttentionGroup, inputs: Mapping[str, Any], binding, out,
     """``{"q", "k", "v"}`` gradients by the flash backward (recomputation over the same tile classes)."""
     from .attention_backward import as_backward_config, attention_backward
 
+    from opgen.schedules.attention import backward_block_m
+
     dtype = group.op.tensor(group.q).dtype
     cfg = as_backward_config(config, dtype)
+    if config is None:   # the default: a query tile that fits a short sequence (a Swin window) exactly
+        bm = backward_block_m(int(inputs[group.q].shape[2]), cfg.block_m)
+        cfg = as_backward_config(replace(cfg, block_m=bm), dtype) if bm != cfg.block_m else cfg
     plan = tile_plan(group, inputs, binding.dims, cfg.block_m, cfg.block_n)
     return attention_backward(group, inputs, out, lse, dout, plan.rows, plan.cols, cfg, cache)
