@@ -299,3 +299,55 @@ def test_capture_without_grad_and_integer_captures_get_no_gradient():
     out = opgen.ops.attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s + table[idx[qi, kv], h])
     out.sum().backward()
     assert table.grad is None and q.grad is not None
+
+
+def test_opcheck_with_captures_requiring_grad():
+    """The backward op's Tensor[] of capture gradients: fake shapes, autograd registration, schema."""
+    from opgen.ops.attention_op import prepare_mods
+
+    torch.manual_seed(RUN_SEED)
+    q, k, v = (torch.randn(2, 3, 9, 4, dtype=D64, requires_grad=True) for _ in range(3))
+    table, idx = torch.randn(25, 3, dtype=D64, requires_grad=True), rel_index(3)
+    spec, caps, _ = prepare_mods("test", lambda s, b, h, qi, kv: s + table[idx[qi, kv], h], None, q.dtype, k.dtype)
+    assert [c is table or c is idx for c in caps] == [True, True]
+    torch.library.opcheck(torch.ops.opgen.attention, (q, k, v, list(caps), spec, 0.5, False))
+
+
+def test_target_without_capture_gradients_falls_back_to_the_reference_for_them(monkeypatch):
+    """A flash backward that returns only dq, dk, dv (the Triton kernels): the capture gradients come from torch
+    autograd through the reference interpreter, the rest from the kernel."""
+    import opgen.targets.tvm.target as tt
+
+    real = tt.run_backward
+    monkeypatch.setattr(tt, "run_backward", lambda *a, **kw: {n: g for n, g in real(*a, **kw).items()
+                                                              if n in ("q", "k", "v")})
+    calls = []
+    ref = attention_op._reference_capture_grads
+    monkeypatch.setattr(attention_op, "_reference_capture_grads", lambda *a, **kw: calls.append(a[3]) or ref(*a, **kw))
+    _run_case("swin_gather")
+    _run_case("twice_and_scaling_gqa")
+    assert calls == [["gather0"], ["capture0", "capture1"]]
+
+
+def test_malformed_gathers_in_a_spec_are_argument_errors():
+    import json
+
+    from opgen.ir import ArgumentError
+    from opgen.ops.attention_op import parse_spec, prepare_mods
+
+    table, idx = torch.randn(25, 3), rel_index(3)
+    spec, _, _ = prepare_mods("test", lambda s, b, h, qi, kv: s + table[idx[qi, kv], h], None, torch.float32,
+                              torch.float32)
+    obj = json.loads(spec)
+    assert [g["src"] for g in obj["gathers"]] == ["capture1"] and obj["gathers"][0]["index"] == "capture0"
+    parse_spec(spec)
+    for bad in ({"src": "capture0"}, {"index": "capture1"}, {"dim": 2}, {"dim": True}, {"dims": ["gather0_0"]},
+                {"src": "gather0"}, {"dtype": "f64"}, {"extra": 1}):
+        broken = json.loads(spec)
+        broken["gathers"][0].update(bad)
+        with pytest.raises(ArgumentError, match="gathers"):
+            parse_spec(json.dumps(broken))
+    broken = json.loads(spec)
+    broken["captures"][1]["grad"] = "yes"
+    with pytest.raises(ArgumentError, match="grad"):
+        parse_spec(json.dumps(broken))
