@@ -3,7 +3,9 @@
 The mod is called once with symbolic stand-ins (:class:`Sym`) for ``score``, ``b``, ``h``, ``q_idx`` and
 ``kv_idx``. Python operators and the torch functions FlexAttention mods use (``torch.where``, ``torch.abs``,
 ``torch.minimum``, ``torch.tanh``, ...) are intercepted through ``__torch_function__``; tensors the mod captures
-(ALiBi slopes, a bias table, document ids) become extra inputs of the op, indexed symbolically. Index
+(ALiBi slopes, a bias table, document ids) become extra inputs of the op, indexed symbolically. A captured tensor
+indexed by a captured integer tensor (``table[relative_position_index[q_idx, kv_idx], h]``) becomes a
+:class:`Gather` the op computes at each call. Index
 arithmetic stays sympy, so a pure index predicate comes out as one sympy boolean the compiler can reason about.
 Anything else raises :class:`~opgen.ir.TraceError` naming the mod and the construct.
 """

@@ -6,17 +6,28 @@ op's ``spec`` string argument, so ``torch.compile`` sees a constant and one regi
     opgen::attention(Tensor q, Tensor k, Tensor v, Tensor[] captures, str spec, float scale, bool enable_gqa)
         -> (Tensor out, Tensor lse)
     opgen::attention_backward(Tensor q, Tensor k, Tensor v, Tensor[] captures, Tensor out, Tensor lse,
-                              Tensor dout, str spec, float scale, bool enable_gqa) -> (Tensor dq, Tensor dk, Tensor dv)
+                              Tensor dout, str spec, float scale, bool enable_gqa)
+        -> (Tensor dq, Tensor dk, Tensor dv, Tensor[] dcaptures)
 
 ``out`` is ``[B, HQ, L, EV]`` in q's dtype; ``lse`` is ``[B, HQ, L]`` in the accumulation dtype (``-inf`` on
 fully masked rows, whose ``out`` row is 0). Gradients flow to q, k and v through ``attention_backward``
 (:meth:`opgen.runtime.Session.attention_backward`: the target's flash backward, else the reference).
 
+Captured tensors that require grad (learnable ALiBi slopes, Swin's relative-position bias table) get their
+gradients from the same flash backward: the spec records which captured tensors required grad when the mods were
+traced (``"grad": true``), the backward op is declared with those as ``capture_grads``, and the kernel adds
+``d loss / d score_mod * d score_mod / d capture`` (the derivative by the IR's expression rules) into each
+captured position a score reads. An index that is itself a captured integer tensor
+(``table[relative_position_index[q_idx, kv_idx], h]``) is traced as a gather ``gather{m}`` (the spec's
+``"gathers"``), computed from the captured tensors at each call; its gradient is summed back into the table by the
+gather index. A target whose flash backward has no capture gradients (Triton's) gets them from torch autograd
+through the reference interpreter. Integer captures and captures traced without requires_grad get zeros.
+
 Limits (documented, checked):
 
-* **captured tensors get no gradient** (ALiBi slopes, bias tables, document ids are constants of the op). A
-  captured tensor that requires grad raises :class:`~opgen.ir.ArgumentError` naming it; pass ``t.detach()``
-  (or a buffer) instead.
+* A captured tensor that requires grad but was traced while it did not (a spec built earlier, then
+  ``requires_grad_()``) raises :class:`~opgen.ir.ArgumentError` naming it (no silent zero gradient).
+* A mask gets no gradient (it is boolean); a capture used only in the mask gets zeros.
 * ``lse`` is **not differentiable** (it is marked so: ``lse.requires_grad`` is False); use it as a statistic.
 * Under ``torch.compile``, :func:`prepare_mods` runs once per compiled frame (it is marked
   ``assume_constant_result``): create mod objects *outside* the compiled function (e.g. in a module's

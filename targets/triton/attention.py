@@ -656,7 +656,9 @@ def run_backward(group: AttentionGroup, inputs: Mapping, out, lse, dout, rows, c
 
     ``out`` and ``lse`` are the forward's outputs; ``rows`` is the row tile table and ``cols`` the column
     (transposed) table, both built with ``config``'s block sizes (the default backward config when None).
-    Gradients have the dtypes of q, k, v. Captured tensors get no gradient.
+    Gradients have the dtypes of q, k, v. Captured tensors get none here (not even those the group's
+    ``grad_captures`` names: :mod:`opgen.ops.attention_op` computes those by the reference when a target's flash
+    backward returns only q, k, v).
     """
     shape, *_ = _common(group, inputs, "backward")
     cfg = _resolve(group, shape, config, "backward", caps)
