@@ -351,3 +351,20 @@ def test_malformed_gathers_in_a_spec_are_argument_errors():
     broken["captures"][1]["grad"] = "yes"
     with pytest.raises(ArgumentError, match="grad"):
         parse_spec(json.dumps(broken))
+
+
+def test_reference_backend_and_bf16_inputs(reference_backend):
+    """On the reference backend (and for bf16 q/k/v, which the CPU kernels do not take) capture gradients come
+    from autograd through the interpreter: same results."""
+    _run_case("swin_gather")
+    torch.manual_seed(RUN_SEED)
+    q, k, v = (torch.randn(2, 2, 9, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    slopes = torch.rand(2, requires_grad=True)
+    out = opgen.ops.attention(q, k, v, score_mod=scores.alibi(slopes), mask_mod=masks.causal)
+    (got,) = torch.autograd.grad(out.float().sum(), slopes)
+    s64 = slopes.detach().double().requires_grad_()
+    i = torch.arange(9)
+    want = dense(q.double(), k.double(), v.double(), s64[:, None, None] * (i[None, :] - i[:, None]),
+                 i[None, :] <= i[:, None])
+    (ref,) = torch.autograd.grad(want.sum(), s64)
+    torch.testing.assert_close(got.double(), ref, atol=0.1, rtol=0.05)
