@@ -357,13 +357,12 @@ class _Renderer:
         rev = chain(rev_step, "rev")
         leaf = rev[-1]
         if g.carry_a:
-            coef = f"an[{st_idx}]"
+            coef = f"T.if_then_else(tt + 1 < cnt, ab[tt + 1, {st_idx}], an[{st_idx}])"
         else:
             rr = em.emit(sub_a(R.combine.a), leaf)
             coef = conv(rr.text, R.combine.a.dtype, adj_dt)
         rgb = em.emit(sub_a(R.combine.b), leaf)
         put(leaf, f"adj[{st_idx}] = {coef} * adj[{st_idx}] + {conv(rgb.text, R.combine.b.dtype, adj_dt)}")
-        put(leaf, f"an[{st_idx}] = ab[tt, {st_idx}]")
         point_writes: list[tuple[str, str, tuple, str, DType]] = []   # (acc buffer, output, axes, idx text, dt)
         zero_lines: list[tuple[str, str, tuple]] = []
         lane_accs: list[tuple[str, str, tuple]] = []
@@ -383,8 +382,11 @@ class _Renderer:
             if r.kind == "point":
                 buf = f"pacc{k}"
                 self.allocs.append(scratch_buffer(buf, kshape, sdt))
-                put(leaf, f"{buf}[{kidx}] = {buf}[{kidx}] + {vtxt}")
-                zero_lines.append((buf, kidx, kax))
+                if set(g.state) - set(kept) <= {vax}:
+                    put(leaf, f"{buf}[{kidx}] = {vtxt}")      # one term per accumulator and step: no zeroing
+                else:
+                    put(leaf, f"{buf}[{kidx}] = {buf}[{kidx}] + {vtxt}")
+                    zero_lines.append((buf, kidx, kax))
                 point_writes.append((buf, n.out, n.axes, kidx, self.state_dt, kept, wide))
             elif r.kind == "lane":
                 buf = f"lacc{k}"
@@ -509,6 +511,7 @@ class _Renderer:
         for buf, kidx, kept in zero_lines:
             self._loops_zero(c, d3, kept, sym, ext, f"{buf}[{kidx}] = {const_text(0, sdt)}")
         self._write_chain(c, d3, rev, sym, ext)
+        # (the point writes and epilogues end the step; then, once per chunk, the carry into the next chunk)
         for buf, out, axes, kidx, dt, kept, wide in point_writes:
             def write(v: str, out=out, axes=axes, dt=dt) -> str:
                 lines = ([f"ps[{ps_slot[out]}] = {v}"] if out in ps_slot else []) + (
@@ -516,6 +519,7 @@ class _Renderer:
                 return "\n".join(lines) or "T.evaluate(0)"
             self._write_sum(c, d3, kept, wide, sym, ext, buf, kidx, write)
         c.block(d3, epi.lets)
+        self._loops_zero(c, d2, g.state, sym, ext, f"an[{st_idx}] = ab[0, {st_idx}]")
         # after the lane: lane partials, tails
         for buf, kidx, kax, p, pax, kept, wide in lane_accs:
             idx = ", ".join(sym[a] for a in pax)
@@ -551,7 +555,14 @@ class _Renderer:
             c.block(depth, write(f"{buf}[{kidx}]").split("\n"))
             return
         parts = [sym[a] for a in kept]
-        terms = [f"{buf}[{', '.join(parts + [str(v)])}]" for v in range(self.V)]
+        w = self.V
+        while w % 2 == 0 and w > 2:             # fold halves as vector adds: log2(V) of them, not V - 1 scalar
+            h = w // 2
+            c.w(depth, f"for v in T.vectorized({h}):")
+            c.w(depth + 1, f"{buf}[{', '.join(parts + ['v'])}] = {buf}[{', '.join(parts + ['v'])}] + "
+                           f"{buf}[{', '.join(parts + [f'v + {h}'])}]")
+            w = h
+        terms = [f"{buf}[{', '.join(parts + [str(v)])}]" for v in range(w)]
         while len(terms) > 1:                    # a balanced tree: independent adds, not a chain of V
             terms = [f"({terms[i]} + {terms[i + 1]})" if i + 1 < len(terms) else terms[i]
                      for i in range(0, len(terms), 2)]
