@@ -215,6 +215,10 @@ class _Renderer:
             ins = [g.q, g.k, g.v, "out", "dout", "lse"] + caps + ["count", "index", "masked"]
             outs = ["dq", "dk", "dv", "delta"]
         self.accumulate = kind != "dq" and bool(self.cleaves)
+        # captured tensors whose positions no two parallel iterations share write into one buffer, the others
+        # into one partial buffer per slot
+        self.disjoint = {n: partition_disjoint(g, n, "fused" if kind == "fused" else "separate")
+                         for n in self.cgrads}
         if self.accumulate:   # per-slot partial sums of the capture gradients: [n_SL, *capture shape]
             outs = outs + [capture_grad_arg(n) for n in self.cgrads]
         args = ins + outs
@@ -235,7 +239,7 @@ class _Renderer:
             dtypes[n] = tvm_dtype(t.dtype)
         if self.accumulate:
             for n in self.cgrads:
-                shapes[capture_grad_arg(n)] = ("n_SL",) + shapes[n]
+                shapes[capture_grad_arg(n)] = ("1" if self.disjoint[n] else "n_SL",) + shapes[n]
                 dtypes[capture_grad_arg(n)] = dt
         buf = {n: f"b_{n}" for n in args}
         self.buf = buf
@@ -296,7 +300,7 @@ class _Renderer:
         else:
             self._dkdv_kernel(c, root, head, ew_full, ew_part, fused=True)
         self.allocs.append(f"ints = T.alloc_buffer(({max(1, self._nslots)},), \"{self.idt}\", scope=\"local\")")
-        if self.accumulate:
+        if self.accumulate and not all(self.disjoint.values()):
             c.lines = _slotted(c.lines)
         lines = []
         for ln in c.lines:   # the local buffers, known once the whole body is written
@@ -447,7 +451,8 @@ class _Renderer:
             ren = IndexRenderer(sym, self.idt)
             idx = [ren(x) for x in index]
             inb = _all([f"0 <= {x}" for x in idx] + [f"{x} < {self.dimtext(n)}" for x, n in zip(idx, shape)])
-            target = f"{out}[{', '.join(['slot', *idx])}]"
+            slot = "0" if self.disjoint[name] else "slot"
+            target = f"{out}[{', '.join([slot, *idx])}]"
             if g.j not in free:
                 tile_wide = g.i not in free
                 if tile_wide:
@@ -468,7 +473,7 @@ class _Renderer:
                     idx0 = [ren0(x) for x in index]
                     inb0 = _all([f"0 <= {x}" for x in idx0] + [f"{x} < {self.dimtext(n)}"
                                                                 for x, n in zip(idx0, shape)])
-                    self._add_lanes(c, d, inb0, f"{out}[{', '.join(['slot', *idx0])}]")
+                    self._add_lanes(c, d, inb0, f"{out}[{', '.join([slot, *idx0])}]")
             else:
                 c.w(d, f"for ii in range({BM}):")
                 c.w(d + 1, f"if q0 + ii < {L}:")
@@ -746,6 +751,16 @@ def _all(conds: list[str]) -> str:
     return out
 
 
+def partition_disjoint(group: AttentionGroup, name: str, mode: str) -> bool:
+    """Whether no two parallel iterations of the kernel that accumulates capture gradients (``"fused"``: one per
+    (b, kv head); ``"separate"``'s dk/dv kernel: one per (b, kv head, key tile)) can add into one position of the
+    captured tensor ``name``: every load of it has the plain axes b and h (and j for ``"separate"``) among its
+    indices (a dense bias ``bias[b, h, q_idx, kv_idx]``). Those write straight into one gradient buffer instead of
+    one partial buffer per slot (no slots x tensor memory)."""
+    need = {group.b, group.h} | ({group.j} if mode == "separate" else set())
+    return all(need <= set(leaf.arg.index) for leaf in group.capture_leaves(name))
+
+
 def capture_grad_arg(name: str) -> str:
     """The kernel argument holding the per-slot partial gradients of the captured input ``name``."""
     return f"d{name}"
@@ -865,7 +880,8 @@ def attention_backward(group: AttentionGroup, inputs: Mapping[str, Any], out, ls
              "dq": dq, "dk": dk, "dv": dv, **dict(zip(group.captures, caps))}
     # capture gradients: one partial sum per slot of the dk/dv (or fused) kernel's parallel loop, summed here
     slots = min(tvm_threads(), B * HKV * (1 if mode == "fused" else nk)) or 1
-    partial = {n: torch.zeros(slots, *named[n].shape, dtype=tdt) for n in group.grad_captures}
+    partial = {n: torch.zeros(1 if partition_disjoint(group, n, mode) else slots, *named[n].shape, dtype=tdt)
+               for n in group.grad_captures}
     named.update({capture_grad_arg(n): t for n, t in partial.items()})
     for kern in src.kernels:
         table = rt if kern.name == "dq" else ct
@@ -873,7 +889,7 @@ def attention_backward(group: AttentionGroup, inputs: Mapping[str, Any], out, ls
         fn = kc.get(kern.text)
         fn(*[t_named[n] for n in kern.args])
     res = {"q": dq, "k": dk, "v": dv}
-    res.update({n: t.sum(0) if slots > 1 else t[0] for n, t in partial.items()})
+    res.update({n: t.sum(0) if t.shape[0] > 1 else t[0] for n, t in partial.items()})
     return res
 
 

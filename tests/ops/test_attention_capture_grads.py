@@ -368,3 +368,37 @@ def test_reference_backend_and_bf16_inputs(reference_backend):
                  i[None, :] <= i[:, None])
     (ref,) = torch.autograd.grad(want.sum(), s64)
     torch.testing.assert_close(got.double(), ref, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["fused", "separate"])
+def test_dense_bias_per_batch_and_head_writes_one_buffer(monkeypatch, mode):
+    """A dense bias [B, H, L, S] (every position read by one (b, h, i, j)) gets its gradient without per-slot
+    copies (partition-disjoint writes), in both dq modes; = the dense formulation's gradient (dS itself)."""
+    pytest.importorskip("tvm")
+    import opgen.targets.tvm.attention_backward as tb
+    import opgen.targets.tvm.attention_call as tc
+    import opgen.targets.tvm.target as tt
+
+    monkeypatch.setattr(tb, "tvm_threads", lambda: 2)
+    real = tc.run_backward
+    monkeypatch.setattr(tt, "run_backward", lambda *a, **kw: real(*a[:7], config=tb.AttentionBackwardConfig(
+        block_m=16, block_n=16, vector=0, dq_mode=mode)))
+    torch.manual_seed(RUN_SEED)
+    B, H, L, S = 2, 3, 19, 23
+    bias = torch.randn(B, H, L, S, dtype=D64, requires_grad=True)
+    q, k, v = rand(B, H, L, 4), rand(B, H, S, 4), rand(B, H, S, 5)
+    out = opgen.ops.attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s + bias[b, h, qi, kv],
+                              mask_mod=lambda b, h, qi, kv: kv <= qi + 3)
+    allowed = torch.arange(S)[None, :] <= torch.arange(L)[:, None] + 3
+    want = dense(q, k, v, bias, allowed)
+    dout = torch.randn_like(out)
+    assert_grads(grads(out, (q, k, v, bias), dout), grads(want, (q, k, v, bias), dout), D64, f"dense bias {mode}")
+    spec = attention_op.prepare_mods("t", lambda s, b, h, qi, kv: s + bias[b, h, qi, kv], None, q.dtype, k.dtype)[0]
+    group = tc.attention_group(attention_op._declare(q, k, v, [bias], spec, 0.5, False, ("capture0",)))
+    assert tb.partition_disjoint(group, "capture0", mode)
+    table, idx = torch.randn(25, 3, requires_grad=True), rel_index(3)
+    spec, caps, _ = attention_op.prepare_mods("t", lambda s, b, h, qi, kv: s + table[idx[qi, kv], h], None,
+                                              torch.float32, torch.float32)
+    q3, k3, v3 = (torch.randn(2, 3, 9, 4) for _ in range(3))
+    group = tc.attention_group(attention_op._declare(q3, k3, v3, list(caps), spec, 0.5, False, ("gather0",)))
+    assert not tb.partition_disjoint(group, "gather0", mode)     # every window adds into the same table entries
