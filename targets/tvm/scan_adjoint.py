@@ -246,6 +246,18 @@ class _Renderer:
         st_shape = f"({', '.join(state_ext) or '1'},)"
         st_idx = ", ".join(sym[a] for a in g.state) or "0"
         L = ext[g.step]
+        # the forward coefficient is stored per step over the state axes it depends on only (a decay per key)
+        a_free = set()
+        for acc in loads(F.combine.a):
+            for i in acc.index:
+                a_free |= sympy.sympify(i).free_symbols
+        for nd in F.combine.a.walk():
+            if nd.op is ExprOp.INDEX:
+                a_free |= nd.arg.free_symbols
+        a_axes = tuple(a for a in g.state if a in a_free)
+        a_idx = ", ".join(sym[a] for a in a_axes) or "0"
+        a_shape = ", ".join(ext[a] for a in a_axes) or "1"
+        a_vec = vax is not None and vax in a_axes
         # pseudo tensors served by the kernel: the forward coefficient at the step
         fa_name = _fresh(taken, "fwd_a")
         fa_load = load(fa_name, F.axes, F.combine.a.dtype)
@@ -265,7 +277,7 @@ class _Renderer:
             if acc.tensor == R.out:
                 return LoadOverride(f"adj[{st_idx}]", vec, True)
             if acc.tensor == fa_name:
-                return LoadOverride(f"ab[{tt}, {st_idx}]", vec, True)
+                return LoadOverride(f"ab[{tt}, {a_idx}]", a_vec, True)
             if acc.tensor == F.out:
                 k = list(F.axes).index(g.step)
                 i = sympy.sympify(acc.index[k])
@@ -323,8 +335,13 @@ class _Renderer:
         rb = em.emit(_relayout(F.combine.b, trans), rec[-1])
         a_txt = conv(ra.text, F.combine.a.dtype, self.state_dt)
         b_txt = conv(rb.text, F.combine.b.dtype, self.state_dt)
-        put(rec[-1], f"ab[tt, {st_idx}] = {a_txt}")
-        put(rec[-1], f"hb[tt + 1, {st_idx}] = ab[tt, {st_idx}] * hb[tt, {st_idx}] + {b_txt}")
+        # ab is written in the loop level of the axes it depends on (once per key for a per-key decay)
+        if a_vec or (a_axes and a_axes[-1] == g.state[-1]):
+            put(rec[-1], f"ab[tt, {a_idx}] = {a_txt}")
+        else:
+            level = rec[g.state.index(a_axes[-1])] if a_axes else rec_step
+            (level.lets if level is not rec[-1] or not vec else level.vlines).append(f"ab[tt, {a_idx}] = {a_txt}")
+        put(rec[-1], f"hb[tt + 1, {st_idx}] = ab[tt, {a_idx}] * hb[tt, {st_idx}] + {b_txt}")
         # pass 1 (several chunks): the same update on a running state
         p1_step = root.child("p1", (g.step,))
         p1_step.tile = CH
@@ -350,14 +367,13 @@ class _Renderer:
         else:
             adj_init = const_text(0, sdt)
         put(init_chain[-1], f"adj[{st_idx}] = {adj_init}")
-        put(init_chain[-1], f"an[{st_idx}] = {const_text(0, sdt)}")
         # reverse pass
         rev_step = root.child("rev", (g.step,))
         rev_step.tile = CH
         rev = chain(rev_step, "rev")
         leaf = rev[-1]
         if g.carry_a:
-            coef = f"T.if_then_else(tt + 1 < cnt, ab[tt + 1, {st_idx}], an[{st_idx}])"
+            coef = f"T.if_then_else(tt + 1 < cnt, ab[tt + 1, {a_idx}], an[{a_idx}])"
         else:
             rr = em.emit(sub_a(R.combine.a), leaf)
             coef = conv(rr.text, R.combine.a.dtype, adj_dt)
@@ -454,9 +470,9 @@ class _Renderer:
             c.w(d, f"i_{a.name}: T.let = {val}")
         ck_lead = [sym[a] for a in outer_lanes] + (["sk"] if split_lanes else [])
         c.block(d, [scratch_buffer("st", st_shape, sdt), scratch_buffer("adj", st_shape, sdt),
-                    scratch_buffer("an", st_shape, sdt),
+                    scratch_buffer("an", f"({a_shape},)", sdt),
                     scratch_buffer("hb", f"({CH + 1}, {', '.join(state_ext) or '1'})", sdt),
-                    scratch_buffer("ab", f"({CH}, {', '.join(state_ext) or '1'})", sdt),
+                    scratch_buffer("ab", f"({CH}, {a_shape})", sdt),
                     scratch_buffer("hs", "(1,)", sdt)] + self.allocs)
         if split_lanes:
             se = [ext[a] for a in split_lanes]
@@ -473,6 +489,7 @@ class _Renderer:
         for buf, kidx, kax, *_ in lane_accs:
             self._loops_zero(c, d, kax, sym, ext, f"{buf}[{kidx}] = {const_text(0, sdt)}")
         self._write_chain(c, d, init_chain, sym, ext)
+        self._loops_zero(c, d, a_axes, sym, ext, f"an[{a_idx}] = {const_text(0, sdt)}")
         ck_idx = ", ".join(ck_lead + ["ck", st_idx])
 
         def pos(order: str) -> str:
@@ -519,7 +536,7 @@ class _Renderer:
                 return "\n".join(lines) or "T.evaluate(0)"
             self._write_sum(c, d3, kept, wide, sym, ext, buf, kidx, write)
         c.block(d3, epi.lets)
-        self._loops_zero(c, d2, g.state, sym, ext, f"an[{st_idx}] = ab[0, {st_idx}]")
+        self._loops_zero(c, d2, a_axes, sym, ext, f"an[{a_idx}] = ab[0, {a_idx}]")
         # after the lane: lane partials, tails
         for buf, kidx, kax, p, pax, kept, wide in lane_accs:
             idx = ", ".join(sym[a] for a in pax)
