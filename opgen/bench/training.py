@@ -15,7 +15,11 @@ Parts (each also a suite of its own, ``training.<part>``):
 
 Every case is verified before it is timed: the opgen and the torch implementation (same weights, same inputs) run
 forward and backward once, and the output and every gradient (input and each parameter) must agree within
-``TOL`` relative to the torch value (``max |opgen - torch| / max |torch|`` per tensor). A case that fails the check
+``TOL`` relative to the torch value (``max |opgen - torch| / max |torch|`` per tensor). Blocks with ReLUs in the
+gradient path (ResNet) have kinks: an fp32 rounding difference of 1e-7 that flips one pre-activation across 0 changes
+that element's gradient by O(1), and BatchNorm and the next conv spread it (measured: one flipped element of 200704
+gave max rel err 0.13 in the input gradient, relative L2 error 2e-3); for them a gradient that misses ``TOL`` passes
+when its relative L2 error ``||opgen - torch|| / ||torch||`` is within ``KINK_TOL``. A case that fails the check
 is reported ``wrong: ...`` and not timed (its baseline still is); a case opgen cannot run yet (an op raises) is
 reported ``unsupported: <error>``. Each case gives two :class:`TrainingResult` rows (``fwd`` under no_grad,
 ``fwd+bwd``) with the status, the worst errors, the memory of one forward+backward step and the fwd+bwd / fwd
@@ -40,6 +44,7 @@ from typing import Any, Callable, Iterator
 from .protocol import CaseResult, Impl, measure
 
 TOL = 1e-3      # max |opgen - torch| / max |torch|, per tensor (output and each gradient), fp32
+KINK_TOL = 1e-2     # ||opgen - torch|| / ||torch|| of a gradient of a block with ReLU kinks that misses TOL
 
 PARTS = ("ops", "mamba1", "mamba2", "convnext", "resnet", "swin")
 
@@ -57,6 +62,7 @@ class Pair:
     ours_leaves: list[tuple[str, Any]]
     theirs_leaves: list[tuple[str, Any]]
     grad_out: Any
+    kinks: bool = False          # ReLUs in the gradient path: gradients may also pass by relative L2 (KINK_TOL)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -68,6 +74,15 @@ def _rel_err(a, b) -> float:
         return math.inf
     a, b = a.detach().double(), b.detach().double()
     e = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+    return e if math.isfinite(e) else math.inf
+
+
+def _rel_l2(a, b) -> float:
+    """``||a - b|| / ||b||`` in float64 (inf when the shapes differ or a is not finite)."""
+    if a is None or b is None or a.shape != b.shape:
+        return math.inf
+    a, b = a.detach().double(), b.detach().double()
+    e = (a - b).norm().item() / max(b.norm().item(), 1e-30)
     return e if math.isfinite(e) else math.inf
 
 
@@ -168,6 +183,7 @@ class TrainingResult(CaseResult):
     out_err: float | None = None                                  # max |opgen - torch| / max |torch|, output
     grad_err: float | None = None                                 # the same, worst gradient
     worst_grad: str = ""
+    grad_l2: float | None = None                                  # kinks: worst relative L2 error of a gradient
     peak_mib: dict[str, float | None] = field(default_factory=dict)    # impl -> peak RSS above resting (fwd+bwd)
     saved_mib: dict[str, float | None] = field(default_factory=dict)   # impl -> saved for backward
     bwd_over_fwd: dict[str, float] = field(default_factory=dict)       # impl -> fwd+bwd ms / fwd ms
@@ -180,13 +196,16 @@ class _Check:
     out_err: float | None = None
     grad_err: float | None = None
     worst_grad: str = ""
+    grad_l2: float | None = None
     first_call_s: float | None = None
 
     def text(self) -> str:
         parts = [] if self.out_err is None else [f"output rel err {self.out_err:.1e}"]
         if self.grad_err is not None:
             parts.append(f"grads max rel err {self.grad_err:.1e} ({self.worst_grad})")
-        return ", ".join(parts) + f" (tol {TOL:g})" if parts else ""
+        kinks = "" if self.grad_l2 is None else \
+            f"; ReLU kinks: grads max relative L2 err {self.grad_l2:.1e} (tol {KINK_TOL:g})"
+        return ", ".join(parts) + f" (tol {TOL:g})" + kinks if parts else ""
 
 
 def _verify(pair: Pair) -> _Check:
@@ -217,6 +236,10 @@ def _verify(pair: Pair) -> _Check:
     chk.worst_grad = max(errs, key=lambda k: errs[k])
     chk.grad_err = errs[chk.worst_grad]
     bad = {k: v for k, v in errs.items() if not v <= TOL}
+    if bad and pair.kinks:
+        l2 = {name: _rel_l2(a.grad, b.grad) for (name, a), (_, b) in zip(pair.ours_leaves, pair.theirs_leaves)}
+        chk.grad_l2 = max(l2.values())
+        bad = {f"{k} (L2 {l2[k]:.1e})": v for k, v in bad.items() if not l2[k] <= KINK_TOL}
     if bad and chk.bwd_status == "ok":
         chk.bwd_status = "wrong: grad rel err " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(bad.items())) + \
             f" > tol {TOL:g}"
@@ -237,7 +260,8 @@ def _timed(pair: Pair, step: str, status: str, opgen_fn: Callable[[], Any], name
         notes["first call"] = f"opgen forward {chk.first_call_s:.1f} s (kernel builds, cached per shape)"
     return TrainingResult(res.op, res.case, res.ms, res.max_err, None, notes, step=step, baseline=name, status=status,
                           out_err=chk.out_err, grad_err=chk.grad_err if step != "fwd" else None,
-                          worst_grad=chk.worst_grad if step != "fwd" else "")
+                          worst_grad=chk.worst_grad if step != "fwd" else "",
+                          grad_l2=chk.grad_l2 if step != "fwd" else None)
 
 
 def run_pair(pair: Pair, repeats: int) -> list[TrainingResult]:
@@ -281,7 +305,8 @@ def format_training(results: list[CaseResult]) -> str:
         peak = "|".join("-" if r.peak_mib.get(k) is None else _mib(r.peak_mib[k]).removesuffix(" MiB")
                         for k in ("opgen", "torch")) if r.peak_mib else ""
         check = f"out {num(r.out_err, '.0e')}" + (f", grad {num(r.grad_err, '.0e')}" if r.grad_err is not None
-                                                 else "")
+                                                 else "") + \
+            (f" (kinks: L2 {num(r.grad_l2, '.0e')})" if r.grad_l2 is not None else "")
         case = r.case[:-len(r.step)].strip() if r.case.endswith(r.step) else r.case
         rows.append((r.op, case, r.step, num(r.ms["opgen"], ".2f"), num(base, ".2f"),
                      f"{num(speed, '.2f')}x", ratio, peak, check, r.status))
@@ -291,7 +316,8 @@ def format_training(results: list[CaseResult]) -> str:
     table = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
     return table + "\n\ntorch formulations (baselines): " + "; ".join(baselines) + \
         f"\nspeedup = torch ms / opgen ms; fwd = forward under no_grad; check tolerance {TOL:g} " \
-        "(max |opgen - torch| / max |torch| per tensor: output, input and every parameter gradient)"
+        "(max |opgen - torch| / max |torch| per tensor: output, input and every parameter gradient; blocks with ReLU " \
+        f"kinks: or relative L2 {KINK_TOL:g})"
 
 
 # ------------------------------------------------------------------------------------------------ the pairs
@@ -388,7 +414,8 @@ def chunk_gla_pair(b: int, t: int, h: int, k: int, chunk: int) -> Pair:
                 ours, theirs, torch.randn(b, t, h, k))
 
 
-def block_pair(op: str, case: str, baseline: str, make: Callable[[str], Any], x_shape: tuple[int, ...]) -> Pair:
+def block_pair(op: str, case: str, baseline: str, make: Callable[[str], Any], x_shape: tuple[int, ...],
+               kinks: bool = False) -> Pair:
     """A block (``make(impl)``) and its deep copy with the other ``impl``: same weights, same input."""
     import torch
 
@@ -403,7 +430,7 @@ def block_pair(op: str, case: str, baseline: str, make: Callable[[str], Any], x_
     ours = [("input", x_o)] + list(ours_block.named_parameters())
     theirs = [("input", x_t)] + list(theirs_block.named_parameters())
     return Pair(op, case, baseline, lambda: ours_block(x_o), lambda: theirs_block(x_t), ours, theirs,
-                torch.randn(y_shape))
+                torch.randn(y_shape), kinks)
 
 
 # ------------------------------------------------------------------------------------------------ sizes
@@ -452,7 +479,7 @@ def _pairs(part: str, quick: bool) -> Iterator[Pair]:
     elif part == "resnet":
         for b, c, r in s["resnet"]:
             yield block_pair("resnet basic block", f"B={b} C={c} {r}x{r} fp32", "F.conv2d",
-                             lambda impl: blocks.ResNetBasicBlock(c, impl=impl), (b, c, r, r))
+                             lambda impl: blocks.ResNetBasicBlock(c, impl=impl), (b, c, r, r), kinks=True)
     elif part == "swin":
         for b, c, h, r, sh in s["swin"]:
             yield block_pair("swin block", f"B={b} C={c} heads={h} {r}x{r} window 7 shift {sh} fp32",
