@@ -402,3 +402,30 @@ def test_dense_bias_per_batch_and_head_writes_one_buffer(monkeypatch, mode):
     q3, k3, v3 = (torch.randn(2, 3, 9, 4) for _ in range(3))
     group = tc.attention_group(attention_op._declare(q3, k3, v3, list(caps), spec, 0.5, False, ("gather0",)))
     assert not tb.partition_disjoint(group, "gather0", mode)     # every window adds into the same table entries
+
+
+def test_swin_image_order_shifted_windows_clamped_formula():
+    """Tokens in image order with the shifted-window mask (opgen.masks.swin_window) and a clamped relative-offset
+    formula into the learnable table (examples/swin_block.py's SwinBias): the table's gradient scatters through
+    clamp / floor-div / mod index arithmetic, with masked pairs still indexing inside the table."""
+    torch.manual_seed(RUN_SEED)
+    hh, ww, m, shift, H = 6, 9, 3, 1, 2
+    table = rand((2 * m - 1) ** 2, H)
+
+    def score_mod(s, b, h, qi, kv):
+        dy = torch.clamp(qi // ww - kv // ww, -(m - 1), m - 1)
+        dx = torch.clamp(qi % ww - kv % ww, -(m - 1), m - 1)
+        return s + table[(dy + m - 1) * (2 * m - 1) + dx + m - 1, h]
+
+    mask_mod = masks.swin_window(hh, ww, m, shift)
+    n = hh * ww
+    q, k, v = rand(2, H, n, 4), rand(2, H, n, 4), rand(2, H, n, 3)
+    out = opgen.ops.attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod)
+    y, x = torch.arange(n) // ww, torch.arange(n) % ww
+    dy = (y[:, None] - y[None, :]).clamp(-(m - 1), m - 1)
+    dx = (x[:, None] - x[None, :]).clamp(-(m - 1), m - 1)
+    bias = table[(dy + m - 1) * (2 * m - 1) + dx + m - 1].permute(2, 0, 1)
+    allowed = mask_mod(0, 0, torch.arange(n)[:, None], torch.arange(n)[None, :])
+    want = dense(q, k, v, bias, allowed)
+    dout = torch.randn_like(out)
+    assert_grads(grads(out, (q, k, v, table), dout), grads(want, (q, k, v, table), dout), D64, "swin image order")
