@@ -159,6 +159,23 @@ def test_a_block_with_relu_kinks_passes_one_flipped_gradient_element(fast, kinks
         assert "ReLU kinks" in res[1].notes["check"] and "kinks: L2" in format_training(res)
 
 
+def test_a_case_that_raises_while_timed_is_reported_and_the_suite_goes_on(monkeypatch):
+    pairs = [_toy(lambda x: x * 2), _toy(lambda x: x * 2, n=7)]
+    monkeypatch.setattr(training, "_pairs", lambda part, quick: iter(pairs))
+    calls = []
+
+    def flaky(pair, repeats):
+        calls.append(pair.case)
+        if len(calls) == 1:
+            raise RuntimeError("kernel build failed")
+        return [TrainingResult("toy", pair.case, {"opgen": 1.0, "torch": 2.0}, {}, step="fwd", baseline="torch")]
+
+    monkeypatch.setattr(training, "run_pair", flaky)
+    res = training.training_cases(1, quick=True, parts=["ops"])
+    assert [r.status for r in res] == ["unsupported: RuntimeError: kernel build failed (while timing)"] * 2 + ["ok"]
+    assert "kernel build failed" in format_training(res)
+
+
 def _linux() -> bool:
     import sys
 
