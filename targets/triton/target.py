@@ -169,6 +169,19 @@ class TritonTarget:
         mod.launch(*args, **dims, **launch_kwargs(cfg))
         return {t.name: outputs[t.name] for t in op.outputs}
 
+    def prepare_group(self, op, binding, device_kind: str):
+        """The fused kernel of a group of ``op``'s nodes (a scan's backward: :mod:`.scan_adjoint`) at ``binding``
+        as ``(group, call)``, ``call(tensors) -> {member output: tensor}``; None when ``op`` has no such group.
+        On CUDA; on CPU tensors only under ``TRITON_INTERPRET=1`` (as :meth:`supports`)."""
+        from .scan_adjoint import adjoint_call, scan_adjoint_group
+
+        if device_kind != "cuda" and not (device_kind == "cpu" and interpreter_enabled()):
+            return None
+        group = scan_adjoint_group(op)
+        if group is None:
+            return None
+        return group, adjoint_call(group, binding, self.cache_dir)
+
     def attention_backward(self, op, inputs: Mapping, binding, out, lse, dout, config=None) -> dict:
         """dq, dk, dv of an attention op by the flash backward (its own default config)."""
         group = attention_group(op)

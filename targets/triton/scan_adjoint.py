@@ -1,0 +1,675 @@
+"""Render and run a scan's fused backward (:class:`opgen.ir.passes.scan_adjoint.ScanAdjointGroup`) with Triton.
+
+The CUDA counterpart of :mod:`opgen.targets.tvm.scan_adjoint`, with the same semantics and host contract
+(:func:`adjoint_call` returns ``call(tensors) -> {group output: tensor}``). One kernel computes every gradient
+the backward op reduces from the scan::
+
+    program = (outer lanes) x (a block of BLOCK block lanes)     # block lanes: the split lanes when there are
+                                                                 # cross reductions, else every lane axis
+    tiles [BLOCK, NS_0, NS_1, ...] in registers (state axes padded to powers of two and masked)
+    h = init; for chunk except the last: ckp[prog, chunk] = h; h advanced CH steps       # pass 1
+    ckp[prog, last] = h
+    adj = adjoint init; a_next = 0
+    for chunk, last first:
+        h = ckp[prog, chunk]; ws[prog, 0] = h
+        for step in chunk: h = a * h + b; ws[prog, step + 1] = h                        # recompute
+        h_cur = h
+        for step in chunk, backwards:
+            h_prev = ws[prog, step] (0 at the forward's first step)
+            adj = a_next * adj + g; a_next = a(step)                                     # a(step + 1) carried
+            point sums (tl.sum over the state axes) -> outputs / epilogues
+            lane accumulators += ...; cross sums (tl.sum over the block) -> partial[prog's split block, step]
+            h_cur = h_prev
+    lane accumulators -> partial[lanes, kept state]; tails (the forward's first step) -> outputs
+
+Triton has no per-program scratch arrays, so the recomputed states of a chunk go to a global workspace
+``ws[programs, CH + 1, BLOCK, prod(NS)]`` (``CH`` steps, a constexpr; about 128 KiB per program at the default,
+so it stays in L2) and the chunk-boundary states to ``ckp[programs, chunks, BLOCK, prod(NS)]``: nothing of the
+scan's full size ``[lanes, steps, state]`` is ever allocated. Each program reads back only what it wrote itself,
+with the same tile layout as the store, and ``tl.debug_barrier()`` separates each write phase from the reads.
+
+Reductions: ``point`` sums are ``tl.sum`` over the reduced state axes each step (a lane reduction of the same
+value shares that sum); ``lane`` and ``steplane`` sums are register accumulators per lane, written once to a
+partial ``[lanes..., kept state...]`` that the caller sums over the reduced lane axes; ``cross`` sums (over the
+split lanes, e.g. ``dB[b, n, t] = sum_d``) are ``tl.sum`` over the block dimension each step, written to a partial
+``[split blocks, kept lanes..., steps, kept state...]`` that the caller sums over its first axis. No atomics: the
+result does not depend on scheduling (deterministic run to run).
+
+The source depends only on the group: sizes are runtime arguments, ``BLOCK``, ``CH``, the padded state sizes and
+the index dtype are constexprs chosen by :func:`default_config` (a config dict ``{BLOCK, CH, num_warps,
+num_stages}``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import sympy
+
+from opgen.ir import DType, ExprOp, index_str, promote
+from opgen.ir.expr import Access, Expr, load, loads
+from opgen.ir.passes.scan_adjoint import ScanAdjointGroup, fuse_scan_adjoint
+from opgen.ir.symbols import Axis
+
+from .expr import (TL_DTYPE, TL_SIGNATURE, AxisVar, Namer, Section, TensorArg, ValueRenderer, compute_dtype,
+                   helper_source, render_index)
+
+GENERATOR_VERSION = "triton-scan-adjoint-1"
+
+#: fixed identifiers of the generated kernel (reserved from the namer, so no IR-derived name can take them)
+_FIXED = ("pid", "pid_o", "pid_b", "n_blk", "lane_loc", "wofs", "ws_base", "ck_base", "n_chunks", "ck", "ck2",
+          "cnt", "tt", "tt2", "so", "hs", "adj", "a_next", "h_cur", "h_prev", "h_first", "TILE", "CH", "SP",
+          "ws_ptr", "ckp_ptr")
+
+#: workspace elements per program the default chunk length aims at (fp32: 128 KiB, in L2)
+WORKSPACE_ELEMENTS = 32768
+
+
+@dataclass(frozen=True)
+class AdjointKernel:
+    """A rendered module: its kernel and what the host passes to it."""
+
+    source: str
+    kernel: str
+    tensors: tuple[str, ...]                          # pointer args: reads, direct outputs, partials, ws, ckp
+    direct: tuple[str, ...]                           # outputs the kernel writes itself
+    partials: tuple[tuple[str, str, tuple], ...]      # (partial name, reduction output, partial axes)
+    kernel_args: tuple[tuple[str, str, Any], ...]     # (arg name, kind ptr/dim/stride, detail) in order
+    constexprs: tuple[str, ...]
+    state_constexprs: tuple[tuple[str, str], ...]     # (state axis name, its padded-size constexpr)
+    block_lanes: tuple[str, ...]                      # lane axes in the BLOCK dimension (the rest: one per program)
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _exprs(group: ScanAdjointGroup) -> list[Expr]:
+    f, a = group.forward, group.adjoint
+    out = [f.combine.a, f.combine.b, a.combine.a, a.combine.b] + [r.node.value for r in group.reductions]
+    out += [m.value for m in group.stores] + [m.value for m, _ in group.tails] + [m.value for m in group.epilogues]
+    out += [x for x in (f.init, a.init) if x is not None]
+    return out
+
+
+def adjoint_supported(group: ScanAdjointGroup) -> tuple[bool, str]:
+    """Whether the Triton kernel renders ``group`` ((False, why) when not)."""
+    op = group.op
+    for name in group.reads + group.outputs:
+        if op.tensor(name).dtype not in (DType.f32, DType.f64, DType.bf16, DType.f16):
+            return False, f"tensor {name} is {op.tensor(name).dtype}"
+    if not group.lanes:
+        return False, "the scan has no lane axis"
+    steps = op.extent(group.step)
+    first = steps - 1 if group.reverse else sympy.Integer(0)
+    for m, c in group.tails:
+        if sympy.simplify(c - first) != 0:
+            return False, f"{m.out} reads the scan at step {c}, not at its first step"
+    for e in _exprs(group):
+        for n in e.walk():
+            if n.op is ExprOp.ARG:
+                return False, "a value uses monoid arguments"
+    scans = (group.forward.out, group.adjoint.out)
+    for e in (group.forward.init, group.adjoint.init):
+        if e is not None and any(a.tensor in scans for a in loads(e)):
+            return False, "an initial value reads the scan"
+    return True, ""
+
+
+def _replace_node(e: Expr, memo_fn) -> Expr:
+    memo: dict[Expr, Expr] = {}
+    for n in e.walk():
+        hit = memo_fn(n)
+        if hit is not None:
+            memo[n] = hit
+        elif n.src:
+            memo[n] = Expr(n.op, n.dtype, tuple(memo[s] for s in n.src), n.arg)
+        else:
+            memo[n] = n
+    return memo[e]
+
+
+class _Renderer:
+    def __init__(self, group: ScanAdjointGroup) -> None:
+        ok, why = adjoint_supported(group)
+        if not ok:
+            raise ValueError(f"op {group.op.name}: the triton scan adjoint kernel does not apply: {why}")
+        self.g, self.op = group, group.op
+        self.namer = Namer(reserved=_FIXED)
+        self.dim_names = {d: f"dim_{d.name}" for d in self.op.dims}
+        for v in self.dim_names.values():
+            self.namer.reserve(v)
+
+    def _dimname(self, s: sympy.Symbol) -> str:
+        if s in self.dim_names:
+            return self.dim_names[s]
+        raise ValueError(f"symbol {s} in a tensor shape is not a dim")
+
+    def ext(self, axis: Axis, mode: str = "triton") -> str:
+        return render_index(self.op.extent(axis), self._dimname, mode)
+
+    # pseudo tensors: the kernel's registers for h at the step / the step before, adj, h at the first step
+    def _pseudo(self, e: Expr, tail: bool = False) -> Expr:
+        g, F, R = self.g, self.g.forward, self.g.adjoint
+        k = list(F.axes).index(g.step)
+        prev = g.step + 1 if g.reverse else g.step - 1
+
+        def hit(n: Expr):
+            if n.op is not ExprOp.LOAD or n.arg.tensor not in (F.out, R.out):
+                return None
+            acc = n.arg
+            if acc.tensor == R.out:
+                return load(self.p_adj, acc.index, n.dtype)
+            if tail:
+                return load(self.p_first, acc.index, n.dtype)
+            i = sympy.sympify(acc.index[k])
+            if i == g.step:
+                return load(self.p_cur, acc.index, n.dtype)
+            if sympy.simplify(i - prev) == 0:
+                return load(self.p_prev, F.axes, n.dtype)
+            raise ValueError(f"op {self.op.name}: {acc.tensor} is read at step {i}")
+        return _replace_node(e, hit)
+
+    def render(self) -> AdjointKernel:
+        g, op, namer = self.g, self.op, self.namer
+        F, R = g.forward, g.adjoint
+        taken = {t.name for t in op.tensors}
+
+        def fresh_key(base: str) -> str:
+            name, k = base, 0
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            taken.add(name)
+            return name
+        self.p_cur, self.p_prev = fresh_key("h_at_step"), fresh_key("h_before_step")
+        self.p_adj, self.p_first = fresh_key("adj_at_step"), fresh_key("h_at_first_step")
+        state_dt = compute_dtype(promote(F.combine.a.dtype, F.combine.b.dtype))
+        SDT = TL_DTYPE[state_dt]
+        part_kind = {r.node.out: r for r in g.reductions if r.kind in ("lane", "steplane", "cross")}
+        direct = tuple(n for n in g.outputs if n not in part_kind)
+        block_lanes = g.split or g.lanes
+        outer = tuple(a for a in g.lanes if a not in block_lanes)
+        split_sym = sympy.Symbol("split_block", integer=True, nonnegative=True)
+        # tensors ----------------------------------------------------------------------------------------
+        targs: dict[str, TensorArg] = {}
+        args: list[tuple[str, str, Any]] = []
+        order: list[str] = []
+
+        def add(name: str, sizes: tuple[str, ...], dtype: DType) -> None:
+            ptr = namer.fresh(f"{name}_ptr")
+            strides = tuple(namer.fresh(f"stride_{name}_{k}") for k in range(len(sizes)))
+            targs[name] = TensorArg(ptr, strides, sizes, dtype)
+            order.append(name)
+        for n in g.reads + direct:
+            t = op.tensor(n)
+            add(n, tuple(render_index(s, self._dimname) for s in t.shape), t.dtype)
+        partials = []
+        for r in g.reductions:
+            if r.kind in ("lane", "steplane"):
+                axes = g.lanes + r.kept_state
+                sizes = tuple(self.ext(a) for a in axes)
+            elif r.kind == "cross":
+                axes = r.kept_lanes + (g.step,) + r.kept_state
+                sizes = ("n_blk",) + tuple(self.ext(a) for a in axes)
+            else:
+                continue
+            pname = fresh_key(f"part_{r.node.out}")
+            partials.append((pname, r.node.out, axes))
+            add(pname, sizes, state_dt)
+        for name in order:
+            args.append((targs[name].ptr, "ptr", name))
+        args += [("ws_ptr", "ptr", "ws"), ("ckp_ptr", "ptr", "ckp")]
+        for d in op.dims:
+            args.append((self.dim_names[d], "dim", d.name))
+        for name in order:
+            for k, s in enumerate(targs[name].strides):
+                args.append((s, "stride", (name, k)))
+        masked = set()
+        for e in _exprs(g):
+            for acc in loads(e):
+                if acc.tensor in (F.out, R.out):
+                    continue
+                if (acc.pad is not None and any(sympy.sympify(lo) != 0 or sympy.sympify(hi) != 0
+                                                for lo, hi in acc.pad)) or \
+                        any(not isinstance(sympy.sympify(i), Axis) for i in acc.index):
+                    masked.add(acc)
+        r = self.renderer = ValueRenderer(namer, targs, self.dim_names, masked)
+        # axes -------------------------------------------------------------------------------------------
+        Rk = 1 + len(g.state)
+
+        def expand(pos: int) -> str:
+            return "" if Rk == 1 else "[" + ", ".join(":" if k == pos else "None" for k in range(Rk)) + "]"
+        ns = {a: namer.fresh(f"NS_{a.name}") for a in g.state}
+        constexprs = ["BLOCK"] + [ns[a] for a in g.state] + ["CH", "IDX"]
+        full = "[" + ", ".join(["BLOCK"] + [ns[a] for a in g.state]) + "]"
+        sp = " * ".join(ns[a] for a in g.state) or "1"
+        body: list[str] = []
+        bexts = [self.ext(a) for a in block_lanes]
+        oexts = [self.ext(a) for a in outer]
+        n_block = " * ".join(bexts)
+        body.append(f"# one program: one position of ({', '.join(map(str, outer))}) x BLOCK consecutive positions of "
+                    f"the row-major flattening of ({', '.join(map(str, block_lanes))})")
+        body.append("pid = tl.program_id(0).to(IDX)")
+        body.append(f"n_blk = tl.cdiv({n_block}, BLOCK)")
+        body.append("pid_o = pid // n_blk")
+        body.append("pid_b = pid % n_blk")
+        body.append(f"lane_loc = tl.arange(0, BLOCK).to(IDX){expand(0)}")
+        body.append("lane = pid_b * BLOCK + tl.arange(0, BLOCK).to(IDX)")
+        body.append(f"lane_ok = (lane < {n_block}){expand(0)}")
+        env: dict = {split_sym: AxisVar("pid_b", None, block=False)}
+
+        def decompose(axes, exts, src: str, block: bool) -> None:
+            rest = src
+            for k in reversed(range(len(axes))):
+                a = axes[k]
+                name = namer.fresh(a.name)
+                tail = expand(0) if block else ""
+                if k == 0:
+                    body.append(f"{name} = {rest}{tail}")
+                else:
+                    body.append(f"{name} = ({rest} % {exts[k]}){tail}")
+                    nxt = namer.fresh("rest")
+                    body.append(f"{nxt} = {rest} // {exts[k]}")
+                    rest = nxt
+                env[a] = AxisVar(name, "lane_ok") if block else AxisVar(name, None, block=False)
+        decompose(block_lanes, bexts, "lane", True)
+        decompose(outer, oexts, "pid_o", False)
+        flat = []
+        for k, a in enumerate(g.state):
+            name, ok = namer.fresh(a.name), namer.fresh(f"{a.name}_ok")
+            body.append(f"{name} = tl.arange(0, {ns[a]}).to(IDX){expand(k + 1)}")
+            body.append(f"{ok} = {name} < {self.ext(a)}")
+            env[a] = AxisVar(name, ok)
+            inner = " * ".join(ns[b] for b in g.state[k + 1:])
+            flat.append(f"{name} * {inner}" if inner else name)
+        body.append(f"# workspace slot of each tile element: [BLOCK, {' x '.join(ns[a] for a in g.state) or '1'}] "
+                    f"row-major")
+        body.append(f"wofs = lane_loc * SP + {' + '.join(flat)}" if flat else "wofs = lane_loc")
+        body.append("n_chunks = tl.cdiv(" + self.ext(g.step) + ", CH)")
+        body.append("ws_base = pid * ((CH + 1) * TILE)")
+        body.append("ck_base = pid * (n_chunks * TILE)")
+        steps = self.ext(g.step)
+        tvar = namer.fresh(g.step.name)
+        step_env = {**env, g.step: AxisVar(tvar, None, block=False)}
+        pos = f"{steps} - 1 - so" if g.reverse else "so"
+
+        pre = Section(env=dict(env))
+        state_mask = " & ".join(["lane_ok"] + [env[a].mask for a in g.state])
+
+        def tile_of(code: str) -> str:
+            return f"(tl.zeros({full}, dtype={SDT}) + {code}).to({SDT})"
+        if F.init is not None:
+            init = r.value(F.init, pre, "init")
+            pre.emit(f"hs = tl.where({state_mask}, {tile_of(init)}, 0.0)  # initial state")
+        else:
+            pre.emit(f"hs = tl.zeros({full}, dtype={SDT})")
+        if R.init is not None:
+            ai = r.value(self._pseudo(R.init), pre, "adj_init")
+            pre.emit(f"adj = tl.where({state_mask}, {tile_of(ai)}, 0.0)  # adjoint initial value")
+        else:
+            pre.emit(f"adj = tl.zeros({full}, dtype={SDT})")
+
+        def a_shape(e: Expr) -> str:
+            deps = r.deps(e)
+            dims = ["BLOCK" if any(a in deps for a in block_lanes) else "1"]
+            dims += [ns[a] if a in deps else "1" for a in g.state]
+            return "[" + ", ".join(dims) + "]"
+
+        # pass 1 and recompute: h = a * h + b -----------------------------------------------------------------
+        def advance(sec: Section, store: str | None) -> None:
+            sec.emit("so = tl.cast(ck * CH + tt, IDX)")
+            sec.emit(f"{tvar} = {pos}")
+            av = r.value(F.combine.a, sec, "a_t")
+            bv = r.value(F.combine.b, sec, "b_t")
+            sec.emit(f"hs = {av}.to({SDT}) * hs + {bv}.to({SDT})  # {F.out} = a * {F.out}[prev] + b")
+            if store:
+                sec.emit(store)
+        p1 = Section(env=step_env, hoist=pre, varying=frozenset({g.step}))
+        advance(p1, None)
+        rec = Section(env=step_env, hoist=pre, varying=frozenset({g.step}))
+        advance(rec, "tl.store(ws_ptr + ws_base + (tt + 1) * TILE + wofs, hs)")
+
+        # the reverse pass -----------------------------------------------------------------------------------
+        point_outs = {x.node.out for x in g.reductions if x.kind == "point"}
+        varying = {g.step, self.p_cur, self.p_prev, self.p_adj} | point_outs | {m.out for m in g.epilogues}
+        regs = {self.p_cur: "h_cur", self.p_prev: "h_prev", self.p_adj: "adj"}
+        rev = Section(env=step_env, hoist=pre, varying=frozenset(varying), registers=regs)
+        rev.emit("so = tl.cast(ck * CH + tt, IDX)")
+        rev.emit(f"{tvar} = {pos}")
+        rev.emit(f"h_prev = tl.where(so >= 1, tl.load(ws_ptr + ws_base + tt * TILE + wofs), 0.0)"
+                 f"  # {F.out} at the step before (0 before the first)")
+        a_next_shape = None
+        if g.carry_a:
+            at = r.value(F.combine.a, rev, "a_t")
+            a_next_shape = a_shape(F.combine.a)
+            coef = "a_next"
+        else:
+            coef = r.value(self._pseudo(R.combine.a), rev, "a_adj") + f".to({SDT})"
+        gv = r.value(self._pseudo(R.combine.b), rev, "g_t")
+        rev.emit(f"adj = {coef} * adj + {gv}.to({SDT})  # {R.out} = a[step + 1] * {R.out}[step + 1] + g")
+        sums: dict[tuple, str] = {}
+
+        def state_sum(e: Expr, axes: tuple, hint: str) -> str:
+            """``e`` summed over the state axes ``axes`` (kept as size-1 dims); shared between reductions."""
+            key = (e, axes)
+            if key in sums:
+                return sums[key]
+            val = r.value(e, rev, f"{hint}_terms")
+            if not axes:
+                sums[key] = val
+                return val
+            code = f"tl.where({' & '.join(env[a].mask for a in axes)}, {val}, 0.0)"
+            for ax in sorted((g.state.index(a) + 1 for a in axes), reverse=True):
+                code = f"tl.expand_dims(tl.sum({code}, axis={ax}), {ax})"
+            name = namer.fresh(hint)
+            rev.emit(f"{name} = {code}")
+            sums[key] = name
+            return name
+        acc_init: list[str] = []
+        final: list[str] = []
+        pnames = {out: (p, ax) for p, out, ax in partials}
+        for k, x in enumerate(g.reductions):
+            n = x.node
+            if x.kind == "steplane":
+                continue
+            e = self._pseudo(n.value)
+            red_state = tuple(a for a in g.state if a not in x.kept_state)
+            s = state_sum(e, red_state, n.out)
+            if x.kind == "point":
+                rev.emit(f"# {n.out}: sum over {', '.join(map(str, n.raxes))}")
+                rev.registers[n.out] = s
+                if n.out in direct:
+                    self._store(n.out, tuple(n.axes), s, rev)
+            elif x.kind == "lane":
+                accn = namer.fresh(f"acc_{n.out}")
+                shape = "[" + ", ".join(["BLOCK"] + [ns[a] if a in x.kept_state else "1" for a in g.state]) + "]"
+                acc_init.append(f"{accn} = tl.zeros({shape}, dtype={SDT})")
+                rev.emit(f"{accn} += {s}.to({SDT})  # {n.out}: sum over {', '.join(map(str, n.raxes))}")
+                final.append((accn, n.out))
+            else:
+                p, pax = pnames[n.out]
+                crs = namer.fresh(f"{n.out}_blk")
+                rev.emit(f"{crs} = tl.expand_dims(tl.sum(tl.where(lane_ok, {s}, 0.0), axis=0), 0)"
+                         f"  # {n.out}: sum over {', '.join(map(str, n.raxes))} (this block of lanes)")
+                self._store(p, (split_sym,) + tuple(pax), crs, rev)
+        for m in g.epilogues:
+            v = r.value(self._pseudo(m.value), rev, m.out)
+            if not v.isidentifier():
+                v = r._assign(m.out, v, rev)
+            rev.registers[m.out] = v
+            if m.out in direct:
+                self._store(m.out, tuple(m.axes), v, rev)
+        for x in g.reductions:
+            if x.kind != "steplane":
+                continue
+            v = r.value(self._pseudo(x.node.value), rev, f"{x.node.out}_terms")
+            accn = namer.fresh(f"acc_{x.node.out}")
+            acc_init.append(f"{accn} = tl.zeros([BLOCK{', 1' * len(g.state)}], dtype={SDT})")
+            rev.emit(f"{accn} += {v}.to({SDT})  # {x.node.out}: sum over "
+                     f"{', '.join(map(str, x.node.raxes))}")
+            final.append((accn, x.node.out))
+        for m in g.stores:
+            v = r.value(self._pseudo(m.value), rev, m.out)
+            if not v.isidentifier():
+                v = r._assign(m.out, v, rev)
+            self._store(m.out, tuple(m.axes), v, rev)
+        if g.carry_a:
+            rev.emit(f"a_next = {at}.to({SDT}) + tl.zeros({a_next_shape}, dtype={SDT})  # a at this step, "
+                     f"for the step before")
+        rev.emit("h_cur = h_prev")
+
+        # after the lane: partials and tails ------------------------------------------------------------------
+        tail = Section(env=dict(env), hoist=pre, varying=frozenset({self.p_first, self.p_adj}),
+                       registers={self.p_first: "h_first", self.p_adj: "adj"})
+        for accn, out in final:
+            p, pax = pnames[out]
+            self._store(p, tuple(pax), accn, tail)
+        if g.tails:
+            tail.emit("h_first = tl.load(ws_ptr + ws_base + TILE + wofs)  # the state at the forward's first step")
+            for m, _ in g.tails:
+                v = r.value(self._pseudo(m.value, tail=True), tail, m.out)
+                if not v.isidentifier():
+                    v = r._assign(m.out, v, tail)
+                self._store(m.out, tuple(m.axes), v, tail)
+
+        # assemble -------------------------------------------------------------------------------------------
+        kernel = namer.fresh(f"{op.name}_scan_adjoint_kernel")
+        lines = [f'"""Generated by opgen ({GENERATOR_VERSION}): the fused scan backward of op {op.name}.', ""]
+        lines += ["    " + ln if ln else "" for ln in g.describe().splitlines()]
+        lines += ["", f"    op fingerprint {op.fingerprint}", '"""', "import triton", "import triton.language as tl",
+                  ""]
+        helpers = helper_source(r.helpers)
+        if helpers:
+            lines += ["", helpers.rstrip("\n"), ""]
+        lines += ["", "@triton.jit", f"def {kernel}("]
+        lines.append("    " + ", ".join(a for a, kd, _ in args if kd == "ptr") + ",")
+        if op.dims:
+            lines.append("    " + ", ".join(a for a, kd, _ in args if kd == "dim") + ",")
+        for name in order:
+            if targs[name].strides:
+                lines.append("    " + ", ".join(targs[name].strides) + ",")
+        lines.append("    " + ", ".join(f"{c}: tl.constexpr" for c in constexprs) + ",")
+        lines.append("):")
+        lines.append(f"    SP: tl.constexpr = {sp}")
+        lines.append("    TILE: tl.constexpr = BLOCK * SP")
+        lines += ["    " + ln for ln in body]
+        lines += pre.text(4)
+        lines += ["    " + ln for ln in acc_init]
+        lines.append("    # pass 1: the state at each chunk boundary")
+        lines.append("    for ck in range(0, n_chunks - 1):")
+        lines.append("        tl.store(ckp_ptr + ck_base + ck * TILE + wofs, hs)")
+        lines.append("        for tt in range(0, CH):")
+        lines += p1.text(12)
+        lines.append("    tl.store(ckp_ptr + ck_base + (n_chunks - 1) * TILE + wofs, hs)")
+        lines.append("    tl.debug_barrier()")
+        if g.carry_a:
+            lines.append(f"    a_next = tl.zeros({a_next_shape}, dtype={SDT})  # a past the last step: 0")
+        lines.append("    for ck2 in range(0, n_chunks):")
+        lines.append("        ck = n_chunks - 1 - ck2")
+        lines.append(f"        cnt = tl.minimum(CH, {steps} - ck * CH)")
+        lines.append("        hs = tl.load(ckp_ptr + ck_base + ck * TILE + wofs)")
+        lines.append("        tl.store(ws_ptr + ws_base + wofs, hs)")
+        lines.append("        # recompute the chunk's states into the workspace")
+        lines.append("        for tt in range(0, cnt):")
+        lines += rec.text(12)
+        lines.append("        tl.debug_barrier()")
+        lines.append("        h_cur = hs")
+        lines.append("        # the adjoint, backwards over the chunk, and every reduction")
+        lines.append("        for tt2 in range(0, cnt):")
+        lines.append("            tt = cnt - 1 - tt2")
+        lines += rev.text(12)
+        lines.append("        tl.debug_barrier()")
+        if tail.lines:
+            lines.append("    # lane partials and the values at the forward's first step")
+            lines += tail.text(4)
+        source = "\n".join(lines).rstrip() + "\n"
+        return AdjointKernel(source, kernel, tuple(order) + ("ws", "ckp"), direct, tuple(partials), tuple(args),
+                             tuple(constexprs), tuple((a.name, ns[a]) for a in g.state),
+                             tuple(a.name for a in block_lanes))
+
+    def _store(self, tensor: str, idx: tuple, value: str, sec: Section) -> None:
+        r = self.renderer
+        t = r.tensors[tensor]
+        off = r.offset(tensor, idx, sec)
+        syms: set = set()
+        for ie in idx:
+            syms |= sympy.sympify(ie).free_symbols
+        masks = r.mask_of(syms, sec)
+        mask = f", mask={' & '.join(masks)}" if masks else ""
+        sec.emit(f"tl.store({t.ptr} + {off}, {value}.to({TL_DTYPE[t.dtype]}){mask})"
+                 f"  # {tensor}[{', '.join(index_str(i) for i in idx)}]")
+
+
+@functools.lru_cache(maxsize=128)
+def render(group: ScanAdjointGroup) -> AdjointKernel:
+    """The Triton module of ``group``'s fused backward (a pure function of the group; cached)."""
+    return _Renderer(group).render()
+
+
+# ------------------------------------------------------------------------------------------------- configs
+
+
+def _tile_sizes(group: ScanAdjointGroup, binding) -> tuple[int, int, list[int]]:
+    """(padded state elements, block lane count, padded state sizes) at ``binding``."""
+    ns = [_pow2(int(binding.extents[a])) for a in group.state]
+    block_lanes = group.split or group.lanes
+    nblock = math.prod(int(binding.extents[a]) for a in block_lanes)
+    return math.prod(ns), nblock, ns
+
+
+def default_config(group: ScanAdjointGroup, binding) -> dict:
+    """``{BLOCK, CH, num_warps, num_stages}``: about 256 tile elements per program (16 lanes of Mamba's N=16
+    state, 2 warps: many small programs, each step's cross-lane sums within one or two warps), ``CH`` steps per
+    chunk so the workspace is about :data:`WORKSPACE_ELEMENTS` per program."""
+    sp, nblock, _ = _tile_sizes(group, binding)
+    block = max(1, min(_pow2(nblock), 256 // sp if sp <= 256 else 1))
+    tile = block * sp
+    warps = max(1, min(8, tile // 128))
+    ch = max(8, min(64, 1 << max(0, (WORKSPACE_ELEMENTS // tile).bit_length() - 1)))
+    return {"BLOCK": block, "CH": ch, "num_warps": warps, "num_stages": 1}
+
+
+def _constexprs(kern: AdjointKernel, group: ScanAdjointGroup, binding, cfg: Mapping[str, Any], idx) -> dict:
+    _, _, ns = _tile_sizes(group, binding)
+    out = {"BLOCK": int(cfg["BLOCK"]), "CH": int(cfg["CH"]), "IDX": idx}
+    for (_, name), v in zip(kern.state_constexprs, ns):
+        out[name] = v
+    return out
+
+
+def aot_signature(kern: AdjointKernel, group: ScanAdjointGroup, binding, cfg: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(signature, constexprs) for an ahead-of-time ``triton.compile`` at ``binding`` (contiguous tensors; ints
+    equal to 1 specialized as at run time; int32 indices)."""
+    import triton.language as tl
+
+    op = group.op
+    dims = {d.name: int(binding.dims[d]) for d in op.dims}
+    shapes = _shapes(kern, group, binding, cfg)
+    sdt = compute_dtype(promote(group.forward.combine.a.dtype, group.forward.combine.b.dtype))
+    names = {t.name for t in op.tensors}
+    sig: dict[str, str] = {}
+    consts: dict[str, Any] = {}
+    for name, kind, detail in kern.kernel_args:
+        if kind == "ptr":
+            sig[name] = TL_SIGNATURE[op.tensor(detail).dtype] if detail in names else TL_SIGNATURE[sdt]
+            continue
+        val = dims[detail] if kind == "dim" else _contiguous(shapes[detail[0]])[detail[1]]
+        if val == 1:
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i64" if abs(val) >= 2**31 else "i32"
+    consts.update(_constexprs(kern, group, binding, cfg, tl.int32))
+    for c in kern.constexprs:
+        sig[c] = "constexpr"
+    return sig, consts
+
+
+def _contiguous(shape) -> tuple[int, ...]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return tuple(reversed(out))
+
+
+def _shapes(kern: AdjointKernel, group: ScanAdjointGroup, binding, cfg) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor argument but the workspaces at ``binding``."""
+    ext = binding.extents
+    out = {n: tuple(binding.shapes[n]) for n in kern.tensors if n in binding.shapes}
+    sp, nblock, _ = _tile_sizes(group, binding)
+    for p, rout, axes in kern.partials:
+        shape = tuple(int(ext[a]) for a in axes)
+        red = next(x for x in group.reductions if x.node.out == rout)
+        out[p] = ((-(-nblock // int(cfg["BLOCK"])),) + shape) if red.kind == "cross" else shape
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+def adjoint_call(group: ScanAdjointGroup, binding, cache_dir, config: Mapping[str, Any] | None = None):
+    """A callable ``tensors -> {output: tensor}`` running the group's kernel at ``binding`` (tensors on a CUDA
+    device, or CPU tensors under ``TRITON_INTERPRET=1``); ``config`` defaults to :func:`default_config`."""
+    import torch
+
+    from opgen.ir.dtypes import to_torch
+
+    from .compile import load_module
+
+    op = group.op
+    cfg = dict(config) if config is not None else default_config(group, binding)
+    kern = render(group)
+    mod = load_module(kern.source, cache_dir)
+    fn = getattr(mod, kern.kernel)
+    ext = binding.extents
+    sp, nblock, _ = _tile_sizes(group, binding)
+    block, ch = int(cfg["BLOCK"]), int(cfg["CH"])
+    n_blk = -(-nblock // block)
+    outer = [a for a in group.lanes if a not in (group.split or group.lanes)]
+    programs = n_blk * math.prod(int(ext[a]) for a in outer)
+    chunks = -(-int(ext[group.step]) // ch)
+    shapes = _shapes(kern, group, binding, cfg)
+    sdt = to_torch(compute_dtype(promote(group.forward.combine.a.dtype, group.forward.combine.b.dtype)))
+    red = {x.node.out: x for x in group.reductions}
+    part_of = {p: (out, axes) for p, out, axes in kern.partials}
+    by_name = {t.name: t for t in op.tensors}
+    dims = [int(binding.dims[d]) for d in op.dims]
+    ws_elems, ck_elems = programs * (ch + 1) * block * sp, programs * chunks * block * sp
+    big = max([ws_elems, ck_elems] + [math.prod(s) for s in shapes.values()]) >= 2**31 - 1
+
+    def call(tensors: Mapping) -> dict:
+        import triton.language as tl
+
+        device = next(iter(tensors.values())).device if tensors else torch.device("cuda")
+        ptrs, outs, parts = [], {}, {}
+        for name in kern.tensors:
+            if name in group.reads:
+                x = tensors[name]
+                want = to_torch(by_name[name].dtype)
+                ptrs.append(x if x.dtype == want else x.to(want))
+            elif name in kern.direct:
+                x = outs[name] = torch.empty(shapes[name], dtype=to_torch(by_name[name].dtype), device=device)
+                ptrs.append(x)
+            elif name in part_of:
+                x = parts[name] = torch.empty(shapes[name], dtype=sdt, device=device)
+                ptrs.append(x)
+            elif name == "ws":
+                ptrs.append(torch.empty(ws_elems, dtype=sdt, device=device))
+            else:
+                ptrs.append(torch.empty(ck_elems, dtype=sdt, device=device))
+        strided = [x for x, name in zip(ptrs, kern.tensors) if name not in ("ws", "ckp")]
+        idx64 = big or any(sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride())) >= 2**31 - 1 for x in strided)
+        strides = [st for x in strided for st in x.stride()]
+        consts = _constexprs(kern, group, binding, cfg, tl.int64 if idx64 else tl.int32)
+        fn[(programs,)](*ptrs, *dims, *strides, **consts, num_warps=int(cfg["num_warps"]),
+                        num_stages=int(cfg["num_stages"]))
+        for name, x in parts.items():
+            out, axes = part_of[name]
+            rr = red[out]
+            if rr.kind == "cross":
+                x = x.sum(0)
+            else:
+                drop = [k for k, a in enumerate(axes) if a in rr.node.raxes]
+                if drop:
+                    x = x.sum(drop)
+                axes = tuple(a for a in axes if a not in rr.node.raxes)
+            perm = [axes.index(a) for a in rr.node.axes]
+            outs[out] = x.permute(perm).to(to_torch(by_name[out].dtype)).contiguous()
+        return outs
+
+    return call
+
+
+def scan_adjoint_group(op) -> ScanAdjointGroup | None:
+    """The op's adjoint group when this kernel renders it, else None."""
+    g = fuse_scan_adjoint(op)
+    if g is None or not adjoint_supported(g)[0]:
+        return None
+    try:
+        render(g)
+    except (ValueError, NotImplementedError, KeyError):
+        return None
+    return g
