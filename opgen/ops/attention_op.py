@@ -20,8 +20,9 @@ traced (``"grad": true``), the backward op is declared with those as ``capture_g
 captured position a score reads. An index that is itself a captured integer tensor
 (``table[relative_position_index[q_idx, kv_idx], h]``) is traced as a gather ``gather{m}`` (the spec's
 ``"gathers"``), computed from the captured tensors at each call; its gradient is summed back into the table by the
-gather index. A target whose flash backward has no capture gradients (Triton's) gets them from torch autograd
-through the reference interpreter. Integer captures and captures traced without requires_grad get zeros.
+gather index. The TVM (CPU) and Triton (CUDA) flash backwards compute them; a target whose backward does not
+(the reference) gets them from torch autograd through the reference interpreter. Integer captures and captures
+traced without requires_grad get zeros.
 
 Limits (documented, checked):
 

@@ -18,7 +18,11 @@ the dot precision are runtime or ``tl.constexpr`` arguments, so one source serve
     the flash backward with recomputation: ``delta = rowsum(dout * out)``; per key tile (grid ``(key tiles,
     B*HKV)``) the query tiles of the column table of each of the ``G`` query heads sharing the kv head
     (``p = exp(s - lse)``, ``dv += p^T dout``, ``ds = p (dp - delta) dscore``, ``dk += ds^T q``, no atomics); per
-    query tile the key tiles of the row table (``dq += ds k``). Nothing of size ``L x S`` is stored.
+    query tile the key tiles of the row table (``dq += ds k``). Nothing of size ``L x S`` is stored. Captured
+    tensors the group wants gradients of (:attr:`AttentionGroup.grad_captures`: learnable ALiBi slopes, a Swin
+    bias table) get them from ``_capture_grads``, called by the dk/dv kernel: ``p (dp - delta) * d score_mod /
+    d load`` per load, ``tl.atomic_add``-ed into an fp32 gradient buffer at the load's index (bounds-masked; an
+    index of only b and h adds the tile's sum once).
 ``attn_decode_split`` / ``attn_decode_combine``
     FlashDecoding for short queries: the listed key tiles of a query tile are split across ``splits`` programs,
     each writes a partial ``(max, sum, acc)`` in fp32; the combine kernel merges them.
@@ -56,8 +60,8 @@ from opgen.schedules.attention import (as_triton_attention_config as as_config, 
                                        default_triton_attention_config as default_config,
                                        triton_attention_space as space)
 
-from .attention_kernels import (DSC_MASK_T as _DSC_MASK_T, KERNELS as _KERNELS, SCORE_DSC_T as _SCORE_DSC_T,
-                                SCORE_T as _SCORE_T)
+from .attention_kernels import (CAPGRAD_T as _CAPGRAD_T, DSC_MASK_T as _DSC_MASK_T, KERNELS as _KERNELS,
+                                SCORE_DSC_T as _SCORE_DSC_T, SCORE_T as _SCORE_T)
 from .expr import AxisVar, Namer, Section, TensorArg, ValueRenderer, helper_source
 
 GENERATOR_VERSION = "triton-attention-1"
@@ -113,6 +117,7 @@ class AttentionModule:
     dims: tuple[str, ...]                # dim names (``dim_<name>`` arguments) the mods and captures need
     has_dscore: bool                     # whether ds is multiplied by d(score_mod)/d(score)
     kernels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)   # kernel -> parameter names
+    capture_grads: tuple[str, ...] = ()  # captured tensors whose gradients the dk/dv kernel adds up
 
 
 def _ctx_names(captures: Sequence[str], ranks: Sequence[int], dims: Sequence[str]) -> list[str]:
@@ -236,11 +241,96 @@ def _render(group: AttentionGroup) -> AttentionModule:
     for marker, indent in (("__DSC_MASK16__", 16), ("__DSC_MASK12__", 12)):
         body = body.replace(marker + "\n", _indent(_DSC_MASK_T, indent) if has_dscore else "")
     body = body.replace("__DSC_MUL__", " * dsc" if has_dscore else "")
+    cgrads, dcap = (), ""
+    cleaves = capture_leaves(group)
+    if cleaves:
+        cgrads = tuple(dict.fromkeys(n for n, _, _ in cleaves))
+        dnames = _dcap_names(group, cgrads)
+        dcap = "".join(", " + n for n in dnames)
+        text, h = _render_capture_grads(group, cleaves, ctx, dnames, dim_syms)
+        helpers |= h
+        texts.append(text)
+    body = body.replace("__CAPGRAD12__\n", _indent(_CAPGRAD_T, 12) if cleaves else "")
+    body = body.replace("__DCAPP__", dcap).replace("__DCAP__", dcap)
     body = body.replace("__CTXP__", cx).replace("__CTX__", cx)
     parts = [_header(group), helper_source(helpers)] + texts + [body]
     text = "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
     kernels = _kernel_params(text)
-    return AttentionModule(text, caps, ranks, dims, has_dscore, kernels)
+    return AttentionModule(text, caps, ranks, dims, has_dscore, kernels, cgrads)
+
+
+def capture_leaves(group: AttentionGroup) -> list[tuple[str, Expr, Expr]]:
+    """``(captured tensor, load, d score / d load)`` for each load in the score of the captured tensors the group
+    wants gradients of (:attr:`AttentionGroup.grad_captures`), whose derivative is not identically 0."""
+    out = []
+    for name in group.grad_captures:
+        for leaf in group.capture_leaves(name):
+            d = derivative(group.score, leaf)
+            if d is not None:
+                out.append((name, leaf, d))
+    return out
+
+
+def _dcap_names(group: AttentionGroup, cgrads: Sequence[str]) -> list[str]:
+    out = []
+    for c in cgrads:
+        out.append(f"d{c}_ptr")
+        out += [f"s_d{c}_{k}" for k in range(group.op.tensor(c).rank)]
+    return out
+
+
+def _render_capture_grads(group: AttentionGroup, cleaves, ctx: list[str], dnames: list[str],
+                          dims: Mapping) -> tuple[str, set[str]]:
+    """A ``@triton.jit`` helper ``_capture_grads(qk, off_b, off_h, qi, kj, qi_ok, kj_ok, dsm, *ctx, *dcap)`` that
+    adds ``dsm * d score / d load`` into the gradient buffer of each load's captured tensor at the load's index
+    (atomically: every program of the dk/dv kernel adds into the same table). The tile is ``[keys, queries]``
+    (the dk/dv orientation); out-of-range pairs and indices outside the tensor add nothing; an index that depends
+    on neither the query nor the key (ALiBi's ``slopes[h]``) adds the tile's sum once."""
+    op = group.op
+    namer = Namer(reserved=set(_HELPER_PARAMS) | {"dsm"} | set(ctx) | set(dnames))
+    targs = {}
+    for c in group.captures:
+        t = op.tensor(c)
+        targs[c] = TensorArg(f"{c}_ptr", tuple(f"s_{c}_{k}" for k in range(t.rank)),
+                             tuple(_size_code(s) for s in t.shape), t.dtype)
+        targs[f"d{c}"] = TensorArg(f"d{c}_ptr", tuple(f"s_d{c}_{k}" for k in range(t.rank)),
+                                   tuple(_size_code(s) for s in t.shape), DType.f32)
+    masked = {acc for _, acc, st in access_report(op) if st.padded or st.guarded}
+    r = ValueRenderer(namer, targs, {d: f"dim_{d.name}" for d in dims}, masked)
+    env = {group.b: AxisVar("off_b", None, block=False), group.h: AxisVar("off_h", None, block=False),
+           group.i: AxisVar("qi", "qi_ok"), group.j: AxisVar("kj", "kj_ok")}
+    sec = Section(env=env, registers={group.raw_score: "qk"})
+    sec.emit("ok = qi_ok & kj_ok")
+    for name, leaf, d in cleaves:
+        t = targs[f"d{name}"]
+        dcode = r.value(d, sec, "dcap")
+        contrib = namer.fresh("contrib")
+        sec.emit(f"{contrib} = tl.where(ok, dsm * ({dcode}), 0.0)")
+        index = leaf.arg.index
+        syms: set = set()
+        for ie in index:
+            syms |= sympy.sympify(ie).free_symbols
+        codes = [r.index(ie, sec) for ie in index]
+        vector, scalar = [], []
+        for k, ic in enumerate(codes):
+            if not (ic.isidentifier() or ic.lstrip("-").isdigit()):
+                ic = codes[k] = r._assign("ix", ic, sec)
+            terms = [f"({ic} >= 0)", f"({ic} < {t.sizes[k]})"]
+            (vector if r.is_block(sympy.sympify(index[k]).free_symbols, sec) else scalar).extend(terms)
+        off = r.offset(f"d{name}", index, sec, codes)
+        if not (syms & {group.i, group.j}):   # one position per program: the tile's sum, one add
+            total = f"tl.sum(tl.sum({contrib}, 1), 0)"
+            inb = " & ".join(scalar)
+            sec.emit(f"tl.atomic_add({t.ptr} + {off}, {total}" + (f", mask={inb})" if inb else ")"))
+        else:
+            mask = r.combine_masks(["ok"] + vector, scalar)
+            sec.emit(f"tl.atomic_add({t.ptr} + {off} + (qi * 0 + kj * 0), {contrib}, mask={mask})")
+    params = _HELPER_PARAMS + ("dsm",) + tuple(ctx) + tuple(dnames)
+    lines = ["@triton.jit", f"def _capture_grads({', '.join(params)}):", '    """capture gradients: '
+             + "; ".join(f"d {n}[{', '.join(map(str, leaf.arg.index))}] += dsm * ({expr_str(d)})"
+                         for n, leaf, d in cleaves) + '"""']
+    lines += sec.text(4)
+    return "\n".join(lines) + "\n", set(r.helpers)
 
 
 def _header(group: AttentionGroup) -> str:
@@ -599,12 +689,19 @@ def backward_calls(group: AttentionGroup, inputs: Mapping, out, lse, dout, rows,
     pre = _Call("attn_bwd_preprocess", (-(-L // pre_bm), B * H),
                 {"Out": out, "DOut": dout, "Delta": delta, "HQ": H, "LQ": L, "DV": EV, **_strides("s_o", out, 4),
                  **_strides("s_do", dout, 4)}, {"BLOCK_M": pre_bm, "BLOCK_EV": bev}, 4, 1)
+    # every wanted capture gradient (zeros where the score's derivative is 0); the kernel adds the others
+    dcaps = {c: torch.zeros(inputs[c].shape, dtype=torch.float32, device=dev) for c in group.grad_captures}
+    dcap_args = {}
+    for c in mod.capture_grads:
+        t = dcaps[c]
+        dcap_args[f"d{c}_ptr"] = t
+        dcap_args.update(_strides(f"s_d{c}", t, t.dim()))
     dkdv = _Call("attn_bwd_dkdv", (nk, B * HK),
                  {**base, **_table_args(ctab), "HKV": HK, "DK": dk, "DVt": dv, **_strides("s_dk", dk, 4),
-                  **_strides("s_dv", dv, 4)}, consts, cfg.num_warps, cfg.num_stages)
+                  **_strides("s_dv", dv, 4), **dcap_args}, consts, cfg.num_warps, cfg.num_stages)
     dqc = _Call("attn_bwd_dq", (nq, B * H), {**base, **_table_args(rtab), "DQ": dq, **_strides("s_dq", dq, 4)},
                 consts, cfg.num_warps, cfg.num_stages)
-    return [pre, dkdv, dqc], {"q": dq, "k": dk, "v": dv}
+    return [pre, dkdv, dqc], {"q": dq, "k": dk, "v": dv, **dcaps}
 
 
 def _torch_dtype(d: DType):
@@ -656,9 +753,9 @@ def run_backward(group: AttentionGroup, inputs: Mapping, out, lse, dout, rows, c
 
     ``out`` and ``lse`` are the forward's outputs; ``rows`` is the row tile table and ``cols`` the column
     (transposed) table, both built with ``config``'s block sizes (the default backward config when None).
-    Gradients have the dtypes of q, k, v. Captured tensors get none here (not even those the group's
-    ``grad_captures`` names: :mod:`opgen.ops.attention_op` computes those by the reference when a target's flash
-    backward returns only q, k, v).
+    Gradients have the dtypes of q, k, v. The captured tensors the group's ``grad_captures`` names get theirs
+    too (float32, under their names: the dk/dv kernel adds ``p * (dp - delta) * d score_mod / d capture`` into
+    them atomically); the other captured tensors are constants.
     """
     shape, *_ = _common(group, inputs, "backward")
     cfg = _resolve(group, shape, config, "backward", caps)

@@ -9,6 +9,9 @@ SCORE_T = "s = _score_mod(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__) * 1.442
 SCORE_DSC_T = ("s, dsc = _score_bwd(qk, off_b, off_h, qi, kj, qi_ok, kj_ok__CTX__)\n"
                "s = s * 1.4426950408889634\n")
 DSC_MASK_T = "dsc = tl.where(vis, dsc, 0.0)\n"
+# captured tensors that get gradients: d loss / d modified score (p * (dp - delta)) times d score_mod / d capture,
+# added atomically into each captured position (``__DCAPP__``: the gradient buffers' pointers and strides)
+CAPGRAD_T = "_capture_grads(qk, off_b, off_h, qi, kj, qi_ok, kj_ok, p * (dp - delta[None, :])__CTX____DCAP__)\n"
 
 # The kernels. ``__CTXP__``/``__CTX__`` become the context arguments (capture pointers, dims, capture strides);
 # ``__SCORE_BWD*__`` / ``__DSC*__`` insert the score mod with its derivative in the backward when there is one.
@@ -200,7 +203,7 @@ def attn_bwd_preprocess(Out, DOut, Delta, HQ, LQ, DV,
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DVt, Cnt, Idx, Msk__CTXP__,
+def attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DVt, Cnt, Idx, Msk__CTXP____DCAPP__,
                   HQ, HKV, LQ, LK, DE, DV, GQA,
                   s_q_0, s_q_1, s_q_2, s_q_3, s_k_0, s_k_1, s_k_2, s_k_3, s_v_0, s_v_1, s_v_2, s_v_3,
                   s_do_0, s_do_1, s_do_2, s_do_3, s_l_0, s_l_1, s_l_2,
@@ -263,6 +266,7 @@ __DSC_MASK16__
             dv = tl.dot(p.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=tl.float32)
             dp = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=tl.float32)
             ds = p * (dp - delta[None, :])__DSC_MUL__
+__CAPGRAD12__
             dk = tl.dot(ds.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION, out_dtype=tl.float32)
     dk = dk * sm_scale
     tl.store(DK + off_b.to(tl.int64) * s_dk_0 + off_hk.to(tl.int64) * s_dk_1 + offs_n[:, None] * s_dk_2
