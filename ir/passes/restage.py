@@ -13,7 +13,12 @@ of its forms are not windows that :func:`~.window.fuse_window` recognizes, and u
   materializes the weight at plain axes, ``w2[u, f, kh, kw]`` (a permutation, the weight's own size), so that
   the reduction is a grouped window reduction.
 
-Both rewrite a single SUM reduction of a product of two loads and leave every other node as it is; each applies
+* a grouped convolution's weight gradient reads the data at ``x[n, (co // F) * C + ci, ...]``: its output axis ci is
+  no plain batch index. :func:`regroup_data` materializes ``x2[ci, g * N + n, ...] = x[n, g * C + ci, ...]`` (a
+  permutation, the data's own size) and reads it at ``[ci, (co // F) * N + n, ...]``: a grouped window reduction
+  with the batch entries as its input channels, which the window kernels run as an implicit GEMM over N*OH*OW.
+
+All rewrite a single SUM reduction of a product of two loads and leave every other node as it is; each applies
 only where the node becomes a window reduction (:func:`restage_windows`).
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ from .phases import split_strided_phases
 from .rewrite import conjuncts, fresh_axes, fresh_name, insert_before, product_of_loads, replace_load
 from .window import fuse_window
 
-__all__ = ["restage_windows", "upsample_strided_reads", "relayout_operands"]
+__all__ = ["restage_windows", "upsample_strided_reads", "relayout_operands", "regroup_data"]
 
 
 def restage_windows(op: Op) -> Op:
@@ -49,7 +54,7 @@ def restage_windows(op: Op) -> Op:
                     op, k = split, k + added + 1
                     continue
             new, at = op, k
-            for rewrite in (upsample_strided_reads, relayout_operands):
+            for rewrite in (upsample_strided_reads, relayout_operands, regroup_data):
                 done = rewrite(new, at)
                 if done is not None:
                     new, at = done, at + 1           # each inserts one map node before the reduction
@@ -153,4 +158,82 @@ def relayout_operands(op: Op, k: int) -> Op | None:
         value = replace_load(node.value, f, new_load)
         temp = TensorParam(name, shape, src.dtype, "temp")
         return insert_before(op, k, temp, map_node, (), Reduce(node.out, node.axes, node.raxes, value, node.monoid, None))
+    return None
+
+
+def regroup_data(op: Op, k: int) -> Op | None:
+    """Node ``k`` (a SUM of two loads under no predicate) whose factor ``x`` has a dim indexed
+    ``b + C * floor(a / F)`` (``a``, ``b`` output axes of the node, ``a`` also indexing the other factor) and another
+    dim indexed by a plain reduction axis ``r`` that the other factor reads too (a grouped convolution's weight
+    gradient): reading ``x2[b, r + R * floor(a / F), rest]`` instead, with ``x2[y0, y1, rest] = x[.., y1 mod R at
+    r's dim, floor(y1 / R) * C + y0 at the grouped dim, ..]`` (R the extent of r; the rest of the dims, and their
+    padding, in order); None when no factor has that form."""
+    node = op.nodes[k]
+    if not isinstance(node, Reduce) or node.predicate is not None:
+        return None
+    fs = product_of_loads(node)
+    if fs is None:
+        return None
+    ext = dict(op.extents)
+    outs, reds = set(node.axes), set(node.raxes)
+    for f, other in ((fs[0], fs[1]), (fs[1], fs[0])):
+        acc: Access = f.arg
+        other_axes: set[Axis] = set()
+        for ie in other.arg.index:
+            other_axes |= axes_in(ie)
+        gdim = rdim = None
+        for j, ie in enumerate(acc.index):
+            ie = sympy.expand(ie)
+            if isinstance(ie, Axis) and ie in reds and ie in other_axes and rdim is None:
+                rdim = j
+                continue
+            floors = [t for t in sympy.Add.make_args(ie) if t.has(sympy.floor)]
+            if len(floors) != 1:
+                continue
+            coef, fl = (1, floors[0]) if isinstance(floors[0], sympy.floor) else floors[0].as_coeff_Mul()
+            if isinstance(fl, sympy.Mul):            # C * floor(a / F): split the symbolic coefficient off
+                parts = [t for t in fl.args if isinstance(t, sympy.floor)]
+                if len(parts) != 1:
+                    continue
+                coef = sympy.Mul(coef, *[t for t in fl.args if not isinstance(t, sympy.floor)])
+                fl = parts[0]
+            if not isinstance(fl, sympy.floor):
+                continue
+            num, den = sympy.fraction(sympy.together(fl.args[0]))
+            rest = sympy.expand(ie - floors[0])
+            if (isinstance(num, Axis) and num in outs and num in other_axes and isinstance(rest, Axis)
+                    and rest in outs and rest not in other_axes and not den.has(Axis) and not coef.has(Axis)):
+                gdim = (j, rest, num, den, coef)
+        if gdim is None or rdim is None:
+            continue
+        j, b, a, den, C = gdim
+        if acc.pad is not None and any(lo != 0 or hi != 0 for lo, hi in (acc.padding(j), acc.padding(rdim))):
+            continue
+        src = op.tensor(acc.tensor)
+        R = ext[acc.index[rdim]]
+        G = sympy.simplify(src.shape[j] / C)
+        if not G.is_Integer:
+            continue
+        rest_dims = [d for d in range(src.rank) if d not in (j, rdim)]
+        shape = (C, sympy.expand(G * R)) + tuple(src.shape[d] for d in rest_dims)
+        name = fresh_name(op, f"{acc.tensor}_g")
+        ys = fresh_axes(op, f"{name}_", len(shape))
+        idx = [None] * src.rank
+        idx[rdim] = sympy.Mod(ys[1], R)
+        idx[j] = sympy.floor(ys[1] / R) * C + ys[0]
+        for d, y in zip(rest_dims, ys[2:]):
+            idx[d] = y
+        map_node = Map(name, ys, load(acc.tensor, idx, src.dtype))
+        new_idx = (b, acc.index[rdim] + R * sympy.floor(a / den)) + tuple(acc.index[d] for d in rest_dims)
+        pad = None
+        if acc.pad is not None:
+            z = sympy.Integer(0)
+            pad = ((z, z), (z, z)) + tuple(acc.padding(d) for d in rest_dims)
+            if all(lo == 0 and hi == 0 for lo, hi in pad):
+                pad = None
+        new_load = Expr(ExprOp.LOAD, f.dtype, (), Access(name, new_idx, pad))
+        value = replace_load(node.value, f, new_load)
+        temp = TensorParam(name, shape, src.dtype, "temp")
+        return insert_before(op, k, temp, map_node, zip(ys, shape),
+                             Reduce(node.out, node.axes, node.raxes, value, node.monoid, None))
     return None

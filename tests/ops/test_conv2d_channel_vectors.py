@@ -110,3 +110,27 @@ def test_small_images_and_weight_gradients_take_channel_vectors():
     assert config(8, 64, 7, "weight").variant == "cvec"
     assert config(2, 64, 56, "weight").variant == "cvec"
     assert config(8, 64, 56).variant == "gemm"
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_weight_gradient_is_a_window_on_the_channel_kernels(stride):
+    """A grouped convolution's weight gradient reads the data at ``[n, (co // F) * C + ci, ...]``; restaged, it reads
+    the regrouped data ``[ci, (co // F) * N + n, ...]``: a grouped window reduction (failed before: no node of the
+    backward op was a window, and it ran node by node in the interpreter, 54 ms against oneDNN's 14 ms for B=8
+    C=128 groups=32 28 px, 42 against 1 ms for 64 channels in 2 groups at 14 px). Gradients through
+    ``opgen.ops.conv2d`` match float64 autograd (3 groups of 5 -> 7 channels, 11x10, batch 3)."""
+    from opgen.ir.passes.split import node_op
+
+    import opgen.ops as ops
+
+    seed = random.randrange(2**31)
+    fwd, ins, ref = _case(3, 15, 21, 3, (11, 10), stride, 1, 1, 3, seed)
+    back = backward_op(fwd, ("weight",))
+    assert any(window_group(node_op(back, k)) is not None for k in range(len(back.nodes)))
+    x, w = ins["x"].clone().requires_grad_(), ins["weight"].clone().requires_grad_()
+    y = ops.conv2d(x, w, stride=stride, padding=1, groups=3)
+    gx, gw = torch.autograd.grad(y, (x, w), ins["grad_out"])
+    for what, got in (("out", y), ("grad_x", gx), ("grad_weight", gw)):
+        want = ref[what]
+        err = float((got.double() - want).abs().max())
+        assert err <= TOL * float(want.abs().max()), f"{what} stride {stride}: max error {err} (seed {seed})"
