@@ -49,6 +49,7 @@ class AdjointReduction:
     kind: str
     kept_state: tuple[Axis, ...]
     kept_lanes: tuple[Axis, ...]
+    scatter: tuple[tuple[Axis, sympy.Expr], ...] = ()   # output axes given by lanes (a group of heads: h*G//H)
 
 
 @dataclass(frozen=True)
@@ -176,12 +177,17 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
                 readers[n.out] = n
     reductions, stores, tails = [], [], []
     for n in readers.values():
+        grouped = None
+        if isinstance(n, Reduce):
+            n, grouped = _ungrouped(n, (fwd.out, adj.out), axes, lanes)
         for e in n.exprs():
             for acc in loads(e):
                 if acc.tensor in (fwd.out, adj.out) and _step_offset(acc, _axes_of(op, acc.tensor), step) is None:
                     return None
         if isinstance(n, Reduce):
-            if n.monoid != SUM or n.predicate is not None or set(n.axes) | set(n.raxes) != set(axes):
+            scatter = grouped if grouped else _scatter(n, lanes)
+            if (n.monoid != SUM or scatter is None
+                    or (set(n.axes) - set(scatter)) | set(n.raxes) != set(axes)):
                 return None
             if not _reads_at(n.value, fwd.out, adj.out, step, rf, at=None):
                 return None
@@ -189,7 +195,9 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
             kept_state = tuple(a for a in state if a in n.axes)
             kept_lanes = tuple(a for a in lanes if a in n.axes)
             kind = "lane" if step in n.raxes else ("cross" if red_lanes else "point")
-            reductions.append((n, kind, kept_state, kept_lanes))
+            if scatter and kind != "cross":
+                return None
+            reductions.append((n, kind, kept_state, kept_lanes, tuple(scatter.items())))
         elif isinstance(n, Map) and set(n.axes) == set(axes):
             if not _reads_at(n.value, fwd.out, adj.out, step, rf, at=None):
                 return None
@@ -206,7 +214,7 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
             tails.append((n, c))
         else:
             return None
-    cross = [set(n.raxes) & set(lanes) for n, k, _, _ in reductions if k == "cross"]
+    cross = [set(n.raxes) & set(lanes) for n, k, *_ in reductions if k == "cross"]
     split = tuple(a for a in lanes if cross and a in cross[0])
     if any(c != set(split) for c in cross):
         return None
@@ -229,7 +237,7 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
     members = core | inl
     imaps = {k: maps[k] for k in inl}
     # maps per lane and step over the point reductions (the gradient sums of du = D * g + sum_n ...): epilogues
-    point_outs = {n.out: n for n, kind, _, _ in reductions if kind == "point"}
+    point_outs = {n.out: n for n, kind, *_ in reductions if kind == "point"}
     lane_step = set(lanes) | {step}
     inputs = {t.name for t in op.inputs}
     pure = {k for k, m in maps.items() if all(a.tensor in inputs for a in loads(m.value))}
@@ -259,7 +267,7 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
                 and step in n.raxes and set(n.axes) | set(n.raxes) == lane_step
                 and all(a.tensor in inputs or a.tensor in pure or a.tensor in inl or
                         ((a.tensor in point_outs or a.tensor in steps) and a.pad is None) for a in loads(n.value))):
-            reductions.append((n, "steplane", (), tuple(a for a in lanes if a in n.axes)))
+            reductions.append((n, "steplane", (), tuple(a for a in lanes if a in n.axes), ()))
             members.add(n.out)
     for k in sorted(pure - members):             # input maps only members read now
         if k not in outputs and _readers(op, k) and all(r.out in members for r in _readers(op, k)):
@@ -304,13 +312,53 @@ def fuse_scan_adjoint(op: Op) -> ScanAdjointGroup | None:
                   Affine(inline_maps(adj.combine.a, imaps), inline_maps(adj.combine.b, imaps)),
                   inline_maps(adj.init, imaps) if adj.init is not None else None, adj.state_axes)
     reds = tuple(AdjointReduction(Reduce(n.out, n.axes, n.raxes, inline_maps(n.value, {**imaps, **done}),
-                                         n.monoid), k, ks, kl) for n, k, ks, kl in reductions)
+                                         n.monoid), k, ks, kl, sc) for n, k, ks, kl, sc in reductions)
     order = [n.out for n in op.nodes]
     return ScanAdjointGroup(
         op, f_scan, a_scan, lanes, state, step, rf, carry, reds,
         tuple(Map(m.out, m.axes, inline_maps(m.value, imaps)) for m in stores), tuple(epis),
         tuple((Map(m.out, m.axes, inline_maps(m.value, imaps)), c) for m, c in tails), split,
         tuple(sorted(members, key=order.index)), tuple(needed), tuple(reads))
+
+
+def _ungrouped(n: Reduce, scans: tuple[str, ...], axes: tuple[Axis, ...], lanes: tuple[Axis, ...]):
+    """A reduction over the channels of a group, as the grad transform writes it (``sum_{g1} h[b, g0*Dg + g1, ..]``
+    into ``grad_C[b, g0, ..]``), as a sum over the lane ``d`` scattered into ``g0 = d // Dg``: ``(node, scatter)``,
+    or ``(n, None)`` when the node is not of that form."""
+    if n.predicate is not None:
+        return n, None
+    for acc in loads(n.value):
+        if acc.tensor not in scans or len(acc.index) != len(axes):
+            continue
+        for i, lane in zip(acc.index, axes):
+            i = sympy.sympify(i)
+            if lane not in lanes or i == lane:
+                continue
+            for g in n.axes:
+                for r in n.raxes:
+                    size = sympy.simplify((i - r) / g)
+                    if any(isinstance(x, Axis) for x in size.free_symbols) or size == 0:
+                        continue
+                    value = substitute(substitute(n.value, {r: lane - g * size}), {g: sympy.floor(lane / size)})
+                    raxes = tuple(lane if a == r else a for a in n.raxes)
+                    return Reduce(n.out, n.axes, raxes, value, n.monoid), {g: sympy.floor(lane / size)}
+    return n, None
+
+
+def _scatter(n: Reduce, lanes: tuple[Axis, ...]) -> dict | None:
+    """``{output axis: lane expression}`` for a reduction whose predicate ties an output axis to the lanes
+    (``grad_B[b, t, g, n] = sum_{h, p} ... where h * G // H == g``); ``{}`` without a predicate; None otherwise."""
+    p = n.predicate
+    if p is None:
+        return {}
+    if p.op is not ExprOp.INDEX or not isinstance(p.arg, sympy.Eq):
+        return None
+    lhs, rhs = p.arg.lhs, p.arg.rhs
+    for ax, ex in ((rhs, lhs), (lhs, rhs)):
+        used = {s for s in ex.free_symbols if isinstance(s, Axis)}
+        if isinstance(ax, Axis) and ax in n.axes and used and used <= set(lanes) and ax not in used:
+            return {ax: ex}
+    return None
 
 
 def _in_frame_of(m: Map, frames: dict) -> Map | None:

@@ -200,7 +200,8 @@ class _Renderer:
                 axes = g.lanes + r.kept_state
                 shape = tuple(ext_of[a] for a in axes)
             elif r.kind == "cross":
-                axes = r.kept_lanes + (g.step,) + r.kept_state       # the state innermost: vector stores
+                # the output's axes, the state innermost (vector stores); scattered axes indexed by their lanes
+                axes = tuple(a for a in r.node.axes if a not in g.state) + r.kept_state
                 shape = (splits_dim,) + tuple(ext_of[a] for a in axes)
             else:
                 continue
@@ -412,7 +413,8 @@ class _Renderer:
                 lane_accs[-1] = (buf, kidx, kax, pnames[n.out], paxes[n.out], kept, wide)
             else:
                 pax = paxes[n.out]
-                idx = ", ".join(["sk"] + [sym[a] for a in pax])
+                where = dict(r.scatter)
+                idx = ", ".join(["sk"] + [ir(where[a]) if a in where else sym[a] for a in pax])
                 p = pnames[n.out]
                 put(leaf, f"b_{p}[{idx}] = b_{p}[{idx}] + {vtxt}")
         # epilogues per lane and step: point sums read from ps[k]

@@ -281,3 +281,31 @@ def test_mamba_block_scale_no_full_size_tensor(monkeypatch):
         rel = (a.grad.double() - b.grad).abs().max().item() / (b.grad.abs().max().item() + 1e-6)
         assert rel <= 1e-4, (name, rel)          # fp32 accumulation over N * L = 16384 terms
     assert biggest and max(biggest) < Bt * Dd * N * L // 4
+
+
+def test_grouped_b_c_scatter_into_groups():
+    """Grouped B / C (``[batch, G, N, L]``, a group of channels per head as in Mamba-2 / SSD): their gradients
+    are cross-lane sums scattered into the channel's group (``where d // (D / G) == g``), in the fused kernel."""
+    op = declare_selective_scan(B_layout="grouped", C_layout="grouped", D="f32")
+    g = fuse_scan_adjoint(backward_op(op, ("u", "delta", "A", "B", "C", "D")))
+    assert g is not None
+    assert [r.kind for r in g.reductions if r.scatter] == ["cross", "cross"]
+    gen = _gen()
+    Bt, Dd, G, N, L = 2, 6, 3, 4, 11
+    args = [torch.randn(Bt, Dd, L, generator=gen), torch.rand(Bt, Dd, L, generator=gen),
+            -torch.rand(Dd, N, generator=gen) - 0.5, torch.randn(Bt, G, N, L, generator=gen),
+            torch.randn(Bt, G, N, L, generator=gen), torch.randn(Dd, generator=gen)]
+    x32 = [a.clone().requires_grad_() for a in args]
+    x64 = [a.double().requires_grad_() for a in args]
+    gy = torch.randn(Bt, Dd, L, generator=gen)
+    selective_scan(*x32).backward(gy)
+    rep = Dd // G
+    u, dt, A, Bg, Cg, D = x64
+    Bv, Cv = Bg.repeat_interleave(rep, 1), Cg.repeat_interleave(rep, 1)      # [B, D, N, L]
+    h, ys = u.new_zeros(Bt, Dd, N), []
+    for t in range(L):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * Bv[..., t]
+        ys.append((h * Cv[..., t]).sum(-1))
+    (torch.stack(ys, -1) + D[:, None] * u).backward(gy.double())
+    for name, a, b in zip(("u", "delta", "A", "B", "C", "D"), x32, x64):
+        assert (a.grad.double() - b.grad).abs().max() <= 1e-4 * (b.grad.abs().max() + 1e-3), name
