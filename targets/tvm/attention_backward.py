@@ -478,8 +478,9 @@ class _Renderer:
                 c.w(d, f"for ii in range({BM}):")
                 c.w(d + 1, f"if q0 + ii < {L}:")
                 c.w(d + 2, f"for jj in range({BN}):")
-                c.w(d + 3, f"if {_all([f'k0 + jj < {S}', inb])}:")
-                c.w(d + 4, f"{target} = {target} + {tile}[ii, jj]")
+                c.w(d + 3, f"if {tile}[ii, jj] != {z}:")   # masked pairs (and pairs past S) add nothing
+                c.w(d + 4, f"if {_all([f'k0 + jj < {S}', inb])}:")
+                c.w(d + 5, f"{target} = {target} + {tile}[ii, jj]")
 
     def _add_lanes(self, c: Code, d: int, cond: str, target: str) -> None:
         """``target += sum(cg_sum)`` when ``cond``."""
