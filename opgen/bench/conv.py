@@ -7,7 +7,7 @@ from .protocol import CaseResult, Impl, measure
 
 def conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
     """Depthwise 31x31 and 7x7 (forward, forward+backward), dense 3x3, strided and grouped forward+backward,
-    causal conv1d and long_conv, fp32."""
+    the issue 22 goal shapes (:func:`conv_goal_cases`), causal conv1d and long_conv, fp32."""
     import torch
     import torch.nn.functional as F
 
@@ -41,7 +41,43 @@ def conv_cases(repeats: int, quick: bool) -> list[CaseResult]:
     impls = [Impl("opgen", lambda: opgen.ops.causal_conv1d(x, w)),
              Impl("F.conv1d, pad + slice", lambda: F.conv1d(x, w[:, None], padding=width - 1, groups=d)[..., :length])]
     out.append(measure("causal_conv1d", f"B={b} D={d} L={length} W={width} fp32", impls, repeats))
+    out += conv_goal_cases(repeats, quick)
     out += long_conv_cases(repeats, quick)
+    return out
+
+
+#: issue 22's speed goals for convolutions (B=8, fp32): dense 3x3 at the ResNet stages (channels, px), padding 1, and
+#: depthwise 7x7 at the ConvNeXt stages, padding 3; fwd+bwd >= 0.8x F.conv2d (dense), fwd >= 1.0x and fwd+bwd >= 1.5x
+#: (depthwise), one thread
+RESNET_STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
+CONVNEXT_STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
+
+
+def conv_goal_cases(repeats: int, quick: bool) -> list[CaseResult]:
+    """Dense 3x3 at ResNet stage shapes (forward+backward) and depthwise 7x7 at ConvNeXt stage shapes (forward, and
+    forward+backward), B=8 (quick: B=2 and a quarter of the channels at the two smallest images)."""
+    import torch
+    import torch.nn.functional as F
+
+    import opgen
+
+    b = 2 if quick else 8
+    dense = RESNET_STAGES[2:] if quick else RESNET_STAGES
+    dw = CONVNEXT_STAGES[2:] if quick else CONVNEXT_STAGES
+    div = 4 if quick else 1
+    out = []
+    for c, side in dense:
+        c //= div
+        x, w = torch.randn(b, c, side, side), torch.randn(c, c, 3, 3) / (3 * c ** 0.5)
+        out.append(_fwd_bwd(x, w, repeats, f"fwd+bwd dense 3x3, {c}->{c}, {side}x{side}, N={b} fp32", padding=1))
+    for c, side in dw:
+        c //= div
+        x, w = torch.randn(b, c, side, side), torch.randn(c, 1, 7, 7) / 7
+        impls = [Impl("opgen", lambda x=x, w=w, c=c: opgen.ops.conv2d(x, w, padding=3, groups=c)),
+                 Impl("F.conv2d", lambda x=x, w=w, c=c: F.conv2d(x, w, padding=3, groups=c))]
+        out.append(measure("conv2d", f"depthwise 7x7, C={c}, {side}x{side}, N={b} fp32", impls, repeats))
+        out.append(_fwd_bwd(x, w, repeats, f"fwd+bwd depthwise 7x7, C={c}, {side}x{side}, N={b} fp32", padding=3,
+                            groups=c))
     return out
 
 
