@@ -180,8 +180,6 @@ class _Renderer:
         # the last state axis runs as one vector (its whole static extent) when it is wide enough
         vext = int(sympy.sympify(ext_of[g.state[-1]]).subs(self.static)) if g.state else 0
         vax = g.state[-1] if g.state and vext % 4 == 0 and 4 <= vext <= 256 else None
-        if vax is not None and any(r.kind == "cross" and vax not in r.kept_state for r in g.reductions):
-            vax = None
         # inputs read across the vector axis with another dim innermost (B[b, n, t] for a vector over n) are
         # passed transposed, that dim last, so the vector loads are contiguous
         trans = _transposed(g, vax, taken) if vax is not None else {}
@@ -383,6 +381,7 @@ class _Renderer:
         point_writes: list[tuple[str, str, tuple, str, DType]] = []   # (acc buffer, output, axes, idx text, dt)
         zero_lines: list[tuple[str, str, tuple]] = []
         lane_accs: list[tuple[str, str, tuple]] = []
+        cross_writes: list[tuple[str, str, tuple, str]] = []
         pnames = {out: p for p, out, _ in partials}
         paxes = {out: ax for _, out, ax in partials}
         for k, r in enumerate(g.reductions):
@@ -416,7 +415,18 @@ class _Renderer:
                 where = dict(r.scatter)
                 idx = ", ".join(["sk"] + [ir(where[a]) if a in where else sym[a] for a in pax])
                 p = pnames[n.out]
-                put(leaf, f"b_{p}[{idx}] = b_{p}[{idx}] + {vtxt}")
+                if not wide:
+                    put(leaf, f"b_{p}[{idx}] = b_{p}[{idx}] + {vtxt}")
+                    continue
+                # summed over the vector axis too: per step, the vector's lanes folded, then added
+                buf = f"cacc{k}"
+                self.allocs.append(scratch_buffer(buf, kshape, sdt))
+                if set(g.state) - set(kept) <= {vax}:
+                    put(leaf, f"{buf}[{kidx}] = {vtxt}")
+                else:
+                    put(leaf, f"{buf}[{kidx}] = {buf}[{kidx}] + {vtxt}")
+                    zero_lines.append((buf, kidx, kax))
+                cross_writes.append((buf, kidx, kept, f"b_{p}[{idx}]"))
         # epilogues per lane and step: point sums read from ps[k]
         epi_reads = {a.tensor for m in g.epilogues for a in loads(m.value)}
         epi_reads |= {a.tensor for r in g.reductions if r.kind == "steplane" for a in loads(r.node.value)}
@@ -537,6 +547,8 @@ class _Renderer:
                     [store(out, axes, v, dt)] if out in direct else [])
                 return "\n".join(lines) or "T.evaluate(0)"
             self._write_sum(c, d3, kept, wide, sym, ext, buf, kidx, write)
+        for buf, kidx, kept, target in cross_writes:
+            self._write_sum(c, d3, kept, True, sym, ext, buf, kidx, lambda v, t=target: f"{t} = {t} + {v}")
         c.block(d3, epi.lets)
         self._loops_zero(c, d2, a_axes, sym, ext, f"an[{a_idx}] = ab[0, {a_idx}]")
         # after the lane: lane partials, tails

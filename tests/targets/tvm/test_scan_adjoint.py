@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import opgen
+from opgen import Float
 from opgen.bridge import backward_op
 from opgen.ir.passes.scan_adjoint import fuse_scan_adjoint, group_scan_adjoint
 from opgen.ops import chunk_gla, linear_scan, selective_scan
@@ -308,4 +310,37 @@ def test_grouped_b_c_scatter_into_groups():
         ys.append((h * Cv[..., t]).sum(-1))
     (torch.stack(ys, -1) + D[:, None] * u).backward(gy.double())
     for name, a, b in zip(("u", "delta", "A", "B", "C", "D"), x32, x64):
+        assert (a.grad.double() - b.grad).abs().max() <= 1e-4 * (b.grad.abs().max() + 1e-3), name
+
+
+def test_declared_ssd_grads_vs_float64_loop():
+    """A declared Mamba-2 SSD scan (matrix state [N, P], heads grouped over B/C): the cross-lane sums over heads
+    and head channels (the state's vector axis P) are folded per step; grads vs a float64 loop."""
+    @opgen.op
+    def ssd_test(x: Float["B L H P"], dt: Float["B L H"], A: Float["H"], Bm: Float["B L G N"],
+                 Cm: Float["B L G N"]):
+        b, t, h, n, p = opgen.axes("b t h n p")
+        H, G = opgen.dims("H G")
+        g = h * G // H
+        st = opgen.scan(t, a=opgen.exp(dt[b, t, h] * A[h]), b=dt[b, t, h] * Bm[b, t, g, n] * x[b, t, h, p],
+                        state=(n, p), axes=(b, h, n, p, t))
+        return opgen.sum(n, Cm[b, t, g, n] * st[b, h, n, p, t], axes=(b, t, h, p))
+
+    gen = _gen()
+    Bt, L, H, P, G, N = 2, 13, 4, 8, 2, 5
+    args = [torch.randn(Bt, L, H, P, generator=gen), torch.rand(Bt, L, H, generator=gen) * 0.5,
+            -torch.rand(H, generator=gen), torch.randn(Bt, L, G, N, generator=gen),
+            torch.randn(Bt, L, G, N, generator=gen)]
+    x32 = [a.clone().requires_grad_() for a in args]
+    x64 = [a.double().requires_grad_() for a in args]
+    gy = torch.randn(Bt, L, H, P, generator=gen)
+    ssd_test(*x32).backward(gy)
+    x, dt, A, Bm, Cm = x64
+    Bh, Ch = Bm.repeat_interleave(H // G, 2), Cm.repeat_interleave(H // G, 2)   # [B, L, H, N]
+    S, ys = x.new_zeros(Bt, H, N, P), []
+    for t in range(L):
+        S = torch.exp(dt[:, t] * A)[..., None, None] * S + (dt[:, t, :, None] * Bh[:, t])[..., None] * x[:, t, :, None]
+        ys.append(torch.einsum("bhn,bhnp->bhp", Ch[:, t], S))
+    torch.stack(ys, 1).backward(gy.double())
+    for name, a, b in zip(("x", "dt", "A", "Bm", "Cm"), x32, x64):
         assert (a.grad.double() - b.grad).abs().max() <= 1e-4 * (b.grad.abs().max() + 1e-3), name
