@@ -32,8 +32,11 @@ Reductions: ``point`` sums are ``tl.sum`` over the reduced state axes each step 
 value shares that sum); ``lane`` and ``steplane`` sums are register accumulators per lane, written once to a
 partial ``[lanes..., kept state...]`` that the caller sums over the reduced lane axes; ``cross`` sums (over the
 split lanes, e.g. ``dB[b, n, t] = sum_d``) are ``tl.sum`` over the block dimension each step, written to a partial
-``[split blocks, kept lanes..., steps, kept state...]`` that the caller sums over its first axis. No atomics: the
-result does not depend on scheduling (deterministic run to run).
+``[split blocks, kept lanes..., steps, kept state...]`` that the caller sums over its first axis. A cross sum
+scattered into groups (``grad_C[b, g, n, t] = sum_d`` over the channels ``d`` with ``g = d // Dg``: grouped B/C) is a
+segmented sum over the block instead (a one-hot ``[BLOCK, SLOTS]`` of each lane's slot among the block's groups,
+computed on the host), written to ``[split blocks, SLOTS, ...]`` and scattered into the groups by the caller
+(``index_add_``). No atomics: the result does not depend on scheduling (deterministic run to run).
 
 The source depends only on the group: sizes are runtime arguments, ``BLOCK``, ``CH``, the padded state sizes and
 the index dtype are constexprs chosen by :func:`default_config` (a config dict ``{BLOCK, CH, num_warps,
@@ -80,6 +83,9 @@ class AdjointKernel:
     constexprs: tuple[str, ...]
     state_constexprs: tuple[tuple[str, str], ...]     # (state axis name, its padded-size constexpr)
     block_lanes: tuple[str, ...]                      # lane axes in the BLOCK dimension (the rest: one per program)
+    # cross reductions scattered into groups (``grad_C[b, g, ..] = sum_d`` with ``g = d // Dg``): (output, its
+    # slots-per-block constexpr, the scattered axes) in the order of their slot-map pointer arguments
+    scattered: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
 
 def _pow2(n: int) -> int:
@@ -212,8 +218,13 @@ class _Renderer:
                 axes = g.lanes + r.kept_state
                 sizes = tuple(self.ext(a) for a in axes)
             elif r.kind == "cross":
-                axes = r.kept_lanes + (g.step,) + r.kept_state
-                sizes = ("n_blk",) + tuple(self.ext(a) for a in axes)
+                scat = dict(r.scatter)
+                axes = tuple(a for a in r.node.axes if a not in g.state and a not in scat) + r.kept_state
+                sizes = ("n_blk",) + (("SLOTS",) if scat else ()) + tuple(self.ext(a) for a in axes)
+                for a, ex in scat.items():
+                    if not {x for x in sympy.sympify(ex).free_symbols if isinstance(x, Axis)} <= set(block_lanes):
+                        raise ValueError(f"op {op.name}: {r.node.out}'s axis {a} = {ex} is not a function of the "
+                                         f"lanes it sums over")
             else:
                 continue
             pname = fresh_key(f"part_{r.node.out}")
@@ -222,6 +233,12 @@ class _Renderer:
         for name in order:
             args.append((targs[name].ptr, "ptr", name))
         args += [("ws_ptr", "ptr", "ws"), ("ckp_ptr", "ptr", "ckp")]
+        scattered = []
+        for x in g.reductions:
+            if x.kind == "cross" and x.scatter:
+                k = len(scattered)
+                scattered.append((x.node.out, namer.fresh(f"SLOTS_{x.node.out}"), tuple(a.name for a, _ in x.scatter)))
+                args.append((namer.fresh(f"slot_{x.node.out}_ptr"), "ptr", ("slot", k)))
         for d in op.dims:
             args.append((self.dim_names[d], "dim", d.name))
         for name in order:
@@ -243,7 +260,7 @@ class _Renderer:
         def expand(pos: int) -> str:
             return "" if Rk == 1 else "[" + ", ".join(":" if k == pos else "None" for k in range(Rk)) + "]"
         ns = {a: namer.fresh(f"NS_{a.name}") for a in g.state}
-        constexprs = ["BLOCK"] + [ns[a] for a in g.state] + ["CH", "IDX"]
+        constexprs = ["BLOCK"] + [ns[a] for a in g.state] + ["CH", "IDX"] + [c for _, c, _ in scattered]
         full = "[" + ", ".join(["BLOCK"] + [ns[a] for a in g.state]) + "]"
         sp = " * ".join(ns[a] for a in g.state) or "1"
         body: list[str] = []
@@ -392,9 +409,28 @@ class _Renderer:
             else:
                 p, pax = pnames[n.out]
                 crs = namer.fresh(f"{n.out}_blk")
-                rev.emit(f"{crs} = tl.expand_dims(tl.sum(tl.where(lane_ok, {s}, 0.0), axis=0), 0)"
-                         f"  # {n.out}: sum over {', '.join(map(str, n.raxes))} (this block of lanes)")
-                self._store(p, (split_sym,) + tuple(pax), crs, rev)
+                if not x.scatter:
+                    rev.emit(f"{crs} = tl.expand_dims(tl.sum(tl.where(lane_ok, {s}, 0.0), axis=0), 0)"
+                             f"  # {n.out}: sum over {', '.join(map(str, n.raxes))} (this block of lanes)")
+                    self._store(p, (split_sym,) + tuple(pax), crs, rev)
+                    continue
+                # scattered: a segmented sum over the block, one row per slot (the block's groups, in order)
+                k = [o for o, _, _ in scattered].index(n.out)
+                _, slots, _ = scattered[k]
+                sptr = next(a for a, kd, det in args if det == ("slot", k))
+                oh = namer.fresh(f"onehot_{n.out}")
+                sl = namer.fresh(f"slot_{n.out}")
+                tail_dims = "".join(", None" for _ in g.state)
+                pre.emit(f"{sl} = tl.load({sptr} + lane, mask=lane < {n_block}, other=-1)  # {n.out}: slot of each "
+                         f"lane in this block's groups")
+                pre.emit(f"{oh} = ({sl}[:, None] == tl.arange(0, {slots})[None, :])[:, :{tail_dims}]")
+                ssym = sympy.Symbol(f"slot_of_{k}", integer=True, nonnegative=True)
+                sar = namer.fresh(f"slot_rows_{n.out}")
+                pre.emit(f"{sar} = tl.arange(0, {slots}).to(IDX){expand(0)}")
+                rev.env[ssym] = AxisVar(sar, None)
+                rev.emit(f"{crs} = tl.sum(tl.where({oh}, tl.expand_dims(tl.where(lane_ok, {s}, 0.0), 1), 0.0), "
+                         f"axis=0)  # {n.out}: sum over {', '.join(map(str, n.raxes))} per group of this block")
+                self._store(p, (split_sym, ssym) + tuple(pax), crs, rev)
         for m in g.epilogues:
             v = r.value(self._pseudo(m.value), rev, m.out)
             if not v.isidentifier():
@@ -488,7 +524,7 @@ class _Renderer:
         source = "\n".join(lines).rstrip() + "\n"
         return AdjointKernel(source, kernel, tuple(order) + ("ws", "ckp"), direct, tuple(partials), tuple(args),
                              tuple(constexprs), tuple((a.name, ns[a]) for a in g.state),
-                             tuple(a.name for a in block_lanes))
+                             tuple(a.name for a in block_lanes), tuple(scattered))
 
     def _store(self, tensor: str, idx: tuple, value: str, sec: Section) -> None:
         r = self.renderer
@@ -532,11 +568,51 @@ def default_config(group: ScanAdjointGroup, binding) -> dict:
     return {"BLOCK": block, "CH": ch, "num_warps": warps, "num_stages": 1}
 
 
-def _constexprs(kern: AdjointKernel, group: ScanAdjointGroup, binding, cfg: Mapping[str, Any], idx) -> dict:
+def _scatter_plan(kern: AdjointKernel, group: ScanAdjointGroup, binding, block: int) -> list[tuple]:
+    """Per scattered cross reduction (in ``kern.scattered`` order): ``(slot, slots, first, groups, exts)``: the slot
+    of each block lane among its block's groups (int32 numpy, row-major block lanes), the slots per block (a power of
+    two), each block's first group (flat over the scattered axes), the group count and the scattered extents."""
+    import numpy as np
+
+    ext = binding.extents
+    block_lanes = group.split or group.lanes
+    exts = [int(ext[a]) for a in block_lanes]
+    flat = np.arange(math.prod(exts), dtype=np.int64)
+    values, rest = {}, flat
+    for a, e in zip(reversed(block_lanes), reversed(exts)):
+        values[a], rest = rest % e, rest // e
+    env = {f"_lane{k}": values[a] for k, a in enumerate(block_lanes)}
+    names = {a: f"_lane{k}" for k, a in enumerate(block_lanes)}
+
+    def name(x):
+        return names[x] if x in names else str(int(binding.dims[x]))
+    red = {x.node.out: x for x in group.reductions}
+    out = []
+    for rout, _, _ in kern.scattered:
+        scat = red[rout].scatter
+        sexts = [int(ext[a]) for a, _ in scat]
+        gid = np.zeros_like(flat)
+        for (a, ex), e in zip(scat, sexts):
+            v = eval(render_index(sympy.sympify(ex), name, "python"), {"__builtins__": {}}, env)  # noqa: S307
+            gid = gid * e + np.broadcast_to(np.asarray(v, dtype=np.int64), flat.shape)
+        nb = -(-len(flat) // block)
+        pad = np.concatenate([gid, np.full(nb * block - len(flat), -1, dtype=np.int64)]).reshape(nb, block)
+        first = np.where(pad >= 0, pad, np.iinfo(np.int64).max).min(1)
+        last = pad.max(1)
+        slot = (gid - np.repeat(first, block)[:len(flat)]).astype(np.int32)
+        out.append((slot, _pow2(int((last - first).max()) + 1), first, math.prod(sexts), sexts))
+    return out
+
+
+def _constexprs(kern: AdjointKernel, group: ScanAdjointGroup, binding, cfg: Mapping[str, Any], idx,
+                plan=None) -> dict:
     _, _, ns = _tile_sizes(group, binding)
     out = {"BLOCK": int(cfg["BLOCK"]), "CH": int(cfg["CH"]), "IDX": idx}
     for (_, name), v in zip(kern.state_constexprs, ns):
         out[name] = v
+    plan = _scatter_plan(kern, group, binding, int(cfg["BLOCK"])) if plan is None else plan
+    for (_, cname, _), (_, slots, *_) in zip(kern.scattered, plan):
+        out[cname] = slots
     return out
 
 
@@ -554,7 +630,8 @@ def aot_signature(kern: AdjointKernel, group: ScanAdjointGroup, binding, cfg: Ma
     consts: dict[str, Any] = {}
     for name, kind, detail in kern.kernel_args:
         if kind == "ptr":
-            sig[name] = TL_SIGNATURE[op.tensor(detail).dtype] if detail in names else TL_SIGNATURE[sdt]
+            sig[name] = TL_SIGNATURE[op.tensor(detail).dtype] if detail in names else (
+                "*i32" if isinstance(detail, tuple) else TL_SIGNATURE[sdt])
             continue
         val = dims[detail] if kind == "dim" else _contiguous(shapes[detail[0]])[detail[1]]
         if val == 1:
@@ -575,15 +652,18 @@ def _contiguous(shape) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def _shapes(kern: AdjointKernel, group: ScanAdjointGroup, binding, cfg) -> dict[str, tuple[int, ...]]:
+def _shapes(kern: AdjointKernel, group: ScanAdjointGroup, binding, cfg, plan=None) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor argument but the workspaces at ``binding``."""
     ext = binding.extents
     out = {n: tuple(binding.shapes[n]) for n in kern.tensors if n in binding.shapes}
     sp, nblock, _ = _tile_sizes(group, binding)
+    plan = _scatter_plan(kern, group, binding, int(cfg["BLOCK"])) if plan is None else plan
+    slots = {rout: pl[1] for (rout, _, _), pl in zip(kern.scattered, plan)}
     for p, rout, axes in kern.partials:
         shape = tuple(int(ext[a]) for a in axes)
         red = next(x for x in group.reductions if x.node.out == rout)
-        out[p] = ((-(-nblock // int(cfg["BLOCK"])),) + shape) if red.kind == "cross" else shape
+        lead = (-(-nblock // int(cfg["BLOCK"])),) + ((slots[rout],) if rout in slots else ())
+        out[p] = (lead + shape) if red.kind == "cross" else shape
     return out
 
 
@@ -611,7 +691,8 @@ def adjoint_call(group: ScanAdjointGroup, binding, cache_dir, config: Mapping[st
     outer = [a for a in group.lanes if a not in (group.split or group.lanes)]
     programs = n_blk * math.prod(int(ext[a]) for a in outer)
     chunks = -(-int(ext[group.step]) // ch)
-    shapes = _shapes(kern, group, binding, cfg)
+    plan = _scatter_plan(kern, group, binding, block)
+    shapes = _shapes(kern, group, binding, cfg, plan)
     sdt = to_torch(compute_dtype(promote(group.forward.combine.a.dtype, group.forward.combine.b.dtype)))
     red = {x.node.out: x for x in group.reductions}
     part_of = {p: (out, axes) for p, out, axes in kern.partials}
@@ -619,11 +700,18 @@ def adjoint_call(group: ScanAdjointGroup, binding, cache_dir, config: Mapping[st
     dims = [int(binding.dims[d]) for d in op.dims]
     ws_elems, ck_elems = programs * (ch + 1) * block * sp, programs * chunks * block * sp
     big = max([ws_elems, ck_elems] + [math.prod(s) for s in shapes.values()]) >= 2**31 - 1
+    consts32 = _constexprs(kern, group, binding, cfg, None, plan)
+    scat = {rout: pl for (rout, _, _), pl in zip(kern.scattered, plan)}
+    on_device: dict = {}
 
     def call(tensors: Mapping) -> dict:
         import triton.language as tl
 
         device = next(iter(tensors.values())).device if tensors else torch.device("cuda")
+        if device not in on_device:          # the slot maps and first groups of scattered sums, once per device
+            on_device[device] = [(torch.from_numpy(pl[0]).to(device), torch.from_numpy(pl[2]).to(device))
+                                 for pl in plan]
+        maps = on_device[device]
         ptrs, outs, parts = [], {}, {}
         for name in kern.tensors:
             if name in group.reads:
@@ -643,13 +731,23 @@ def adjoint_call(group: ScanAdjointGroup, binding, cache_dir, config: Mapping[st
         strided = [x for x, name in zip(ptrs, kern.tensors) if name not in ("ws", "ckp")]
         idx64 = big or any(sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride())) >= 2**31 - 1 for x in strided)
         strides = [st for x in strided for st in x.stride()]
-        consts = _constexprs(kern, group, binding, cfg, tl.int64 if idx64 else tl.int32)
-        fn[(programs,)](*ptrs, *dims, *strides, **consts, num_warps=int(cfg["num_warps"]),
+        consts = {**consts32, "IDX": tl.int64 if idx64 else tl.int32}
+        fn[(programs,)](*ptrs, *[m[0] for m in maps], *dims, *strides, **consts, num_warps=int(cfg["num_warps"]),
                         num_stages=int(cfg["num_stages"]))
         for name, x in parts.items():
             out, axes = part_of[name]
             rr = red[out]
-            if rr.kind == "cross":
+            if rr.kind == "cross" and out in scat:
+                # [blocks, slots, rest...] -> [groups, rest...]: slot s of block k is group first[k] + s (unused
+                # slots hold zeros; clamped into range)
+                _, slots, _, groups, sexts = scat[out]
+                first = maps[[o for o, _, _ in kern.scattered].index(out)][1]
+                idx = (first[:, None] + torch.arange(slots, device=device)[None, :]).clamp_(max=groups - 1)
+                y = torch.zeros((groups,) + tuple(x.shape[2:]), dtype=x.dtype, device=device)
+                x = y.index_add_(0, idx.reshape(-1), x.reshape((-1,) + tuple(x.shape[2:])))
+                x = x.reshape(tuple(sexts) + tuple(x.shape[1:]))
+                axes = tuple(a for a, _ in rr.scatter) + tuple(axes)
+            elif rr.kind == "cross":
                 x = x.sum(0)
             else:
                 drop = [k for k, a in enumerate(axes) if a in rr.node.raxes]

@@ -61,6 +61,14 @@ def _cases():
         ("selective_scan one step", ss, SS_ALL, ss_inputs(2, 3, 4, 1), {"CH": 8}, 2e-5, False),
         ("selective_scan bf16 via prepare_group", ssb, SS_ALL, ss_inputs(2, 5, 3, 9, torch.bfloat16), {}, 2e-2, True),
     ]
+    # grouped B (2 groups of 3 channels) and C (3 groups of 2): cross sums scattered into groups, 4-lane blocks
+    # straddling group boundaries (a segmented sum per block)
+    Bt, Dd, N, L = 2, 6, 3, 7
+    out.append(("selective_scan grouped B/C", declare_selective_scan(B_layout="grouped", C_layout="grouped",
+                                                                     last_state=True), SS_ALL[:5], dict(
+        u=r(Bt, Dd, L), delta=torch.rand(Bt, Dd, L, generator=g) * 0.5, A=-torch.rand(Dd, N, generator=g) - 0.5,
+        B=r(Bt, 2, N, L), C=r(Bt, 3, N, L), grad_out=r(Bt, Dd, L), grad_last_state=r(Bt, Dd, N)),
+        {"CH": 3, "BLOCK": 4}, 2e-5, False))
     Bt, T, H, K, V = 2, 11, 1, 3, 5
     gla = declare_chunk_gla(scale=0.5, final_state=True)
     out.append(("chunk_gla 4-step chunks, 2-lane blocks", gla, ("q", "k", "v", "g"), dict(
@@ -126,8 +134,9 @@ def test_kernel_matches_the_reference_in_the_interpreter(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.split(" ")[0] in ("OK", "FAIL")]
     assert proc.returncode == 0 and lines and not [ln for ln in lines if ln.startswith("FAIL")], \
         proc.stdout + proc.stderr[-4000:]
-    # every gradient of selective_scan's group (9 outputs) in each of its 4 cases; gla 4, linear scans 3 + 2
-    assert len(lines) == 4 * 9 + 4 + 3 + 2, proc.stdout
+    # every gradient of selective_scan's group (9 outputs) in each of its 4 cases; grouped 5; gla 4, linear scans
+    # 3 + 2
+    assert len(lines) == 4 * 9 + 5 + 4 + 3 + 2, proc.stdout
 
 
 def test_prepare_group_is_cuda_only_without_the_interpreter(monkeypatch, tmp_path):
@@ -163,30 +172,34 @@ def test_source_depends_only_on_the_group():
     compile(k.source, "<adjoint>", "exec")
 
 
-def _mamba_case(dtype: str):
+def _mamba_case(dtype: str, grouped: bool = False):
     from opgen.bridge import backward_op
     from opgen.ir import DType, bind
     from opgen.ir.passes.scan_adjoint import fuse_scan_adjoint
     from opgen.ops.scan import declare_selective_scan
 
     f, bf = DType.f32, DType.bf16
-    if dtype == "bf16":
+    if grouped:
+        op = declare_selective_scan(B_layout="grouped", C_layout="grouped", D=f, z=f, delta_bias=f,
+                                    delta_softplus=True, last_state=True)
+    elif dtype == "bf16":
         op = declare_selective_scan(bf, bf, f, bf, bf, D=f, z=bf, delta_bias=f, delta_softplus=True, last_state=True)
     else:
         op = declare_selective_scan(D=f, z=f, delta_bias=f, delta_softplus=True, last_state=True)
     bw = backward_op(op, SS_ALL)
     Bt, D, N, L = 2, 1536, 16, 2048
-    shapes = dict(u=(Bt, D, L), delta=(Bt, D, L), A=(D, N), B=(Bt, N, L), C=(Bt, N, L), D=(D,), z=(Bt, D, L),
+    bc = (Bt, 4, N, L) if grouped else (Bt, N, L)
+    shapes = dict(u=(Bt, D, L), delta=(Bt, D, L), A=(D, N), B=bc, C=bc, D=(D,), z=(Bt, D, L),
                   delta_bias=(D,), grad_out=(Bt, D, L), grad_last_state=(Bt, D, N))
     return fuse_scan_adjoint(bw), bind(bw, {t.name: shapes[t.name] for t in bw.inputs})
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp32 grouped B/C"])
 def test_aot_sm90_mamba_goal_config(dtype, aot_ready, tmp_path):
     from opgen.targets.triton.compile import AotUnavailable, aot_compile
     from opgen.targets.triton.scan_adjoint import aot_signature, default_config, render
 
-    g, b = _mamba_case(dtype)
+    g, b = _mamba_case(dtype.split()[0], "grouped" in dtype)
     cfg = default_config(g, b)
     k = render(g)
     sig, consts = aot_signature(k, g, b, cfg)
