@@ -449,8 +449,76 @@ def _conv_backward(dtype: str) -> Callable[[Ctx], list[Comparison]]:
     return run
 
 
+def _scan_adjoint(dtype: str) -> Callable[[Ctx], list[Comparison]]:
+    """The fused scan backward kernel (``targets/triton/scan_adjoint.py``) of selective_scan (D, z, delta_bias,
+    softplus, last state), chunk_gla and linear_scan (initial state) against the reference interpreter evaluating
+    the same backward op in float64: every output of the group (gradients and the partial sums before the caller
+    adds them up). Several chunks (checkpoints) and a lane block with a masked tail; selective_scan also through
+    ``TritonTarget.prepare_group`` with the default config."""
+    def run(ctx: Ctx) -> list[Comparison]:
+        from opgen.bridge import backward_op
+        from opgen.ir import DType, bind
+        from opgen.ir.nodes import TensorParam
+        from opgen.ir.op import Op
+        from opgen.ir.passes.scan_adjoint import fuse_scan_adjoint
+        from opgen.ops.scan import declare_chunk_gla, declare_linear_scan, declare_selective_scan
+        from opgen.targets.triton.scan_adjoint import adjoint_call, default_config
+
+        torch, g = _torch(), _gen(f"sa{dtype}")
+        dt, ir, f = _dt(dtype), _ir(dtype), DType.f32
+        r = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g))  # noqa: E731
+        Bt, D, N, L = (2, 3, 4, 7) if ctx.tiny else (2, 37, 16, 301)
+        ss = declare_selective_scan(ir, ir, f, ir, ir, D=f, z=ir, delta_bias=f, delta_softplus=True, last_state=True)
+        ss_in = {"u": r(Bt, D, L).to(dt), "delta": r(Bt, D, L, scale=0.5).to(dt),
+                 "A": -(0.1 + 1.9 * torch.rand(D, N, generator=g)), "B": r(Bt, N, L).to(dt), "C": r(Bt, N, L).to(dt),
+                 "D": r(D), "z": r(Bt, D, L).to(dt), "delta_bias": r(D), "grad_out": r(Bt, D, L).to(dt),
+                 "grad_last_state": r(Bt, D, N)}
+        Bt2, T, H, K, V = (1, 11, 2, 3, 5) if ctx.tiny else (2, 131, 3, 16, 12)
+        gla = declare_chunk_gla(ir, ir, ir, ir, scale=K ** -0.5, final_state=True)
+        gla_in = {"q": r(Bt2, T, H, K).to(dt), "k": r(Bt2, T, H, K).to(dt), "v": r(Bt2, T, H, V).to(dt),
+                  "g": (-0.5 * torch.rand(Bt2, T, H, K, generator=g)).to(dt), "grad_o": r(Bt2, T, H, V).to(dt),
+                  "grad_final_state": r(Bt2, H, K, V)}
+        P, Lp, Q = (3, 10, 2) if ctx.tiny else (5, 333, 37)
+        ls = declare_linear_scan(ir, ir, initial=f)
+        ls_in = {"a": (0.5 + 0.5 * torch.rand(P, Lp, Q, generator=g)).to(dt), "b": r(P, Lp, Q).to(dt),
+                 "initial": r(P, Q), "grad_h": r(P, Lp, Q).to(dt)}
+        small = {"CH": 3, "BLOCK": 2} if ctx.tiny else {"CH": 16}
+        runs = [("selective_scan", ss, ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), ss_in, small),
+                ("selective_scan default config", ss, ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), ss_in,
+                 None),
+                ("chunk_gla", gla, ("q", "k", "v", "g"), gla_in, {"CH": 4} if ctx.tiny else {"CH": 32}),
+                ("linear_scan", ls, ("a", "b", "initial"), ls_in, small)]
+        out = []
+        for label, op, wrt, ins, over in runs:
+            bw = backward_op(op, wrt)
+            grp = fuse_scan_adjoint(bw)
+            if grp is None:
+                raise AssertionError(f"{label}: the backward op has no fused scan group")
+            ins = {k: v.to(ctx.device) for k, v in ins.items()}
+            shapes = {k: tuple(v.shape) for k, v in ins.items()}
+            b = bind(bw, shapes)
+            if over is None:
+                hit = _target(ctx).prepare_group(bw, b, ctx.device.split(":")[0])
+                if hit is None:
+                    raise AssertionError(f"{label}: TritonTarget.prepare_group returned None")
+                call = hit[1]
+            else:
+                call = adjoint_call(grp, b, ctx.cache_dir, {**default_config(grp, b), **over})
+            got = call({k: ins[k] for k in grp.reads})
+            tensors = tuple(TensorParam(t.name, t.shape, t.dtype, "output" if t.name in grp.outputs else t.kind)
+                            for t in bw.tensors)
+            ref_op = Op(bw.name, tensors, bw.nodes, bw.extents, bw.derived, bw.constraints, bw.attrs)
+            ref = _reference(ref_op, ins, bind(ref_op, shapes))
+            for name in grp.outputs:
+                out.append(Comparison(f"{label} {name}", got[name], ref[name], _tol(dtype)))
+        return out
+    return run
+
+
 def backward_cases() -> list[Case]:
-    return [Case("linear_scan fp32 reverse + initial (the adjoint scan)", "backward", "fp32", False,
+    return [Case("scan fused backward fp32 (selective_scan, chunk_gla, linear_scan)", "backward", "fp32", False,
+                 _scan_adjoint("fp32"), 3.0),
+            Case("linear_scan fp32 reverse + initial (the adjoint scan)", "backward", "fp32", False,
                  _linear_scan("fp32", True, SEQ)),
             Case("linear_scan bf16 reverse + initial (the adjoint scan)", "backward", "bf16", False,
                  _linear_scan("bf16", True, SEQ)),

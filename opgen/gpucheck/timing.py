@@ -69,6 +69,10 @@ def _attention_flops(d: dict[str, int]) -> float:
     return 4.0 * d["B"] * d["H"] * d["D"] * visible
 
 
+#: fwd+bwd over fwd of the library op (issue 22: selective_scan fwd+bwd <= 3x its own forward)
+BACKWARD_GOAL = 3.0
+
+
 def cases(quick: bool) -> list[TimingCase]:
     """The goal cases (BENCHMARKS.md, issues 3-5) at GPU sizes."""
     out = [
@@ -89,9 +93,10 @@ def cases(quick: bool) -> list[TimingCase]:
                    1.2, lambda d: 0.0, 10.0, note="FFT: no direct FLOP count"),
         TimingCase("linear_scan C=4096 L=4096 fp32", "linear_scan", dict(C=4096, L=4096), "float32", 1.0,
                    lambda d: 2.0 * d["C"] * d["L"], 10.0, True),
-        TimingCase("selective_scan B=2 D=1536 L=2048 N=16 fp32", "selective_scan", dict(B=2, D=1536, L=2048, N=16),
-                   "float32", 1.0, lambda d: 9.0 * d["B"] * d["D"] * d["L"] * d["N"], 30.0,
-                   note="baseline: mamba_ssm selective_scan_fn if importable, else the torch reference loop"),
+        TimingCase("selective_scan B=2 D=1536 L=2048 N=16 fp32 (fwd; fwd+bwd)", "selective_scan",
+                   dict(B=2, D=1536, L=2048, N=16), "float32", 1.0, lambda d: 9.0 * d["B"] * d["D"] * d["L"] * d["N"],
+                   28.0, note="baseline: mamba_ssm selective_scan_fn if importable, else the torch reference "
+                   "loop", extra={"backward": BACKWARD_GOAL}),
         TimingCase("chunk_gla B=2 T=2048 H=8 K=V=128 bf16", "chunk_gla", dict(B=2, T=2048, H=8, K=128, V=128),
                    "bfloat16", 0.8, lambda d: 6.0 * d["B"] * d["T"] * d["H"] * d["K"] * d["V"], 30.0, True,
                    "baseline: fla chunk_gla if importable, else the torch recurrent loop"),
@@ -197,6 +202,63 @@ def _bench(fn: Callable[[], Any]) -> float:
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def _bench_grad(fn: Callable[[], Any], grad_to_none=None) -> float:
+    """Like :func:`_bench` with autograd enabled (``grad_to_none``: leaves whose ``.grad`` is reset per run)."""
+    import torch
+    from triton.testing import do_bench
+
+    with torch.enable_grad():
+        return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def _time_fwd_bwd(case: TimingCase, p: "_Problem", m: dict[str, Any]) -> tuple[str, bool]:
+    """The library ``selective_scan`` at the case's inputs: forward, and forward + backward through autograd (the
+    torch bridge runs the generated backward op, whose scan group is the fused Triton kernel of
+    ``targets/triton/scan_adjoint.py`` on CUDA); their ratio against ``case.extra["backward"]``, the peak memory of
+    one fwd+bwd (above the scan's full size ``B*D*N*L`` fp32 means the fused kernel did not run) and mamba_ssm's
+    fwd+bwd when importable. Returns (message, within the goal)."""
+    import torch
+
+    from opgen.ops import selective_scan
+
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    leaves = [p.inputs[n].detach().clone().requires_grad_() for n in names]
+    gy = torch.randn_like(p.inputs["u"])
+
+    def fwd():
+        return selective_scan(*[x.detach() for x in leaves], delta_softplus=True)
+
+    def fwd_bwd():
+        torch.autograd.backward(selective_scan(*leaves, delta_softplus=True), gy)
+
+    goal = float(case.extra["backward"])
+    m["library fwd ms"] = f_ms = _bench(fwd)
+    m["library fwd+bwd ms"] = fb_ms = _bench_grad(fwd_bwd, leaves)
+    m["fwd+bwd / fwd"] = q = fb_ms / f_ms
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.enable_grad():
+        fwd_bwd()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    d = case.dims
+    full = d["B"] * d["D"] * d["N"] * d["L"] * 4
+    m["fwd+bwd peak MB"], m["scan full size MB"] = peak / 2**20, full / 2**20
+    msg = (f"fwd+bwd {q:.2f}x its forward (goal <= {goal:g}x; {fb_ms:.2f} ms), peak {peak / 2**20:.0f} MB "
+           f"(the scan's full size: {full / 2**20:.0f} MB)")
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        ml = [x.detach().clone().requires_grad_() for x in leaves]
+        mb = _bench_grad(lambda: torch.autograd.backward(selective_scan_fn(*ml, delta_softplus=True), gy), ml)
+        m["mamba_ssm fwd+bwd ms"] = mb
+        msg += f"; {mb / fb_ms:.2f}x of mamba_ssm fwd+bwd"
+    except Exception as e:  # noqa: BLE001 (optional)
+        m["mamba_ssm fwd+bwd"] = f"unavailable: {type(e).__name__}"
+    return msg, q <= goal and peak < full
+
+
 def run_case(case: TimingCase, peak: dict[str, Any], cache_dir: str) -> CaseResult:
     """Time one case; never raises."""
     t0 = time.perf_counter()
@@ -230,6 +292,10 @@ def run_case(case: TimingCase, peak: dict[str, Any], cache_dir: str) -> CaseResu
         m["ratio"] = ratio = best[1] / ms
         status = "ok" if ratio >= case.goal else "slow"
         msg = f"{ratio:.2f}x of {best[0]} (goal {case.goal}x)"
+        if case.extra.get("backward"):
+            bmsg, bok = _time_fwd_bwd(case, p, m)
+            msg += "; " + bmsg
+            status = status if bok else "slow"
         return CaseResult("timing", case.name, status, "; ".join([msg] + notes), time.perf_counter() - t0, m)
     except Exception as e:  # noqa: BLE001 (a case records its failure, the run goes on)
         return CaseResult("timing", case.name, "crashed", f"{type(e).__name__}: {str(e)[:500]}",
