@@ -112,8 +112,9 @@ def window_space(group: WindowGroup, binding=None, caps=None, *, rules: WindowRu
         knobs=(
             Knob("variant", VARIANTS + (("fft",) if rules.fft_supported(group)[0] else ()),
                  "direct: staged patch per (channel, row block); gemm: padded workspace, output-channel x pixel "
-                 "tiles reduced over C*KH*KW; fft (1-D depthwise, stride 1): torch.fft transforms of size >= N+K-1 "
-                 "(the other knobs are ignored)"),
+                 "tiles reduced over C*KH*KW; dot: vectors along the flattened taps (few outputs, many taps); "
+                 "cvec: vectors along the output channels (small images, weight gradients); fft (1-D depthwise, "
+                 "stride 1): torch.fft transforms of size >= N+K-1 (the other knobs are ignored)"),
             Knob("vector", tuple(sorted({V, max(1, V // 2)})), "SIMD lanes along the output width"),
             Knob("co_tile", (1, 2, 3, 4, 6, 8), "output channels per register tile"),
             Knob("rows_tile", (1, 2, 3, 4, 5, 6, 7, 8), "output rows per register tile (2-D)"),
@@ -140,6 +141,9 @@ def window_space(group: WindowGroup, binding=None, caps=None, *, rules: WindowRu
             "dot (2-D, taps at dilation 1): the register tile is co_tile x batch_tile x rows_tile x width_vectors "
             "outputs (width_vectors counts output columns) <= 28 vector accumulators; block_width is the "
             "reduction elements (input channels x flattened taps) per pass",
+            "cvec (2-D): the register tile is co_tile channel vectors x rows_tile x width_vectors output pixels "
+            "(width_vectors counts pixels) <= 28 vector accumulators; block_width is the reduction elements "
+            "(input channels x taps) per pass",
         ),
     )
 
@@ -292,8 +296,11 @@ def default_window_config(group: WindowGroup, binding, caps=None, *, rules: Wind
 
     1-D (causal conv1d): the FFT variant where :func:`~opgen.targets.spectral.prefer_fft` says so (long depthwise
     windows), else direct, 4 vectors per tile, 512 outputs per staged block, the window unrolled (dense 1-D
-    convolutions: gemm, channels x 2 vectors). Many input channels per group (dense, grouped): gemm with a 6 (8 with
-    512-bit vectors) channels x 2 (3) rows x 1 vector tile in tap order (kw outer with 256-bit vectors). Depthwise
+    convolutions: gemm, channels x 2 vectors). A weight gradient (many taps, few outputs) with at least a vector of
+    output channels, and a dense or grouped convolution with at least 8 input and a vector of output channels per
+    group on an image up to 32 px wide: cvec (:func:`default_cvec_config`). Other many input channels per group
+    (dense, grouped): gemm with a 6 (8 with 512-bit vectors) channels x 2 (3) rows x 1 vector tile in tap order (kw
+    outer with 256-bit vectors). Depthwise
     with 256-bit vectors: direct with a 7-row x 1-vector tile in sliding tap order (kw outer), 56 x 64 output
     blocks. Otherwise (other few-channel groups, 512-bit vectors): direct with an 8-row x 1-vector tile in weight-
     stationary order with blocks of up to 7 kernel rows (the block's weights, the 8 accumulators and the input
