@@ -438,3 +438,41 @@ def group_scan_adjoint(op: Op) -> Op:
     if nodes == op.nodes:
         return op
     return Op(op.name, op.tensors, nodes, op.extents, op.derived, op.constraints, op.attrs)
+
+
+def split_lane(group: ScanAdjointGroup, width: int) -> ScanAdjointGroup | None:
+    """``group`` with its last lane axis ``q`` split into ``q = qb * width + qv``, ``qv`` a state axis of static
+    extent ``width``: a scan without state axes (``linear_scan``, minGRU) then runs ``width`` independent lanes
+    as one vector, like the state of a diagonal scan. Valid when the caller checked that ``width`` divides
+    ``q``'s extent; None for groups this does not serve (with state axes or reductions: only stores and tails)."""
+    if group.state or group.reductions or group.epilogues or not group.lanes or width < 2:
+        return None
+    op = group.op
+    q = group.lanes[-1]
+    taken = {str(a) for a, _ in op.extents}
+    qb, qv = Axis(_unused(taken, f"{q}_blk")), Axis(_unused(taken, f"{q}_vec"))
+    ren = {q: qb * width + qv}
+    extents = op.extents + ((qb, op.extent(q) / width), (qv, sympy.Integer(width)))
+    new_op = Op(op.name, op.tensors, op.nodes, extents, op.derived, op.constraints, op.attrs)
+
+    def scan(s: Scan) -> Scan:
+        return Scan(s.out, s.axes, s.scan_axes, s.traversal,
+                    Affine(substitute(s.combine.a, ren), substitute(s.combine.b, ren)),
+                    substitute(s.init, ren) if s.init is not None else None, s.state_axes)
+
+    def remap(m: Map) -> Map:
+        return Map(m.out, tuple(ren.get(a, a) for a in m.axes), substitute(m.value, ren))
+
+    return ScanAdjointGroup(new_op, scan(group.forward), scan(group.adjoint), group.lanes[:-1] + (qb,), (qv,),
+                            group.step, group.reverse, group.carry_a, (), tuple(remap(m) for m in group.stores), (),
+                            tuple((remap(m), c) for m, c in group.tails), (), group.members, group.outputs,
+                            group.reads)
+
+
+def _unused(taken: set[str], base: str) -> str:
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}{k}"
+    taken.add(name)
+    return name

@@ -33,7 +33,7 @@ import sympy
 from opgen.ir import DType, ExprOp, promote
 from opgen.ir.expr import Access, Expr, load, loads
 from opgen.ir.nodes import TensorParam
-from opgen.ir.passes.scan_adjoint import ScanAdjointGroup, fuse_scan_adjoint
+from opgen.ir.passes.scan_adjoint import ScanAdjointGroup, fuse_scan_adjoint, split_lane
 from opgen.ir.symbols import Axis, Dim
 
 from .expr import (Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, scratch_buffer,
@@ -650,12 +650,12 @@ def adjoint_call(group: ScanAdjointGroup, binding, cache, threads: int, chunk: i
                   default=1)
     src = render_adjoint(group, static, 64 if biggest > 2**31 - 1 else 32, chunk=chunk)
     fn = cache.get(src.text)
-    steps = int(binding.extents[group.step])
+    ext = _extents(group, binding)
+    steps = int(ext[group.step])
     chunks = -(-steps // src.chunk)
-    split_total = math.prod(int(binding.extents[a]) for a in group.split) if group.split else 1
-    outer_total = math.prod(int(binding.extents[a]) for a in group.lanes if a not in group.split)
+    split_total = math.prod(int(ext[a]) for a in group.split) if group.split else 1
+    outer_total = math.prod(int(ext[a]) for a in group.lanes if a not in group.split)
     splits = max(1, min(-(-threads // max(1, outer_total)), split_total)) if group.split else 1
-    ext = binding.extents
     outer = [int(ext[a]) for a in group.lanes if a not in group.split]
     state = [int(ext[a]) for a in group.state] or [1]
     by_name = {t.name: t for t in op.tensors}
@@ -711,6 +711,27 @@ def adjoint_call(group: ScanAdjointGroup, binding, cache, threads: int, chunk: i
         return outs
 
     return call
+
+
+def _extents(group: ScanAdjointGroup, binding) -> dict:
+    """Axis extents at ``binding``, including axes the group made (a split lane's block and vector axes)."""
+    ext = dict(binding.extents)
+    dims = {d: int(v) for d, v in binding.dims.items()}
+    for a, e in group.op.extents:
+        if a not in ext:
+            ext[a] = int(sympy.sympify(e).subs(dims))
+    return ext
+
+
+def lane_vector_group(group: ScanAdjointGroup, binding) -> ScanAdjointGroup:
+    """``group`` with its last lane split into vectors (:func:`~opgen.ir.passes.scan_adjoint.split_lane`) when it
+    has no state axes and the lane's extent is a multiple of the vector width, else ``group``."""
+    if group.state or not group.lanes:
+        return group
+    width = 8 if group.forward.combine.a.dtype == DType.f64 else 16
+    if int(binding.extents[group.lanes[-1]]) % width:
+        return group
+    return split_lane(group, width) or group
 
 
 def scan_adjoint_group(op) -> ScanAdjointGroup | None:

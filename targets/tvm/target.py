@@ -190,14 +190,14 @@ class TVMTarget:
         """The fused kernel of a group of ``op``'s nodes (a scan's backward: :mod:`.scan_adjoint`) at ``binding``
         as ``(group, call)``, ``call(tensors) -> {member output: tensor}``; None when ``op`` has no such group."""
         from .attention_backward import tvm_threads
-        from .scan_adjoint import adjoint_call, scan_adjoint_group
+        from .scan_adjoint import adjoint_call, lane_vector_group, scan_adjoint_group
 
         if device_kind != "cpu":
             return None
         group = scan_adjoint_group(op)
         if group is None:
             return None
-        return group, adjoint_call(group, binding, self.cache, tvm_threads())
+        return group, adjoint_call(lane_vector_group(group, binding), binding, self.cache, tvm_threads())
 
     def attention_backward(self, op: Op, inputs: Mapping, binding, out, lse, dout, config=None) -> dict:
         """Gradients of an attention op's q, k, v by the flash backward kernels (see :mod:`.attention_call`)."""

@@ -344,3 +344,36 @@ def test_declared_ssd_grads_vs_float64_loop():
     torch.stack(ys, 1).backward(gy.double())
     for name, a, b in zip(("x", "dt", "A", "Bm", "Cm"), x32, x64):
         assert (a.grad.double() - b.grad).abs().max() <= 1e-4 * (b.grad.abs().max() + 1e-3), name
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_stateless_scan_lanes_as_vectors(reverse):
+    """A scan without state axes (linear_scan, minGRU) runs 16 lanes as one vector (the last lane split into
+    blocks x 16): grads (stores and the initial state's tail) vs a float64 loop, through the torch op."""
+    from opgen.targets.tvm.scan_adjoint import lane_vector_group
+    from opgen.runtime import default_session
+
+    op = declare_linear_scan(reverse=True) if reverse else declare_linear_scan(initial="f32")
+    wrt = ("a", "b", "initial") if not reverse else ("a", "b")
+    gen = _gen()
+    P, L, Q = 3, 21, 32
+    a = torch.rand(P, L, Q, generator=gen) * 0.9 + 0.05
+    b, init = torch.randn(P, L, Q, generator=gen), torch.randn(P, Q, generator=gen)
+    bw = backward_op(op, wrt)
+    ins = {"a": a, "b": b, "grad_h": b}
+    if not reverse:
+        ins["initial"] = init
+    binding = default_session().binding(bw, {k: tuple(v.shape) for k, v in ins.items()}, {}, "t")
+    assert lane_vector_group(fuse_scan_adjoint(bw), binding).state          # split: a vector state axis
+    x32 = [t.clone().requires_grad_() for t in ((a, b, init) if not reverse else (a, b))]
+    x64 = [t.detach().double().requires_grad_() for t in x32]
+    gy = torch.randn(P, L, Q, generator=gen)
+    linear_scan(x32[0], x32[1], dim=1, reverse=reverse, initial=x32[2] if not reverse else None).backward(gy)
+    h = x64[2] if not reverse else x64[0].new_zeros(P, Q)
+    hs = []
+    for t in (range(L - 1, -1, -1) if reverse else range(L)):
+        h = x64[0][:, t] * h + x64[1][:, t]
+        hs.append(h)
+    torch.stack(hs[::-1] if reverse else hs, 1).backward(gy.double())
+    for p, q in zip(x32, x64):
+        assert (p.grad.double() - q.grad).abs().max() <= 1e-5 * (q.grad.abs().max() + 1)
