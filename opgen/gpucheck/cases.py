@@ -462,7 +462,7 @@ def _scan_adjoint(dtype: str) -> Callable[[Ctx], list[Comparison]]:
         from opgen.ir.op import Op
         from opgen.ir.passes.scan_adjoint import fuse_scan_adjoint
         from opgen.ops.scan import declare_chunk_gla, declare_linear_scan, declare_selective_scan
-        from opgen.targets.triton.scan_adjoint import adjoint_call, default_config
+        from opgen.targets.triton.scan_adjoint_call import adjoint_call, default_config
 
         torch, g = _torch(), _gen(f"sa{dtype}")
         dt, ir, f = _dt(dtype), _ir(dtype), DType.f32

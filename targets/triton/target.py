@@ -173,7 +173,8 @@ class TritonTarget:
         """The fused kernel of a group of ``op``'s nodes (a scan's backward: :mod:`.scan_adjoint`) at ``binding``
         as ``(group, call)``, ``call(tensors) -> {member output: tensor}``; None when ``op`` has no such group.
         On CUDA; on CPU tensors only under ``TRITON_INTERPRET=1`` (as :meth:`supports`)."""
-        from .scan_adjoint import adjoint_call, scan_adjoint_group
+        from .scan_adjoint import scan_adjoint_group
+        from .scan_adjoint_call import adjoint_call
 
         if device_kind != "cuda" and not (device_kind == "cpu" and interpreter_enabled()):
             return None
