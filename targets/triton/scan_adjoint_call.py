@@ -35,15 +35,17 @@ def _tile_sizes(group: ScanAdjointGroup, binding) -> tuple[int, int, list[int]]:
 
 
 def default_config(group: ScanAdjointGroup, binding) -> dict:
-    """``{BLOCK, CH, num_warps, num_stages}``: about 256 tile elements per program (16 lanes of Mamba's N=16
-    state, 2 warps: many small programs, each step's cross-lane sums within one or two warps), ``CH`` steps per
-    chunk so the workspace is about :data:`WORKSPACE_ELEMENTS` per program."""
+    """``{BLOCK, CH, num_warps, num_stages, UNROLL}``: about 256 tile elements per program (16 lanes of Mamba's
+    N=16 state, 2 warps: many small programs, each step's cross-lane sums within one or two warps), ``CH`` steps per
+    chunk so the workspace is about :data:`WORKSPACE_ELEMENTS` per program, one step per loop iteration (``UNROLL``
+    2 spills at this tile: see :func:`opgen.targets.triton.scan_adjoint.render`; which is faster is for a GPU to
+    say)."""
     sp, nblock, _ = _tile_sizes(group, binding)
     block = max(1, min(_pow2(nblock), 256 // sp if sp <= 256 else 1))
     tile = block * sp
     warps = max(1, min(8, tile // 128))
     ch = max(8, min(64, 1 << max(0, (WORKSPACE_ELEMENTS // tile).bit_length() - 1)))
-    return {"BLOCK": block, "CH": ch, "num_warps": warps, "num_stages": 1}
+    return {"BLOCK": block, "CH": ch, "num_warps": warps, "num_stages": 1, "UNROLL": 1}
 
 
 def _scatter_plan(kern: AdjointKernel, group: ScanAdjointGroup, binding, block: int) -> list[tuple]:
@@ -159,7 +161,7 @@ def adjoint_call(group: ScanAdjointGroup, binding, cache_dir, config: Mapping[st
 
     op = group.op
     cfg = dict(config) if config is not None else default_config(group, binding)
-    kern = render(group)
+    kern = render(group, int(cfg.get("UNROLL", 1)))
     mod = load_module(kern.source, cache_dir)
     fn = getattr(mod, kern.kernel)
     ext = binding.extents
