@@ -138,6 +138,8 @@ class Session:
             group, call = hit
             names = [n.out for n in op.nodes]
             first = names.index(group.first)
+            if any(r in names and names.index(r) > first for r in group.reads):
+                return {}                   # not ordered for it (see ir.passes.scan_adjoint.group_scan_adjoint)
             return {names.index(m): ("group", t, group, call if names.index(m) == first else None)
                     for m in group.members}
         return {}
