@@ -10,7 +10,8 @@ opposite borders, and rolls back. Here the tokens stay in image order: the windo
 is a ``score_mod`` that indexes the table, a tensor the mod captures. The check is the classic roll / partition /
 per-window softmax formulation in plain torch, forward and backward.
 
-The bias table is a fixed buffer here: tensors captured by a mod get no gradient from opgen attention.
+The bias table is a fixed buffer here to keep the check short; a captured table that requires grad gets its
+gradient from the flash backward (see ``tests/ops/test_attention_capture_grads.py``).
 """
 from __future__ import annotations
 
