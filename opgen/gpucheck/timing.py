@@ -247,6 +247,7 @@ def _time_fwd_bwd(case: TimingCase, p: "_Problem", m: dict[str, Any]) -> tuple[s
     m["fwd+bwd peak MB"], m["scan full size MB"] = peak / 2**20, full / 2**20
     msg = (f"fwd+bwd {q:.2f}x its forward (goal <= {goal:g}x; {fb_ms:.2f} ms), peak {peak / 2**20:.0f} MB "
            f"(the scan's full size: {full / 2**20:.0f} MB)")
+    msg += _time_fused_kernel(p, names, m)
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
@@ -257,6 +258,49 @@ def _time_fwd_bwd(case: TimingCase, p: "_Problem", m: dict[str, Any]) -> tuple[s
     except Exception as e:  # noqa: BLE001 (optional)
         m["mamba_ssm fwd+bwd"] = f"unavailable: {type(e).__name__}"
     return msg, q <= goal and peak < full
+
+
+#: configs of the fused backward kernel timed alone (the default; two steps per iteration, which spills at the
+#: default tile and so runs with 32 lanes x 8 warps): which is faster is for the GPU to say
+FUSED_CONFIGS = (("default", {}), ("2 steps/iteration, 32 lanes x 8 warps", {"UNROLL": 2, "BLOCK": 32, "num_warps": 8}))
+
+
+def _time_fused_kernel(p: "_Problem", names: tuple[str, ...], m: dict[str, Any]) -> str:
+    """The fused backward kernel of the op's backward group alone (``adjoint_call``, partial sums included) in each
+    of :data:`FUSED_CONFIGS`; a message part."""
+    import sympy
+    import torch
+
+    from opgen.bridge import backward_op
+    from opgen.ir import bind
+    from opgen.ir.dtypes import to_torch
+    from opgen.ir.passes.scan_adjoint import fuse_scan_adjoint
+    from opgen.targets.triton.scan_adjoint_call import adjoint_call, default_config
+
+    bw = backward_op(p.op, names)
+    grp = fuse_scan_adjoint(bw)
+    if grp is None:
+        return "; the backward op has no fused scan group"
+    dims = dict(p.binding.dims)
+    gen = torch.Generator(device=p.inputs["u"].device).manual_seed(1)
+    ins = {}
+    for t in bw.inputs:
+        if t.name in p.inputs:
+            ins[t.name] = p.inputs[t.name]
+        else:
+            shape = tuple(int(sympy.sympify(x).subs(dims)) for x in t.shape)
+            ins[t.name] = torch.randn(shape, generator=gen, device=p.inputs["u"].device).to(to_torch(t.dtype))
+    b = bind(bw, {k: tuple(v.shape) for k, v in ins.items()})
+    reads = {k: ins[k] for k in grp.reads}
+    parts = []
+    for label, over in FUSED_CONFIGS:
+        cfg = {**default_config(grp, b), **over}
+        call = adjoint_call(grp, b, p.target.cache_dir, cfg)
+        ms = _bench(lambda: call(reads))
+        m[f"fused backward kernel ms ({label})"] = ms
+        m[f"fused backward config ({label})"] = cfg
+        parts.append(f"{label} {ms:.2f} ms")
+    return "; fused backward kernel alone: " + ", ".join(parts)
 
 
 def run_case(case: TimingCase, peak: dict[str, Any], cache_dir: str) -> CaseResult:
