@@ -1,8 +1,8 @@
 """Render and run a scan's fused backward (:class:`opgen.ir.passes.scan_adjoint.ScanAdjointGroup`) with Triton.
 
 The CUDA counterpart of :mod:`opgen.targets.tvm.scan_adjoint`, with the same semantics and host contract
-(:func:`adjoint_call` returns ``call(tensors) -> {group output: tensor}``). One kernel computes every gradient
-the backward op reduces from the scan::
+(:func:`.scan_adjoint_call.adjoint_call` returns ``call(tensors) -> {group output: tensor}``). One kernel computes
+every gradient the backward op reduces from the scan::
 
     program = (outer lanes) x (a block of BLOCK block lanes)     # block lanes: the split lanes when there are
                                                                  # cross reductions, else every lane axis
@@ -38,9 +38,10 @@ segmented sum over the block instead (a one-hot ``[BLOCK, SLOTS]`` of each lane'
 computed on the host), written to ``[split blocks, SLOTS, ...]`` and scattered into the groups by the caller
 (``index_add_``). No atomics: the result does not depend on scheduling (deterministic run to run).
 
-The source depends only on the group: sizes are runtime arguments, ``BLOCK``, ``CH``, the padded state sizes and
-the index dtype are constexprs chosen by :func:`.scan_adjoint_call.default_config` (a config dict ``{BLOCK, CH,
-num_warps, num_stages}``). The host side (configs, launching, summing partials) is :mod:`.scan_adjoint_call`.
+The source depends only on the group (and ``UNROLL``, steps per loop iteration: :func:`render`): sizes are runtime
+arguments, ``BLOCK``, ``CH``, the padded state sizes and the index dtype are constexprs chosen by
+:func:`.scan_adjoint_call.default_config` (a config dict ``{BLOCK, CH, num_warps, num_stages, UNROLL}``). The host
+side (configs, launching, summing partials) is :mod:`.scan_adjoint_call`.
 """
 from __future__ import annotations
 
@@ -105,6 +106,9 @@ def adjoint_supported(group: ScanAdjointGroup) -> tuple[bool, str]:
             return False, f"tensor {name} is {op.tensor(name).dtype}"
     if not group.lanes:
         return False, "the scan has no lane axis"
+    for r in group.reductions:
+        if r.kind not in ("point", "lane", "steplane", "cross") or (getattr(r, "scatter", ()) and r.kind != "cross"):
+            return False, f"reduction {r.node.out} of kind {r.kind} is not rendered"
     steps = op.extent(group.step)
     first = steps - 1 if group.reverse else sympy.Integer(0)
     for m, c in group.tails:
