@@ -73,6 +73,13 @@ class ScanAdjointGroup:
     outputs: tuple[str, ...]           # member results the rest of the op (or the caller) needs
     reads: tuple[str, ...]             # tensors the group reads from outside (inputs, earlier temps)
 
+    def exprs(self) -> list[Expr]:
+        """Every value expression the group computes (what a kernel emits; what support checks walk)."""
+        f, a = self.forward, self.adjoint
+        out = [f.combine.a, f.combine.b, a.combine.a, a.combine.b] + [r.node.value for r in self.reductions]
+        out += [m.value for m in self.stores] + [m.value for m, _ in self.tails] + [m.value for m in self.epilogues]
+        return out + [x for x in (f.init, a.init) if x is not None]
+
     @property
     def first(self) -> str:
         """The member the group runs at (its first in the op's order)."""
@@ -476,3 +483,17 @@ def _unused(taken: set[str], base: str) -> str:
         name = f"{base}{k}"
     taken.add(name)
     return name
+
+
+def finish_partial(r: AdjointReduction, x, axes: tuple[Axis, ...]):
+    """A reduction's result from its kernel partial ``x`` (a torch tensor over ``axes``): a cross partial summed
+    over its leading split dim, a lane partial over the lane axes the reduction sums; permuted to the output's
+    axis order."""
+    if r.kind == "cross":
+        x = x.sum(0)
+    else:
+        drop = [k for k, a in enumerate(axes) if a in r.node.raxes]
+        if drop:
+            x = x.sum(drop)
+        axes = tuple(a for a in axes if a not in r.node.raxes)
+    return x.permute([axes.index(a) for a in r.node.axes])

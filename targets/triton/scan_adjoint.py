@@ -53,7 +53,7 @@ from typing import Any
 import sympy
 
 from opgen.ir import DType, ExprOp, index_str, promote
-from opgen.ir.expr import Access, Expr, load, loads
+from opgen.ir.expr import Expr, load, loads
 from opgen.ir.passes.scan_adjoint import ScanAdjointGroup, fuse_scan_adjoint
 from opgen.ir.symbols import Axis
 
@@ -90,14 +90,6 @@ class AdjointKernel:
     scattered: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
 
-def _exprs(group: ScanAdjointGroup) -> list[Expr]:
-    f, a = group.forward, group.adjoint
-    out = [f.combine.a, f.combine.b, a.combine.a, a.combine.b] + [r.node.value for r in group.reductions]
-    out += [m.value for m in group.stores] + [m.value for m, _ in group.tails] + [m.value for m in group.epilogues]
-    out += [x for x in (f.init, a.init) if x is not None]
-    return out
-
-
 def adjoint_supported(group: ScanAdjointGroup) -> tuple[bool, str]:
     """Whether the Triton kernel renders ``group`` ((False, why) when not)."""
     op = group.op
@@ -114,7 +106,7 @@ def adjoint_supported(group: ScanAdjointGroup) -> tuple[bool, str]:
     for m, c in group.tails:
         if sympy.simplify(c - first) != 0:
             return False, f"{m.out} reads the scan at step {c}, not at its first step"
-    for e in _exprs(group):
+    for e in group.exprs():
         for n in e.walk():
             if n.op is ExprOp.ARG:
                 return False, "a value uses monoid arguments"
@@ -249,7 +241,7 @@ class _Renderer:
             for k, s in enumerate(targs[name].strides):
                 args.append((s, "stride", (name, k)))
         masked = set()
-        for e in _exprs(g):
+        for e in g.exprs():
             for acc in loads(e):
                 if acc.tensor in (F.out, R.out):
                     continue

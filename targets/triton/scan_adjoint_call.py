@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import sympy
 
 from opgen.ir import promote
-from opgen.ir.passes.scan_adjoint import ScanAdjointGroup
+from opgen.ir.passes.scan_adjoint import ScanAdjointGroup, finish_partial
 
 from .expr import TL_SIGNATURE, compute_dtype, render_index
 from .scan_adjoint import AdjointKernel, render
@@ -227,15 +227,8 @@ def adjoint_call(group: ScanAdjointGroup, binding, cache_dir, config: Mapping[st
                 x = y.index_add_(0, idx.reshape(-1), x.reshape((-1,) + tuple(x.shape[2:])))
                 x = x.reshape(tuple(sexts) + tuple(x.shape[1:]))
                 axes = tuple(a for a, _ in rr.scatter) + tuple(axes)
-            elif rr.kind == "cross":
-                x = x.sum(0)
-            else:
-                drop = [k for k, a in enumerate(axes) if a in rr.node.raxes]
-                if drop:
-                    x = x.sum(drop)
-                axes = tuple(a for a in axes if a not in rr.node.raxes)
-            perm = [axes.index(a) for a in rr.node.axes]
-            outs[out] = x.permute(perm).to(to_torch(by_name[out].dtype)).contiguous()
+                x = x.unsqueeze(0)                # the group sums are done: finish as a one-split cross sum
+            outs[out] = finish_partial(rr, x, axes).to(to_torch(by_name[out].dtype)).contiguous()
         return outs
 
     return call

@@ -33,7 +33,7 @@ import sympy
 from opgen.ir import DType, ExprOp, promote
 from opgen.ir.expr import Access, Expr, load, loads
 from opgen.ir.nodes import TensorParam
-from opgen.ir.passes.scan_adjoint import ScanAdjointGroup, fuse_scan_adjoint, split_lane
+from opgen.ir.passes.scan_adjoint import ScanAdjointGroup, finish_partial, fuse_scan_adjoint, split_lane
 from opgen.ir.symbols import Axis, Dim
 
 from .expr import (Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, scratch_buffer,
@@ -68,19 +68,11 @@ def adjoint_supported(group: ScanAdjointGroup) -> tuple[bool, str]:
         first = steps - 1 if group.reverse else sympy.Integer(0)
         if sympy.simplify(c - first) != 0:
             return False, f"{m.out} reads the scan at step {c}, not at its first step"
-    for e in _exprs(group):
+    for e in group.exprs():
         for n in e.walk():
             if n.op is ExprOp.ARG:
                 return False, "a value uses monoid arguments"
     return True, ""
-
-
-def _exprs(group: ScanAdjointGroup) -> list[Expr]:
-    f, a = group.forward, group.adjoint
-    out = [f.combine.a, f.combine.b, a.combine.a, a.combine.b] + [r.node.value for r in group.reductions]
-    out += [m.value for m in group.stores] + [m.value for m, _ in group.tails] + [m.value for m in group.epilogues]
-    out += [x for x in (f.init, a.init) if x is not None]
-    return out
 
 
 def _replace(e: Expr, target: Expr, by: Expr) -> Expr:
@@ -102,7 +94,7 @@ def _transposed(group: ScanAdjointGroup, vax: Axis, taken: set[str]) -> dict[str
     out = {}
     for name in group.reads:
         dims = set()
-        for e in _exprs(group):
+        for e in group.exprs():
             for acc in loads(e):
                 if acc.tensor != name:
                     continue
@@ -286,7 +278,7 @@ class _Renderer:
                 return LoadOverride(f"T.if_then_else(so >= 1, hb[{tt}, {st_idx}], {zero})", vec, True)
             return None
 
-        masked = {n.arg for e in _exprs(g) for n in _relayout(e, trans).walk()
+        masked = {n.arg for e in g.exprs() for n in _relayout(e, trans).walk()
                   if n.op is ExprOp.LOAD and n.arg.pad is not None and n.arg.tensor not in (F.out, R.out)
                   and any(sympy.sympify(lo) != 0 or sympy.sympify(hi) != 0 for lo, hi in n.arg.pad)}
 
@@ -698,16 +690,7 @@ def adjoint_call(group: ScanAdjointGroup, binding, cache, threads: int, chunk: i
             fn(*args, *scal, splits, chunks)
             for name, x in parts.items():
                 out, axes = part_of[name]
-                r = red[out]
-                if r.kind == "cross":
-                    x = x.sum(0)
-                else:
-                    drop = [k for k, a in enumerate(axes) if a in r.node.raxes]
-                    if drop:
-                        x = x.sum(drop)
-                    axes = tuple(a for a in axes if a not in r.node.raxes)
-                perm = [axes.index(a) for a in r.node.axes]
-                outs[out] = x.permute(perm).to(to_torch(by_name[out].dtype)).contiguous()
+                outs[out] = finish_partial(red[out], x, axes).to(to_torch(by_name[out].dtype)).contiguous()
         return outs
 
     return call
