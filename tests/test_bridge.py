@@ -28,9 +28,11 @@ def gated_rnn(x: Float["B C L"], f: Float["B C L"], g: Float["B C L"], r: Float[
 def gated_rnn_loop(x, f, g, r, w):
     """The same recurrence as a plain torch loop (the independent reference)."""
     h, out = x.new_zeros(x.shape[0], x.shape[1], r.shape[1]), []
-    for t in range(x.shape[-1]):
-        k = torch.sigmoid(f[..., t, None] + r)
-        h = k * h + (1 - k) * x[..., t, None]
+    # per-step views by unbind: its backward is one stack (indexing x[..., t] would add a zero-filled full-size
+    # gradient per step: 33 s of autograd at L = 1024)
+    for x_t, f_t in zip(x.unbind(-1), f.unbind(-1)):
+        k = torch.sigmoid(f_t[..., None] + r)
+        h = k * h + (1 - k) * x_t[..., None]
         out.append((h * w).sum(-1))
     return torch.stack(out, -1) * torch.nn.functional.silu(g)
 
