@@ -78,10 +78,17 @@ def evaluate_size(e: sympy.Expr, env: Mapping[sympy.Symbol, Any]) -> Any:
         return int(e)
     if e.is_Symbol:
         return env[e]
-    num, den = sympy.fraction(sympy.together(e))
+    num, den = _fraction(e)
     if den != 1:
         return _eval(num, env) // _eval(den, env)
     return _eval(e, env)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fraction(e: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
+    """``e`` as (numerator, denominator), memoized: ``sympy.together`` costs ~0.1 ms, and the shapes of an op's
+    outputs are evaluated on every backward call (2.5 of 4.8 ms of a small conv2d's fwd+bwd)."""
+    return sympy.fraction(sympy.together(e))
 
 
 def _eval(e: sympy.Expr, env: Mapping[sympy.Symbol, Any]) -> Any:
