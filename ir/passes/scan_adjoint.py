@@ -80,6 +80,17 @@ class ScanAdjointGroup:
         out += [m.value for m in self.stores] + [m.value for m, _ in self.tails] + [m.value for m in self.epilogues]
         return out + [x for x in (f.init, a.init) if x is not None]
 
+    def common_blocker(self) -> str:
+        """Why no kernel renders this group (a tail read at another step than the forward's first, a value using
+        monoid arguments), or "" (each target adds its own checks)."""
+        first = self.op.extent(self.step) - 1 if self.reverse else sympy.Integer(0)
+        for m, c in self.tails:
+            if sympy.simplify(c - first) != 0:
+                return f"{m.out} reads the scan at step {c}, not at its first step"
+        if any(n.op is ExprOp.ARG for e in self.exprs() for n in e.walk()):
+            return "a value uses monoid arguments"
+        return ""
+
     @property
     def first(self) -> str:
         """The member the group runs at (its first in the op's order)."""
@@ -457,7 +468,7 @@ def split_lane(group: ScanAdjointGroup, width: int) -> ScanAdjointGroup | None:
     op = group.op
     q = group.lanes[-1]
     taken = {str(a) for a, _ in op.extents}
-    qb, qv = Axis(_unused(taken, f"{q}_blk")), Axis(_unused(taken, f"{q}_vec"))
+    qb, qv = Axis(unused_name(taken, f"{q}_blk")), Axis(unused_name(taken, f"{q}_vec"))
     ren = {q: qb * width + qv}
     extents = op.extents + ((qb, op.extent(q) / width), (qv, sympy.Integer(width)))
     new_op = Op(op.name, op.tensors, op.nodes, extents, op.derived, op.constraints, op.attrs)
@@ -476,7 +487,8 @@ def split_lane(group: ScanAdjointGroup, width: int) -> ScanAdjointGroup | None:
                             group.reads)
 
 
-def _unused(taken: set[str], base: str) -> str:
+def unused_name(taken: set[str], base: str) -> str:
+    """``base``, or ``base1``, ``base2``... the first not in ``taken`` (which it joins)."""
     name, k = base, 0
     while name in taken:
         k += 1

@@ -101,15 +101,9 @@ def adjoint_supported(group: ScanAdjointGroup) -> tuple[bool, str]:
     for r in group.reductions:
         if r.kind not in ("point", "lane", "steplane", "cross") or (getattr(r, "scatter", ()) and r.kind != "cross"):
             return False, f"reduction {r.node.out} of kind {r.kind} is not rendered"
-    steps = op.extent(group.step)
-    first = steps - 1 if group.reverse else sympy.Integer(0)
-    for m, c in group.tails:
-        if sympy.simplify(c - first) != 0:
-            return False, f"{m.out} reads the scan at step {c}, not at its first step"
-    for e in group.exprs():
-        for n in e.walk():
-            if n.op is ExprOp.ARG:
-                return False, "a value uses monoid arguments"
+    why = group.common_blocker()
+    if why:
+        return False, why
     scans = (group.forward.out, group.adjoint.out)
     for e in (group.forward.init, group.adjoint.init):
         if e is not None and any(a.tensor in scans for a in loads(e)):

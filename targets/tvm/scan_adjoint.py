@@ -33,7 +33,8 @@ import sympy
 from opgen.ir import DType, ExprOp, promote
 from opgen.ir.expr import Access, Expr, load, loads
 from opgen.ir.nodes import TensorParam
-from opgen.ir.passes.scan_adjoint import ScanAdjointGroup, finish_partial, fuse_scan_adjoint, split_lane
+from opgen.ir.passes.scan_adjoint import (ScanAdjointGroup, finish_partial, fuse_scan_adjoint, split_lane,
+                                          unused_name)
 from opgen.ir.symbols import Axis, Dim
 
 from .expr import (Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, scratch_buffer,
@@ -63,16 +64,8 @@ def adjoint_supported(group: ScanAdjointGroup) -> tuple[bool, str]:
     for name in group.reads + group.outputs:
         if op.tensor(name).dtype not in (DType.f32, DType.f64, DType.bf16, DType.f16):
             return False, f"tensor {name} is {op.tensor(name).dtype}"
-    steps = op.extent(group.step)
-    for m, c in group.tails:
-        first = steps - 1 if group.reverse else sympy.Integer(0)
-        if sympy.simplify(c - first) != 0:
-            return False, f"{m.out} reads the scan at step {c}, not at its first step"
-    for e in group.exprs():
-        for n in e.walk():
-            if n.op is ExprOp.ARG:
-                return False, "a value uses monoid arguments"
-    return True, ""
+    why = group.common_blocker()
+    return (not why), why
 
 
 def _replace(e: Expr, target: Expr, by: Expr) -> Expr:
@@ -106,7 +99,7 @@ def _transposed(group: ScanAdjointGroup, vax: Axis, taken: set[str]) -> dict[str
         (k,) = dims
         rank = len(group.op.tensor(name).shape)
         if k != rank - 1:
-            out[name] = (_fresh(taken, f"{name}_T"), [i for i in range(rank) if i != k] + [k])
+            out[name] = (unused_name(taken, f"{name}_T"), [i for i in range(rank) if i != k] + [k])
     return out
 
 
@@ -126,15 +119,6 @@ def _relayout(e: Expr, trans: Mapping[str, tuple[str, list[int]]]) -> Expr:
         else:
             memo[n] = n
     return memo[e]
-
-
-def _fresh(taken: set[str], base: str) -> str:
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}{k}"
-    taken.add(name)
-    return name
 
 
 @functools.lru_cache(maxsize=256)
@@ -164,8 +148,8 @@ class _Renderer:
         # tensors: reads, direct outputs, partials, checkpoints
         part_kind = {r.node.out: r for r in g.reductions if r.kind in ("lane", "steplane", "cross")}
         direct = tuple(n for n in g.outputs if n not in part_kind)
-        splits_dim = Dim(_fresh(taken, "SPLITS"))
-        chunks_dim = Dim(_fresh(taken, "CHUNKS"))
+        splits_dim = Dim(unused_name(taken, "SPLITS"))
+        chunks_dim = Dim(unused_name(taken, "CHUNKS"))
         ext_of = {a: e for a, e in op.extents}
         self.state_dt = compute_dtype(promote(F.combine.a.dtype, F.combine.b.dtype))
         sdt = tvm_dtype(self.state_dt)
@@ -195,12 +179,12 @@ class _Renderer:
                 shape = (splits_dim,) + tuple(ext_of[a] for a in axes)
             else:
                 continue
-            pname = _fresh(taken, f"part_{r.node.out}")
+            pname = unused_name(taken, f"part_{r.node.out}")
             partials.append((pname, r.node.out, axes))
             params.append(TensorParam(pname, shape, self.state_dt, "output"))
         split_lanes = g.split
         outer_lanes = tuple(a for a in g.lanes if a not in split_lanes)
-        ck_name = _fresh(taken, "ckp")
+        ck_name = unused_name(taken, "ckp")
         n_par = [ext_of[a] for a in outer_lanes]
         params.append(TensorParam(ck_name, tuple(n_par) + ((splits_dim,) if split_lanes else ())
                                   + (chunks_dim,) + (tuple(ext_of[a] for a in g.state) or (sympy.Integer(1),)),
@@ -250,7 +234,7 @@ class _Renderer:
         a_shape = ", ".join(ext[a] for a in a_axes) or "1"
         a_vec = vax is not None and vax in a_axes
         # pseudo tensors served by the kernel: the forward coefficient at the step
-        fa_name = _fresh(taken, "fwd_a")
+        fa_name = unused_name(taken, "fwd_a")
         fa_load = load(fa_name, F.axes, F.combine.a.dtype)
         buffers = {t.name: f"b_{t.name}" for t in list(op.tensors) + params}
         shapes = {t.name: t.shape for t in list(op.tensors) + params}
