@@ -685,6 +685,13 @@ def write_func_head(c: "Code", module: str, func_name: str, params, scalars, pla
 SCRATCH_SCOPE = "global"
 
 
+def tree_sum(terms: list[str]) -> str:
+    """The TVMScript sum of ``terms`` as a balanced tree (independent adds, not a dependent chain)."""
+    while len(terms) > 1:
+        terms = [f"({terms[i]} + {terms[i + 1]})" if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
 def scratch_buffer(name: str, shape: str, dtype: str) -> str:
     """The TVMScript line declaring a per-iteration scratch buffer ``name`` of ``shape`` (text such as
     ``(4, 16)``) and TVM dtype ``dtype`` (see :data:`SCRATCH_SCOPE`)."""

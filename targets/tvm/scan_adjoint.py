@@ -38,7 +38,7 @@ from opgen.ir.passes.scan_adjoint import (ScanAdjointGroup, finish_partial, fuse
 from opgen.ir.symbols import Axis, Dim
 
 from .expr import (Code, ExprEmitter, IndexRenderer, LoadOverride, Scope, compute_dtype, const_text, scratch_buffer,
-                   tvm_dtype, write_func_head)
+                   tree_sum, tvm_dtype, write_func_head)
 
 #: scratch elements per lane for the recomputed states (and their coefficients): 32 Ki fp32 = 128 KiB each, in L2
 SCRATCH_ELEMENTS = 32768
@@ -569,11 +569,8 @@ class _Renderer:
             c.w(depth + 1, f"{buf}[{', '.join(parts + ['v'])}] = {buf}[{', '.join(parts + ['v'])}] + "
                            f"{buf}[{', '.join(parts + [f'v + {h}'])}]")
             w = h
-        terms = [f"{buf}[{', '.join(parts + [str(v)])}]" for v in range(w)]
-        while len(terms) > 1:                    # a balanced tree: independent adds, not a chain of V
-            terms = [f"({terms[i]} + {terms[i + 1]})" if i + 1 < len(terms) else terms[i]
-                     for i in range(0, len(terms), 2)]
-        c.w(depth, f"hs[0] = {terms[0]}")
+        lanes = [f"{buf}[{', '.join(parts + [str(v)])}]" for v in range(w)]
+        c.w(depth, f"hs[0] = {tree_sum(lanes)}")
         c.block(depth, write("hs[0]").split("\n"))
 
     @staticmethod

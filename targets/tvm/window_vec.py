@@ -10,7 +10,7 @@ Both stage the data in zero-padded planes and finish through a scratch of sums a
 """
 from __future__ import annotations
 
-from .expr import Code, scratch_buffer
+from .expr import Code, scratch_buffer, tree_sum
 
 
 class VectorKernels:
@@ -160,22 +160,13 @@ class VectorKernels:
             c.w(f, "ob: T.let = bb * " + str(BT) + " + bt")
             c.w(f, f"if ob < NB and r0 * {RT} + r < OH and c0 * {CW} + j < OW:")
             c.w(f + 1, f"si: T.let = ((ob * {GF} + co0 + c) * OH + r0 * {RT} + r) * OW + c0 * {CW} + j")
-            terms = [f"dacc[c, bt, r, j, {v}]" for v in range(V)]
-            while len(terms) > 1:
-                terms = [f"({terms[i]} + {terms[i + 1]})" if i + 1 < len(terms) else terms[i]
-                         for i in range(0, len(terms), 2)]
+            total = tree_sum([f"dacc[c, bt, r, j, {v}]" for v in range(V)])
             c.w(f + 1, "if cb == 0:")
-            c.w(f + 2, f"S[si] = {terms[0]}")
+            c.w(f + 2, f"S[si] = {total}")
             c.w(f + 1, "else:")
-            c.w(f + 2, f"S[si] = S[si] + {terms[0]}")
+            c.w(f + 2, f"S[si] = S[si] + {total}")
 
-        if co_tail:
-            c.w(d4, f"if cob < {cob_full}:")
-            tile(d4 + 1, CT)
-            c.w(d4, "else:")
-            tile(d4 + 1, co_tail)
-        else:
-            tile(d4, CT)
+        _channel_tiles(c, d4, tile, CT, co_tail, cob_full)
         c.lines[body_start:body_start] = ["    " * d + scratch_buffer("dacc", f"({CT}, {BT}, {RT}, {CW}, {V})", adt)]
         self._scratch_epilogue(c, lambda v: f"S[((pb * {GF} + co) * OH + oh) * OW + ow0 + {v}]")
 
@@ -283,13 +274,18 @@ class VectorKernels:
             c.w(e + 5, f"for v in T.vectorized({V}):")
             c.w(e + 6, f"S[{sidx}] = S[{sidx}] + acc[r, j, c, v]")
 
-        if co_tail:
-            c.w(d4, f"if cob < {cob_full}:")
-            tile(d4 + 1, CT)
-            c.w(d4, "else:")
-            tile(d4 + 1, co_tail)
-        else:
-            tile(d4, CT)
+        _channel_tiles(c, d4, tile, CT, co_tail, cob_full)
         c.lines[body_start:body_start] = ["    " * d + scratch_buffer("acc", f"({RT}, {CW}, {CT}, {V})", adt)]
         self._scratch_epilogue(c, lambda v: f"S[((pb * OH + oh) * OW + ow0 + {v}) * {G * FP} + T.floordiv(co, "
                                             f"{Fg}) * {FP} + T.floormod(co, {Fg})]")
+
+
+def _channel_tiles(c, depth: int, tile, CT: int, co_tail: int, cob_full) -> None:
+    """``tile(depth, width)`` for the full output-channel tiles, and for the last, narrower one when there is one."""
+    if co_tail:
+        c.w(depth, f"if cob < {cob_full}:")
+        tile(depth + 1, CT)
+        c.w(depth, "else:")
+        tile(depth + 1, co_tail)
+    else:
+        tile(depth, CT)
